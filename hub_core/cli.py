@@ -1,0 +1,280 @@
+"""The ``adapterhub`` command line.
+
+Each subcommand is a small function taking parsed args and returning an exit code. Expected
+errors (:class:`AdapterHubError`) print one line on stderr and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterHubError, ConfigError
+
+log = logging.getLogger("adapterhub")
+
+
+# -- base ----------------------------------------------------------------------------------------
+
+
+def cmd_base_init(args: argparse.Namespace) -> int:
+    from .base import init_base
+
+    out = init_base(args.preset, args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_base_fingerprint(args: argparse.Namespace) -> int:
+    from .base import fingerprint
+
+    print(fingerprint(args.base))
+    return 0
+
+
+# -- plugins -------------------------------------------------------------------------------------
+
+
+def plugin_rows() -> list[dict[str, Any]]:
+    from .manager import get_manager
+
+    manager = get_manager()
+    rows = []
+    for method in manager.methods().values():
+        rows.append(
+            {
+                "name": method.name,
+                "origin": method.origin,
+                "description": method.description,
+                "capabilities": method.capabilities.as_dict(),
+                "serving": "mixed batch" if method.capabilities.mixed_batch else "per-adapter (slower path)",
+                "config": method.config_class.describe(),
+                "status": "ok",
+            }
+        )
+    for broken in manager.broken:
+        rows.append({"name": broken.name, "origin": broken.origin, "status": "broken", "error": broken.error})
+    return rows
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    rows = plugin_rows()
+    if args.method:
+        rows = [r for r in rows if r["name"] == args.method]
+        if not rows:
+            from .manager import get_manager
+
+            get_manager().get_method(args.method)  # raises the helpful error
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    flags = ("mergeable", "quantized_base", "mixed_batch", "composable")
+    header = f"{'method':<12} {'origin':<28} " + " ".join(f"{f:<14}" for f in flags)
+    print(header)
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"{row['name']:<12} {row['origin']:<28} BROKEN: {row['error']}")
+            continue
+        caps = row["capabilities"]
+        print(f"{row['name']:<12} {row['origin']:<28} " + " ".join(f"{'yes' if caps[f] else 'no':<14}" for f in flags))
+        if not caps["mixed_batch"]:
+            print(f"{'':<12} note: no serving hook; served by the slower per-adapter path")
+        if args.method:
+            print(f"\n{row['description']}\n\nconfig keys (--set KEY=VALUE):")
+            for f in row["config"]:
+                print(f"  {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}")
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def _train_option_fields():
+    from .training import TrainOptions
+
+    hints = typing.get_type_hints(TrainOptions)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainOptions)]
+
+
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train an adapter with a method plugin", description="Train an adapter.")
+    p.add_argument("--plugin", help="method plugin name (see `adapterhub plugins`)")
+    p.add_argument("--base", help="base model: local HF directory or Hub id")
+    p.add_argument("--data", help="training data, JSON Lines (instruction or chat shape)")
+    p.add_argument("--task", help="task name; the adapter is published as TASK@N")
+    p.add_argument("--output", help="also write a plain PEFT-format copy of the adapter here")
+    p.add_argument("--config", help="YAML file with any of these options (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config value (repeatable)")
+    p.add_argument("--quantize", choices=("none", "int8", "nf4", "fp4"), help="load the base quantized")
+    p.add_argument("--registry", help="registry directory (default $ADAPTERHUB_HOME or ~/.adapterhub)")
+    p.add_argument("--no-publish", action="store_true", default=None, help="do not publish to the registry")
+    p.add_argument("--from", dest="from_adapter", help="continue training this adapter (REF or DIR)")
+    for field, tp in _train_option_fields():
+        flag = "--" + field.name.replace("_", "-")
+        helptext = field.metadata.get("help", "")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            p.add_argument(flag, dest=field.name, default=None, help=f"{helptext} (default {field.default})")
+    p.set_defaults(func=cmd_train)
+
+
+TOP_LEVEL_KEYS = {"plugin", "base", "data", "task", "output", "quantize", "registry", "no_publish", "from_adapter"}
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def resolve_train_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(top-level settings, method config values, training options) from YAML + flags."""
+    from .adapters import parse_set_values
+    from .training import TrainOptions
+
+    yaml_values = _load_yaml(args.config) if args.config else {}
+    method_values = dict(yaml_values.pop("method_config", None) or {})
+    if "from" in yaml_values:
+        yaml_values["from_adapter"] = yaml_values.pop("from")
+    option_names = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = set(yaml_values) - option_names - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"--config {args.config}: unknown key(s) {', '.join(sorted(unknown))}; method settings go under "
+            "'method_config:', training options are: " + ", ".join(sorted(option_names))
+        )
+    top = {k: yaml_values[k] for k in TOP_LEVEL_KEYS if k in yaml_values}
+    options = {k: yaml_values[k] for k in option_names if k in yaml_values}
+    for key in TOP_LEVEL_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            top[key] = value
+    for key in option_names:
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    method_values.update(parse_set_values(args.set))
+    for key in ("plugin", "base", "data", "task"):
+        if not top.get(key) and not (key == "task" and top.get("no_publish")):
+            raise ConfigError(f"train needs --{key} (or '{key}:' in --config)")
+    return top, method_values, options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .manager import get_manager
+    from .training import TrainOptions
+
+    top, method_values, option_values = resolve_train_settings(args)
+    method = get_manager().get_method(top["plugin"])
+    config = method.make_config(method_values)  # config errors before anything loads
+    options = TrainOptions.from_dict(option_values)
+    if top.get("task"):
+        from adapterhub.registry.names import validate_task_name
+
+        validate_task_name(top["task"])
+    from .pipeline import train_and_publish
+
+    result = train_and_publish(method, config, options, top)
+    print(result.reference or result.directory)
+    return 0
+
+
+# -- merge ---------------------------------------------------------------------------------------
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .pipeline import merge_to_directory
+
+    out = merge_to_directory(args.adapter, args.base, args.out, registry=args.registry,
+                             allow_base_mismatch=args.allow_base_mismatch)
+    print(out)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapterhub", description="Train, version and serve fine-tuning adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    base = sub.add_parser("base", help="base models: build the tiny preset, fingerprint").add_subparsers(
+        dest="base_command", metavar="VERB")
+    init = base.add_parser("init", help="write a tiny Llama-architecture base + byte tokenizer")
+    init.add_argument("--preset", default="tiny", help="tiny (tests, demo) or small (benchmarks)")
+    init.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_base_init)
+    fp = base.add_parser("fingerprint", help="print a base model's fingerprint")
+    fp.add_argument("base")
+    fp.set_defaults(func=cmd_base_fingerprint)
+
+    plugins = sub.add_parser("plugins", help="list method plugins and their capabilities")
+    plugins.add_argument("--json", action="store_true")
+    plugins.add_argument("--method", help="show one method with its config keys")
+    plugins.set_defaults(func=cmd_plugins)
+
+    add_train_parser(sub)
+
+    merge = sub.add_parser("merge", help="write a full-precision base with an adapter merged in")
+    merge.add_argument("adapter", help="registry reference (task@N) or adapter directory")
+    merge.add_argument("--base", required=True)
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--registry")
+    merge.add_argument("--allow-base-mismatch", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+
+    try:
+        from adapterhub.registry.cli import add_registry_parser
+    except ImportError:  # registry not built yet in this checkout
+        pass
+    else:
+        add_registry_parser(sub)
+    try:
+        from adapterhub.serve.cli import add_serve_parsers
+    except ImportError:
+        pass
+    else:
+        add_serve_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AdapterHubError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

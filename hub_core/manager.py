@@ -1,0 +1,200 @@
+"""The plugin manager: built-in and third-party methods registered by one path.
+
+Built-in methods are modules listed in :data:`DEFAULT_PLUGINS`; third-party ones are found through
+the ``adapterhub`` entry-point group. Both are registered with pluggy and asked for methods through
+the same ``adapterhub_register_methods`` hook. A plugin that fails to import or register is
+recorded in :attr:`PluginManager.broken` with its name and error; the others keep working.
+
+Set ``ADAPTERHUB_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry-point plugins (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import logging
+import os
+import threading
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .method import Method
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "adapterhub"
+DISABLE_AUTOLOAD_ENV = "ADAPTERHUB_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN = "built-in"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "adapterhub.plugins.lora",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that could not be imported or registered, and why."""
+
+    name: str
+    origin: str
+    error: str
+
+
+class PluginManager:
+    """Loads plugins lazily and exposes the method table through typed methods."""
+
+    def __init__(self, *, autoload: bool | None = None, builtins: Iterable[str] = DEFAULT_PLUGINS):
+        if autoload is None:
+            autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+        self._autoload = autoload
+        self._builtins = tuple(builtins)
+        self._pm = pluggy.PluginManager("adapterhub")
+        self._pm.add_hookspecs(hookspecs)
+        self._origins: dict[str, str] = {}  # plugin name -> origin
+        self._methods: dict[str, Method] | None = None
+        self.broken: list[BrokenPlugin] = []
+        self._lock = threading.RLock()
+        self._loaded = False
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            for module_name in self._builtins:
+                self._import_and_register(module_name, lambda m=module_name: importlib.import_module(m), BUILTIN)
+            if self._autoload:
+                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                    dist = ep.dist.name if ep.dist is not None else ep.value
+                    self._import_and_register(ep.name, ep.load, dist)
+
+    def _import_and_register(self, name: str, loader: Any, origin: str) -> None:
+        if self._pm.has_plugin(name):
+            return
+        try:
+            plugin = loader()
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # a broken plugin must not take the others down
+            self._record_broken(name, origin, exc)
+            return
+        self._origins[name] = origin
+
+    def _record_broken(self, name: str, origin: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("adapterhub plugin %r (%s) is broken: %s", name, origin, message)
+        self.broken.append(BrokenPlugin(name=name, origin=origin, error=message))
+
+    def register(self, plugin: Any, name: str, origin: str = "test") -> None:
+        """Register a plugin object by hand (tests, embedding); the method table is rebuilt."""
+        with self._lock:
+            self._load()
+            self._pm.register(plugin, name=name)
+            self._origins[name] = origin
+            self._methods = None
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._pm.unregister(name=name)
+            self._origins.pop(name, None)
+            self.broken = [b for b in self.broken if b.name != name]
+            self._methods = None
+
+    # -- the method table ----------------------------------------------------------------------
+
+    def methods(self) -> dict[str, Method]:
+        """All registered methods by name (built-ins first, then third-party)."""
+        with self._lock:
+            self._load()
+            if self._methods is None:
+                self._methods = self._collect_methods()
+            return dict(self._methods)
+
+    def _collect_methods(self) -> dict[str, Method]:
+        table: dict[str, Method] = {}
+        self.broken = [b for b in self.broken if not b.error.startswith("registration failed")]
+        # Call each implementation on its own so that one failing plugin is isolated.
+        for impl in reversed(self._pm.hook.adapterhub_register_methods.get_hookimpls()):
+            origin = self._origins.get(impl.plugin_name, BUILTIN)
+            collected: list[Method] = []
+
+            def register(method: Method, _into: list = collected) -> None:
+                if not isinstance(method, Method):
+                    raise PluginError(f"register() expects an adapterhub.Method, got {type(method).__name__}")
+                if not method.name:
+                    raise PluginError(f"{type(method).__name__} has an empty name")
+                _into.append(method)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                self.broken.append(
+                    BrokenPlugin(impl.plugin_name, origin, f"registration failed: {type(exc).__name__}: {exc}")
+                )
+                continue
+            for method in collected:
+                if method.name in table:
+                    self.broken.append(
+                        BrokenPlugin(
+                            impl.plugin_name,
+                            origin,
+                            f"registration failed: method name {method.name!r} is already "
+                            f"provided by {table[method.name].origin}",
+                        )
+                    )
+                    continue
+                method.origin = origin
+                table[method.name] = method
+        return table
+
+    def get_method(self, name: str) -> Method:
+        """The method called ``name``; a clear error lists what exists (and what is broken)."""
+        methods = self.methods()
+        if name in methods:
+            return methods[name]
+        hint = ""
+        broken = [b for b in self.broken if b.name == name]
+        if broken:
+            hint = f"; plugin {name!r} is installed but broken: {broken[0].error}"
+        raise PluginError(
+            f"unknown method plugin {name!r}; available: {', '.join(sorted(methods))}{hint}. "
+            "Install a plugin package that provides it, or check the spelling."
+        )
+
+    def method_for_peft_type(self, peft_type: str) -> Method | None:
+        """The method that stores adapters in PEFT's format with this ``peft_type``."""
+        for method in self.methods().values():
+            if method.peft_type == peft_type:
+                return method
+        return None
+
+    def trainer_callbacks(self, method: Method, options: Any) -> list[Any]:
+        """Callbacks from every plugin's ``adapterhub_trainer_callbacks`` hook, concatenated."""
+        self._load()
+        results = self._pm.hook.adapterhub_trainer_callbacks(method=method, options=options)
+        return [cb for result in results if result for cb in result]
+
+
+_manager: PluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager() -> PluginManager:
+    """The process-wide plugin manager (created on first use, never at import)."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = PluginManager()
+        return _manager
+
+
+def reset_manager(manager: PluginManager | None = None) -> None:
+    """Replace the process-wide manager (tests)."""
+    global _manager
+    with _manager_lock:
+        _manager = manager

@@ -1,0 +1,171 @@
+"""The method contract: what every fine-tuning method plugin provides.
+
+A method is a small object with a name, a config class, capability flags and five operations
+(train, save, load, merge, unmerge), plus an optional serving form that lets the server apply its
+adapter per row of a mixed batch. The host never branches on a method's name: everything that
+differs between methods lives behind this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .config import MethodConfig
+from .errors import NotMergeable
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from .serving_forms import ServingForm
+    from .training import TrainOptions, TrainResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; shown by ``adapterhub plugins`` and used by the server."""
+
+    mergeable: bool = False
+    """``merge`` folds the adapter into the base weights (and ``unmerge`` undoes it)."""
+    quantized_base: bool = False
+    """Trains and loads on a bitsandbytes 4-/8-bit base."""
+    mixed_batch: bool = False
+    """Provides a serving form, so the server batches it with other adapters row by row."""
+    composable: bool = False
+    """Can be combined with other adapters in one request."""
+
+    def as_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """Base class of every fine-tuning method.
+
+    Subclasses set ``name``, ``config_class``, ``capabilities`` and ``description`` and implement
+    :meth:`attach`, :meth:`save`, :meth:`load`; mergeable methods also implement :meth:`merge`
+    and :meth:`unmerge`. :meth:`train` has a default that attaches a fresh adapter and runs the
+    Hugging Face Trainer; override the smaller hooks (:meth:`optimizer_groups`,
+    :meth:`trainer_callbacks`) before overriding ``train`` itself.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    description: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None
+    """PEFT's ``peft_type`` for methods stored in PEFT's format (lets plain PEFT dirs be loaded)."""
+
+    #: Set by the plugin manager: "built-in" or the distribution that provided the method.
+    origin: str = "built-in"
+
+    # -- config --------------------------------------------------------------------------------
+
+    def make_config(self, values: dict[str, Any] | None = None) -> MethodConfig:
+        """Validated config from user values (YAML / ``--set``); unknown keys are errors."""
+        return self.config_class.from_dict(values or {})
+
+    # -- training ------------------------------------------------------------------------------
+
+    def attach(self, model: "nn.Module", config: MethodConfig) -> "nn.Module":
+        """Add a fresh, trainable adapter to ``model`` and freeze everything else.
+
+        Returns the module to train (the same object or a wrapper such as a ``PeftModel``).
+        """
+        raise NotImplementedError(f"method {self.name!r} does not implement attach()")
+
+    def train(
+        self,
+        model: "nn.Module",
+        dataset: Any,
+        config: MethodConfig,
+        options: "TrainOptions",
+        *,
+        eval_dataset: Any = None,
+        tokenizer: Any = None,
+        callbacks: list[Any] | None = None,
+        resume_adapter: str | Path | None = None,
+    ) -> "TrainResult":
+        """Train an adapter for ``model`` on ``dataset`` and return the trained model and metrics.
+
+        ``resume_adapter`` continues training an existing adapter of this method (incremental
+        fine-tuning) instead of attaching a fresh one.
+        """
+        from .training import fit
+
+        if resume_adapter is not None:
+            trainable = self.load(model, resume_adapter, trainable=True)
+        else:
+            trainable = self.attach(model, config)
+        return fit(
+            self,
+            trainable,
+            config,
+            dataset,
+            options,
+            eval_dataset=eval_dataset,
+            tokenizer=tokenizer,
+            callbacks=callbacks,
+        )
+
+    def optimizer_groups(
+        self, model: "nn.Module", config: MethodConfig, options: "TrainOptions"
+    ) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, or ``None`` for one group with ``options.lr``.
+
+        LoRA+ uses this to give B matrices a larger learning rate.
+        """
+        return None
+
+    def trainer_callbacks(self, model: "nn.Module", config: MethodConfig, options: "TrainOptions") -> list[Any]:
+        """Extra ``TrainerCallback`` objects this method needs (AdaLoRA's rank budget, ...)."""
+        return []
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, model: "nn.Module", directory: str | Path) -> None:
+        """Write the adapter (not the base) to ``directory``: safetensors + a JSON config only."""
+        raise NotImplementedError(f"method {self.name!r} does not implement save()")
+
+    def load(self, model: "nn.Module", directory: str | Path, *, trainable: bool = False) -> "nn.Module":
+        """Attach the adapter stored in ``directory`` to the base ``model`` and return the result."""
+        raise NotImplementedError(f"method {self.name!r} does not implement load()")
+
+    def detach(self, model: "nn.Module") -> "nn.Module":
+        """Remove the adapter's modules and return the base model.
+
+        Base weights stay as they are: after :meth:`merge` they hold the merged adapter (that is
+        how ``adapterhub merge`` writes a merged model); otherwise they are the plain base.
+        """
+        raise NotImplementedError(f"method {self.name!r} does not implement detach()")
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def merge(self, model: "nn.Module") -> None:
+        """Fold the adapter into the base weights in place.
+
+        Must refuse (``MergeError``) rather than write non-finite weights, and must record what it
+        merged so that :meth:`unmerge` restores the base exactly.
+        """
+        raise NotMergeable(
+            f"method {self.name!r} cannot merge its adapter into the base weights; "
+            "serve it unmerged instead"
+        )
+
+    def unmerge(self, model: "nn.Module") -> None:
+        """Undo :meth:`merge`, restoring the base weights."""
+        raise NotMergeable(
+            f"method {self.name!r} cannot merge or unmerge its adapter; nothing to undo"
+        )
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def serving_form(self, directory: str | Path, base_config: Any) -> "ServingForm | None":
+        """The adapter in ``directory`` as plain tensors the server can apply per row.
+
+        Return ``None`` (the default) to be served by the slower one-adapter-at-a-time path.
+        """
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Method {self.name} from {self.origin}>"

@@ -1,0 +1,122 @@
+"""End-to-end jobs the CLI runs: train -> save -> publish, and merge into a full base.
+
+Kept apart from the CLI so tests, the demo and the server use the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    directory: Path
+    reference: str | None
+    metrics: dict[str, Any]
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate only rank 0 writes the adapter and publishes it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = None) -> tuple[Path, str | None]:
+    """A directory for a registry reference or a path; also the resolved ``task@N`` if any."""
+    path = Path(ref_or_dir)
+    if path.is_dir():
+        return path, None
+    from adapterhub.registry import open_registry
+
+    store = open_registry(registry)
+    manifest = store.resolve(str(ref_or_dir))
+    return store.materialize(manifest), f"{manifest.task}@{manifest.version}"
+
+
+def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any]) -> TrainOutcome:
+    """Load base and data, train, save the adapter, publish it (unless told not to)."""
+    from .adapters import check_base, read_metadata, save_adapter
+    from .base import load_base
+    from .data import load_dataset
+    from .manager import get_manager
+
+    quantize = top.get("quantize") or getattr(method, "default_quantize", None) or "none"
+    if quantize != "none" and not method.capabilities.quantized_base:
+        raise ConfigError(f"method {method.name!r} does not train on a quantized base; use --quantize none")
+    base = load_base(top["base"], quantize)
+    tokenizer = base.tokenizer
+    train_set = load_dataset(top["data"], tokenizer, options.max_length)
+    eval_set = None
+    if options.eval_data:
+        eval_set = load_dataset(options.eval_data, tokenizer, options.max_length)
+    elif options.eval_split:
+        train_set, eval_set = train_set.split(options.eval_split, options.seed)
+
+    resume_dir, parent = None, None
+    if top.get("from_adapter"):
+        resume_dir, parent = resolve_adapter_dir(top["from_adapter"], top.get("registry"))
+        meta = read_metadata(resume_dir)
+        if meta.get("method") and meta["method"] != method.name:
+            raise ConfigError(
+                f"--from {top['from_adapter']} is a {meta['method']!r} adapter; continue it with --plugin {meta['method']}"
+            )
+        check_base(meta, base.fingerprint, where=str(top["from_adapter"]))
+        parent = parent or str(top["from_adapter"])
+
+    callbacks = get_manager().trainer_callbacks(method, options)
+    result = method.train(
+        base.model,
+        train_set,
+        config,
+        options,
+        eval_dataset=eval_set,
+        tokenizer=tokenizer,
+        callbacks=callbacks,
+        resume_adapter=resume_dir,
+    )
+    if not is_main_process():
+        return TrainOutcome(directory=Path(), reference=None, metrics=result.metrics)
+
+    training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
+    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set)})
+    out_dir = Path(top["output"]) if top.get("output") else Path(tempfile.mkdtemp(prefix="adapterhub-adapter-"))
+    save_adapter(
+        method, result.model, config, out_dir,
+        base={"name": str(top["base"]), "fingerprint": base.fingerprint},
+        training=training, metrics=result.metrics, parent=parent,
+    )
+    reference = None
+    if not top.get("no_publish"):
+        from adapterhub.registry import open_registry
+
+        manifest = open_registry(top.get("registry")).publish(top["task"], out_dir, parent=parent)
+        reference = f"{manifest.task}@{manifest.version}"
+        if not top.get("output"):
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return TrainOutcome(directory=out_dir, reference=reference, metrics=result.metrics)
+
+
+def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str | None = None,
+                       allow_base_mismatch: bool = False) -> Path:
+    """Merge an adapter into the full-precision base and save a plain HF model directory."""
+    from .adapters import load_adapter
+    from .base import load_base
+
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise ConfigError(f"--out {out_path} exists and is not empty; choose a new directory")
+    directory, _ = resolve_adapter_dir(adapter, registry)
+    base = load_base(base_dir, "none")
+    method, model = load_adapter(base.model, directory, base_fingerprint=base.fingerprint,
+                                 allow_base_mismatch=allow_base_mismatch)
+    method.merge(model)
+    merged = method.detach(model)  # adapter modules removed, merged weights kept
+    merged.save_pretrained(out_path, safe_serialization=True)
+    base.tokenizer.save_pretrained(out_path)
+    return out_path

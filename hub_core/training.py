@@ -1,0 +1,251 @@
+"""Training glue: our options mapped onto the Hugging Face Trainer.
+
+The Trainer owns the loop, so ``accelerate launch`` / ``torchrun`` give data parallelism, and
+checkpointing, early stopping, TensorBoard and progress bars come from transformers itself. This
+module only translates :class:`TrainOptions`, builds optimizer groups (LoRA+ ratios, layer-wise
+learning-rate decay) and collects metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import option
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from .method import Method
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Training options; every field is a CLI flag (``--max-steps``) and a YAML key (``max_steps``)."""
+
+    max_steps: int = option(-1, "stop after this many optimizer steps (-1: run --epochs)")
+    epochs: float = option(3.0, "passes over the training data (when max_steps is -1)")
+    lr: float = option(2e-4, "peak learning rate")
+    batch_size: int = option(8, "examples per device per step")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    seed: int = option(42, "random seed (data order, adapter init)")
+    scheduler: str = option("linear", "learning-rate schedule", choices=SCHEDULERS)
+    warmup_steps: int = option(0, "linear warmup steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    max_length: int = option(512, "truncate examples to this many tokens")
+    eval_split: float = option(0.0, "fraction of --data held out for evaluation (0: none)")
+    eval_data: str | None = option(None, "separate JSONL file for evaluation")
+    eval_steps: int = option(0, "evaluate every N steps (0: once per epoch when there is eval data)")
+    early_stopping_patience: int = option(0, "stop after N evaluations without eval-loss improvement (0: off)")
+    early_stopping_threshold: float = option(0.0, "minimum eval-loss improvement that counts")
+    layerwise_lr_decay: float = option(1.0, "lr multiplier per layer below the top (1.0: off)")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    save_steps: int = option(0, "write a resumable Trainer checkpoint every N steps (0: off)")
+    resume_from_checkpoint: str | None = option(None, "Trainer checkpoint dir to resume (or 'last')")
+    tensorboard: bool = option(False, "write TensorBoard logs under the run directory")
+    logging_steps: int = option(10, "log loss every N steps")
+    progress: bool = option(True, "show a progress bar")
+    run_dir: str | None = option(None, "directory for checkpoints and logs (default: a temp dir)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps must be >= 1 (or -1 for epochs)"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (0.0 <= self.eval_split < 1.0, "eval_split must be in [0, 1)"),
+            (0.0 < self.layerwise_lr_decay <= 1.0, "layerwise_lr_decay must be in (0, 1]"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.max_length >= 8, "max_length must be >= 8"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.early_stopping_patience >= 0, "early_stopping_patience must be >= 0"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"training option: {message}")
+        if self.early_stopping_patience and not (self.eval_split or self.eval_data):
+            raise ConfigError("early stopping needs eval data: add --eval-split 0.1 or --eval-data FILE")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
+        from .config import _coerce
+
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown training option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known))}"
+            )
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce("train", k, v, hints[k]) for k, v in values.items()})
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run produced: the trained model and its metrics."""
+
+    model: Any
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+# -- optimizer ---------------------------------------------------------------------------------
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(param_name: str) -> int | None:
+    """Decoder-layer index of a parameter (``...layers.3.mlp...`` -> 3), None outside layers."""
+    match = _LAYER_INDEX.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+def build_param_groups(method: "Method", model: "nn.Module", config: Any, options: TrainOptions) -> list[dict[str, Any]]:
+    """Optimizer groups: the method's own (or one group), then layer-wise lr decay applied.
+
+    With decay ``d`` and ``L`` layers, layer ``i`` trains at ``lr * d ** (L - 1 - i)``; parameters
+    below the first layer (embeddings) get ``d ** L``, those above the last (head, final norm) 1.
+    """
+    groups = method.optimizer_groups(model, config, options)
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": options.lr}]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = options.layerwise_lr_decay
+    if decay >= 1.0:
+        return [g for g in groups if g["params"]]
+    indices = [layer_index(n) for n in names.values()]
+    num_layers = max((i for i in indices if i is not None), default=-1) + 1
+    split: dict[tuple, dict[str, Any]] = {}
+    for group in groups:
+        base_lr = group.get("lr", options.lr)
+        for p in group["params"]:
+            name = names.get(id(p), "")
+            idx = layer_index(name)
+            if idx is None:
+                depth = num_layers if "embed" in name else 0
+            else:
+                depth = num_layers - 1 - idx
+            lr = base_lr * decay**depth
+            key = (lr, group.get("weight_decay", options.weight_decay))
+            split.setdefault(key, {"params": [], "lr": lr, "weight_decay": key[1]})["params"].append(p)
+    return list(split.values())
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool):
+    from transformers import TrainingArguments
+
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if options.eval_steps else "epoch"
+    save_strategy = "steps" if options.save_steps else "no"
+    return TrainingArguments(
+        output_dir=run_dir,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        learning_rate=options.lr,
+        lr_scheduler_type=options.scheduler,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm if options.max_grad_norm > 0 else None,
+        seed=options.seed,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=options.eval_steps or None,
+        save_strategy=save_strategy,
+        save_steps=options.save_steps or 500,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        gradient_checkpointing=options.gradient_checkpointing,
+        report_to=["tensorboard"] if options.tensorboard else [],
+        disable_tqdm=not options.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not _cuda_available(),
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fit(
+    method: "Method",
+    model: "nn.Module",
+    config: Any,
+    dataset: Any,
+    options: TrainOptions,
+    *,
+    eval_dataset: Any = None,
+    tokenizer: Any = None,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Run the Hugging Face Trainer on an already-attached adapter model."""
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer
+
+    from .data import CausalCollator
+
+    run_dir = options.run_dir or tempfile.mkdtemp(prefix="adapterhub-run-")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    has_eval = eval_dataset is not None and len(eval_dataset) > 0
+    args = training_arguments(options, run_dir, has_eval)
+    if options.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    all_callbacks = list(callbacks or []) + list(method.trainer_callbacks(model, config, options))
+    if options.early_stopping_patience:
+        all_callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=options.early_stopping_patience,
+                early_stopping_threshold=options.early_stopping_threshold,
+            )
+        )
+    groups = build_param_groups(method, model, config, options)
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=CausalCollator(pad_id),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset if has_eval else None,
+        callbacks=all_callbacks,
+        optimizers=(optimizer, None),
+    )
+    resume = options.resume_from_checkpoint
+    if resume == "last":
+        resume = True
+    output = trainer.train(resume_from_checkpoint=resume)
+    history = list(trainer.state.log_history)
+    metrics: dict[str, Any] = {
+        "train_loss": output.training_loss,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+    }
+    if has_eval:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    model.eval()
+    return TrainResult(model=model, metrics=metrics, history=history)

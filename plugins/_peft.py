@@ -1,0 +1,95 @@
+"""Shared plumbing for methods that PEFT implements (LoRA and relatives, IA3, prompt learning).
+
+A PEFT-backed method supplies only ``peft_config(config)``; attaching, saving in PEFT's own format,
+loading with ``PeftModel.from_pretrained``, and tracked merge/unmerge live here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterhub.errors import MergeError
+from adapterhub.method import Method
+
+
+def is_quantized(model: Any) -> bool:
+    """True for a bitsandbytes 4- or 8-bit base (merging into it would be lossy)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+                or getattr(base, "is_quantized", False))
+
+
+def tuner_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class PeftMethod(Method):
+    """A method stored in PEFT's format and run by PEFT's tuner classes."""
+
+    def peft_config(self, config: Any) -> Any:
+        """The ``peft.PeftConfig`` for our config dataclass."""
+        raise NotImplementedError
+
+    def attach(self, model: Any, config: Any) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(config))
+
+    def save(self, model: Any, directory: str | Path) -> None:
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+
+    def detach(self, model: Any) -> Any:
+        return model.unload()
+
+    def merge(self, model: Any) -> None:
+        if is_quantized(model):
+            raise MergeError(
+                f"{self.name}: refusing to merge into a quantized base (rounding the merged weights back "
+                "to 4/8 bit loses the adapter); run `adapterhub merge REF --base DIR --out DIR`, which "
+                "merges into the full-precision base, or serve the adapter unmerged"
+            )
+        layers = tuner_layers(model)
+        if any(layer.merged for layer in layers):
+            raise MergeError(f"{self.name}: the adapter is already merged; unmerge it first")
+        try:
+            model.base_model.merge_adapter(safe_merge=True)
+        except ValueError as exc:  # PEFT's safe_merge found NaN/inf
+            raise MergeError(f"{self.name}: refusing to merge, the result is not finite ({exc})") from None
+
+    def unmerge(self, model: Any) -> None:
+        if not any(layer.merged for layer in tuner_layers(model)):
+            raise MergeError(f"{self.name}: nothing to unmerge; the adapter is not merged")
+        model.base_model.unmerge_adapter()
+
+
+def lora_form_from_state(state: dict[str, torch.Tensor], scaling: dict[str, float]):
+    """A :class:`LoraForm` from a PEFT LoRA state dict (``...q_proj.lora_A.weight`` keys).
+
+    ``scaling`` maps each base module name to its alpha/r factor, folded into B.
+    """
+    from adapterhub.serving_forms import LoraForm
+
+    deltas = {}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = base_module_name(key.split(".lora_A.")[0])
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        deltas[module] = (a.float().contiguous(), (b.float() * scaling.get(module, 1.0)).contiguous())
+    return LoraForm(deltas=deltas)
+
+
+def base_module_name(peft_key: str) -> str:
+    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj``."""
+    prefix = "base_model.model."
+    return peft_key[len(prefix):] if peft_key.startswith(prefix) else peft_key

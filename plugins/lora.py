@@ -1,0 +1,92 @@
+"""LoRA: a trainable low-rank update ``B @ A`` beside frozen Linear layers (Hu et al., 2021).
+
+Implemented by PEFT; stored in PEFT's format so plain ``PeftModel.from_pretrained`` loads it.
+Served in mixed batches through :class:`~adapterhub.serving_forms.LoraForm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import adapterhub
+from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub.plugins._peft import PeftMethod, lora_form_from_state
+
+
+@dataclasses.dataclass
+class LoraConfig(MethodConfig):
+    method_name = "lora"
+
+    r: int = option(8, "rank of the update matrices")
+    alpha: float = option(16.0, "scaling numerator: the update is scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the LoRA input during training")
+    target_modules: list[str] = option(["all-linear"], "module names to adapt ('all-linear': every Linear but the head)")
+    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
+    bias: str = option("none", "which biases to train", choices=("none", "all", "lora_only"))
+
+    def validate(self) -> None:
+        if self.r < 1 or self.r > 4096:
+            raise ConfigError(f"lora config: r={self.r} must be between 1 and 4096, e.g. --set r=16")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"lora config: alpha={self.alpha} must be a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora config: dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("lora config: target_modules is empty; e.g. --set target_modules=q_proj,v_proj")
+
+
+class LoraMethod(PeftMethod):
+    name = "lora"
+    config_class = LoraConfig
+    capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
+    description = "Low-rank adaptation of Linear layers (PEFT LoRA)."
+    peft_type = "LORA"
+
+    def peft_config(self, config: LoraConfig, **extra: Any) -> Any:
+        from peft import LoraConfig as PeftLoraConfig
+
+        targets = config.target_modules
+        return PeftLoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+            use_rslora=config.rslora,
+            bias=config.bias,
+            task_type="CAUSAL_LM",
+            **extra,
+        )
+
+    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
+        return peft_lora_form(directory)
+
+
+def peft_lora_form(directory: str | Path) -> Any:
+    """The LoraForm of a PEFT LoRA directory, scaling folded in (shared by LoRA relatives)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    state = load_file(str(directory / "adapter_model.safetensors"))
+    scaling: dict[str, float] = {}
+    for key in state:
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            from adapterhub.plugins._peft import base_module_name
+
+            name = base_module_name(module)
+            mr = next((v for k, v in rank_pattern.items() if name.endswith(k)), r)
+            ma = next((v for k, v in alpha_pattern.items() if name.endswith(k)), alpha)
+            scaling[name] = ma / (math.sqrt(mr) if cfg.get("use_rslora") else mr)
+    return lora_form_from_state(state, scaling)
+
+
+@adapterhub.hookimpl
+def adapterhub_register_methods(register):
+    register(LoraMethod())
