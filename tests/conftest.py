@@ -1,0 +1,68 @@
+"""Shared fixtures: one tiny base per session, small synthetic data, isolated plugin state."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ADAPTERHUB_DISABLE_PLUGIN_AUTOLOAD", "")  # tests that need it set it explicitly
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny Llama base written by `adapterhub base init` (the same path users take)."""
+    from adapterhub.base import init_base
+
+    return init_base("tiny", tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base_dir):
+    from adapterhub.base import load_tokenizer
+
+    return load_tokenizer(tiny_base_dir)
+
+
+@pytest.fixture
+def tiny_model(tiny_base_dir):
+    """A fresh full-precision copy of the tiny base for each test (methods mutate models)."""
+    from adapterhub.base import load_base
+
+    return load_base(tiny_base_dir, "none").model
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory):
+    from adapterhub.tasks import write_split
+
+    return write_split("sentiment", tmp_path_factory.mktemp("data"), n_train=256, n_test=32)
+
+
+@pytest.fixture(scope="session")
+def sentiment_dataset(sentiment_data, tiny_tokenizer):
+    from adapterhub.data import load_dataset
+
+    return load_dataset(sentiment_data[0], tiny_tokenizer, max_length=64)
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh process-wide plugin manager; restored afterwards so no plugin state leaks."""
+    from adapterhub.manager import PluginManager, reset_manager
+
+    manager = PluginManager(autoload=False)
+    reset_manager(manager)
+    yield manager
+    reset_manager(None)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
