@@ -1,0 +1,218 @@
+"""The version manifest: everything needed to reproduce, trust and load one published adapter.
+
+A manifest is written once and never changed. It is parsed strictly: a manifest that names a file
+with a path in it, or a hash that is not a sha256, is refused before any path is built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import logging
+import re
+from typing import Any, Mapping
+
+from adapterhub.errors import BaseMismatch, ConfigError, IntegrityError
+
+from .names import Reference, parse_reference, validate_file_name, validate_task
+
+log = logging.getLogger(__name__)
+
+FORMAT = "adapterhub.manifest/1"
+METADATA_FILE = "adapterhub.json"  # the publish input: method, base, training, metrics, parent
+MANIFEST_FILE = "manifest.json"  # written next to exports; never stored as a version file
+RESERVED_FILES = frozenset({METADATA_FILE, MANIFEST_FILE})
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What a publisher says about an adapter (the ``adapterhub.json`` of an adapter directory)."""
+
+    method: str
+    base_fingerprint: str
+    base_name: str = ""
+    method_config: dict = dataclasses.field(default_factory=dict)
+    training: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)
+    parent: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = METADATA_FILE) -> "Metadata":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        method = data.get("method")
+        if not isinstance(method, str) or not method:
+            raise ConfigError(f"{source}: 'method' must be a non-empty string such as \"lora\", got {method!r}")
+        base = data.get("base")
+        if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str) or not base["fingerprint"]:
+            raise ConfigError(
+                f"{source}: 'base' must be an object with a 'fingerprint' string "
+                f"(from adapterhub.base.fingerprint(base_dir)), got {base!r}"
+            )
+        base_name = base.get("name") or ""
+        if not isinstance(base_name, str):
+            raise ConfigError(f"{source}: 'base.name' must be a string, got {base_name!r}")
+        fields = {}
+        for key in ("method_config", "training", "metrics"):
+            value = data.get(key) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key!r} must be a JSON object, got {type(value).__name__}")
+            fields[key] = value
+        parent = data.get("parent")
+        if parent is not None:
+            parse_reference(parent)  # syntax only; the store resolves it
+        return cls(method=method, base_fingerprint=base["fingerprint"], base_name=base_name, parent=parent, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "method_config": self.method_config,
+            "base": {"name": self.base_name, "fingerprint": self.base_fingerprint},
+            "training": self.training,
+            "metrics": self.metrics,
+            "parent": self.parent,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    task: str
+    version: int
+    method: str
+    method_config: dict
+    base_name: str
+    base_fingerprint: str
+    training: dict
+    metrics: dict
+    files: Mapping[str, FileEntry]
+    parent: str | None
+    created: str
+    software: dict
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.task}@{self.version}"
+
+    @property
+    def reference(self) -> Reference:
+        return Reference(self.task, version=self.version)
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    def metadata(self) -> Metadata:
+        """The publish input this version came from, e.g. to write ``adapterhub.json`` on export."""
+        return Metadata(
+            method=self.method,
+            base_fingerprint=self.base_fingerprint,
+            base_name=self.base_name,
+            method_config=self.method_config,
+            training=self.training,
+            metrics=self.metrics,
+            parent=self.parent,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "task": self.task,
+            "version": self.version,
+            "method": {"name": self.method, "config": self.method_config},
+            "base": {"name": self.base_name, "fingerprint": self.base_fingerprint},
+            "training": self.training,
+            "metrics": self.metrics,
+            "parent": self.parent,
+            "files": {name: {"sha256": e.sha256, "size": e.size} for name, e in sorted(self.files.items())},
+            "software": self.software,
+            "created": self.created,
+            "extra": self.extra,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "manifest") -> "Manifest":
+        """Strict parse: any field that could turn into a path or a hash is validated here."""
+        try:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} manifest")
+            files: dict[str, FileEntry] = {}
+            for name, entry in dict(data["files"]).items():
+                validate_file_name(name)
+                if name in RESERVED_FILES:
+                    raise ValueError(f"reserved file name {name!r}")
+                sha, size = entry["sha256"], entry["size"]
+                if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+                    raise ValueError(f"file {name!r} has a malformed sha256 {sha!r}")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise ValueError(f"file {name!r} has a malformed size {size!r}")
+                files[name] = FileEntry(sha, size)
+            if not files:
+                raise ValueError("no files")
+            version = data["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"malformed version {version!r}")
+            return cls(
+                task=validate_task(data["task"]),
+                version=version,
+                method=str(data["method"]["name"]),
+                method_config=dict(data["method"].get("config") or {}),
+                base_name=str(data["base"].get("name") or ""),
+                base_fingerprint=str(data["base"]["fingerprint"]),
+                training=dict(data.get("training") or {}),
+                metrics=dict(data.get("metrics") or {}),
+                files=files,
+                parent=data.get("parent"),
+                created=str(data["created"]),
+                software=dict(data.get("software") or {}),
+                extra=dict(data.get("extra") or {}),
+            )
+        except IntegrityError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"{source} is malformed ({type(exc).__name__}: {exc}); the registry may be damaged") from exc
+
+
+def software_versions() -> dict[str, str]:
+    """Versions that shaped the files, read from package metadata (never imports torch)."""
+    result = {}
+    for dist in ("adapterhub", "peft", "transformers", "safetensors"):
+        try:
+            result[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            result[dist] = "unknown"
+    return result
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def check_base(manifest: Manifest, fingerprint: str, *, allow_mismatch: bool = False, base_name: str = "") -> bool:
+    """Refuse to put an adapter on a base it was not trained on; True when the bases match.
+
+    ``allow_mismatch`` is for deliberate experiments (e.g. a fine-tuned variant of the same base):
+    the mismatch is logged as a warning instead of raised.
+    """
+    if manifest.base_fingerprint == fingerprint:
+        return True
+    trained = f"{manifest.base_name or 'unnamed base'} ({manifest.base_fingerprint})"
+    given = f"{base_name or 'the loaded base'} ({fingerprint})"
+    message = f"adapter {manifest.ref} was trained on {trained}, not on {given}"
+    if allow_mismatch:
+        log.warning("%s; loading anyway because allow_mismatch is set", message)
+        return False
+    raise BaseMismatch(f"{message}; use the matching base or pass allow_mismatch to override")
