@@ -1,0 +1,474 @@
+"""Registry store: references, publishing, tags, removal, integrity, export/import, remote staging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from registry_helpers import FINGERPRINT, OTHER_FINGERPRINT, make_adapter
+
+from adapterhub.errors import (
+    AdapterHubError,
+    BaseMismatch,
+    ConfigError,
+    IntegrityError,
+    InvalidReference,
+    LimitExceeded,
+    NotFound,
+)
+from adapterhub.registry import (
+    FileStore,
+    Manifest,
+    Reference,
+    check_base,
+    export_dir,
+    import_dir,
+    open_registry,
+    parse_reference,
+    registry_path,
+    validate_tag,
+    validate_task,
+)
+from adapterhub.registry import remote
+
+
+@pytest.fixture
+def store(tmp_path) -> FileStore:
+    return open_registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def adapter(tmp_path) -> Path:
+    return make_adapter(tmp_path / "adapter", seed=1)
+
+
+def _corrupt(path: Path) -> None:
+    os.chmod(path, 0o644)  # blobs are stored read-only; disks rot anyway
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# -- references and names --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("sentiment", Reference("sentiment")),
+        ("sentiment@3", Reference("sentiment", version=3)),
+        ("sentiment@prod", Reference("sentiment", tag="prod")),
+        ("sentiment@latest", Reference("sentiment", tag="latest")),
+        ("a.b_c-d@v1.2", Reference("a.b_c-d", tag="v1.2")),
+    ],
+)
+def test_parse_reference_accepts_the_three_forms(text, expected):
+    ref = parse_reference(text)
+    assert ref == expected
+    assert str(ref) == text
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("a@", "nothing after '@'"),
+        ("a@-1", "numbered from 1"),
+        ("a@0", "numbered from 1"),
+        ("a@+2", "without a sign"),
+        ("a@b@c", "more than one '@'"),
+        ("../x", "'../x' is not allowed"),
+        ("a/b", "is not allowed"),
+        (".hidden", "is not allowed"),
+        ("a..b", "is not allowed"),
+        ("x" * 10_000, "too long (10000"),
+        ("a@" + "t" * 101, "too long"),
+        ("@3", "task name is empty"),
+        ("a@x/y", "not allowed"),
+    ],
+)
+def test_parse_reference_rejects_malformed_with_a_clear_message(text, fragment):
+    with pytest.raises(InvalidReference) as info:
+        parse_reference(text)
+    assert fragment in str(info.value)
+    assert len(str(info.value)) < 400  # a 10 kB name is shortened in the message
+
+
+def test_reference_latest_and_explicit_flags():
+    assert parse_reference("t").is_latest and not parse_reference("t").explicit
+    assert parse_reference("t@latest").is_latest and parse_reference("t@latest").explicit
+    assert not parse_reference("t@2").is_latest
+
+
+@pytest.mark.parametrize("tag, fragment", [("123", "purely numeric"), ("latest", "reserved"), ("-x", "not allowed"), ("", "empty")])
+def test_bad_tags_are_refused(tag, fragment):
+    with pytest.raises(InvalidReference, match=fragment):
+        validate_tag(tag)
+
+
+def test_task_name_rule_is_named_in_the_error():
+    with pytest.raises(InvalidReference) as info:
+        validate_task("bad name")
+    assert "'bad name'" in str(info.value) and "A-Z a-z 0-9" in str(info.value)
+    assert validate_task("ok-name_1.2") == "ok-name_1.2"
+
+
+def test_registry_location_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "env"))
+    assert registry_path(tmp_path / "arg") == tmp_path / "arg"
+    assert registry_path() == tmp_path / "env"
+    assert open_registry().root == (tmp_path / "env").absolute()
+    monkeypatch.delenv("ADAPTERHUB_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert registry_path() == tmp_path / "home" / ".adapterhub"
+
+
+# -- publishing and reading ------------------------------------------------------------------
+
+
+def test_publish_records_a_complete_manifest(store, adapter):
+    manifest = store.publish("sentiment", adapter, extra={"run": "r1"})
+    assert manifest.ref == "sentiment@1"
+    assert manifest.method == "lora" and manifest.method_config == {"r": 4, "lora_alpha": 8}
+    assert manifest.base_fingerprint == FINGERPRINT and manifest.base_name == "tiny"
+    assert manifest.training["seed"] == 1 and manifest.metrics == {"loss": 0.5}
+    assert set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    for name, entry in manifest.files.items():
+        assert entry.size == (adapter / name).stat().st_size
+        assert (store.root / "blobs" / entry.sha256).is_file()
+    assert set(manifest.software) >= {"adapterhub", "peft", "transformers"}
+    assert manifest.software["adapterhub"] != "unknown"
+    assert manifest.created.endswith("Z") and manifest.extra == {"run": "r1"}
+    on_disk = json.loads((store.root / "tasks/sentiment/versions/1.json").read_text())
+    assert Manifest.from_dict(on_disk) == manifest == store.manifest("sentiment@1")
+
+
+def test_versions_count_from_one_and_latest_is_the_highest(store, tmp_path):
+    for seed in range(3):
+        store.publish("t", make_adapter(tmp_path / f"a{seed}", seed=seed))
+    assert store.list_versions("t") == [1, 2, 3]
+    assert store.resolve("t") == ("t", 3) == store.resolve("t@latest")
+    assert store.list_tasks() == ["t"]
+    assert store.list_versions("unknown") == []
+
+
+def test_identical_files_share_one_blob(store, adapter):
+    a = store.publish("t", adapter)
+    b = store.publish("u", adapter)
+    assert a.files == b.files
+    assert len(list((store.root / "blobs").iterdir())) == 2
+
+
+def test_version_numbers_are_never_reused_after_rm(store, tmp_path):
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    store.publish("t", make_adapter(tmp_path / "b", seed=2))
+    store.remove_version("t@2")
+    assert store.publish("t", make_adapter(tmp_path / "c", seed=3)).version == 3
+
+
+def test_parent_is_recorded_pinned(store, tmp_path):
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    store.set_tag("t@1", "prod")
+    child = store.publish("t", make_adapter(tmp_path / "b", seed=2), parent="t@prod")
+    assert child.parent == "t@1"
+    with pytest.raises(NotFound, match="t@9"):
+        store.publish("t", make_adapter(tmp_path / "c", seed=3), parent="t@9")
+    # a pinned parent from another registry (adapterhub.json of an import) is kept as given
+    imported = store.publish("t", make_adapter(tmp_path / "d", seed=4, parent="elsewhere@4"))
+    assert imported.parent == "elsewhere@4"
+
+
+def test_resolve_errors_name_what_exists(store, adapter):
+    with pytest.raises(NotFound, match="registry is empty"):
+        store.resolve("nope")
+    store.publish("t", adapter)
+    with pytest.raises(NotFound, match=r"t@7 does not exist; known versions: 1"):
+        store.resolve("t@7")
+    with pytest.raises(NotFound, match="no tag 'prod'"):
+        store.resolve("t@prod")
+    with pytest.raises(NotFound, match="known tasks: t"):
+        store.resolve("other")
+
+
+def test_metadata_is_required_and_validated(store, tmp_path):
+    plain = make_adapter(tmp_path / "plain", metadata=False)
+    with pytest.raises(ConfigError, match="no adapterhub.json"):
+        store.publish("t", plain)
+    (plain / "adapterhub.json").write_text(json.dumps({"method": "lora", "base": {}}))
+    with pytest.raises(ConfigError, match="fingerprint"):
+        store.publish("t", plain)
+    assert store.list_versions("t") == []
+
+
+# -- tags and removal ------------------------------------------------------------------------
+
+
+def test_tags_move_and_untag(store, tmp_path):
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    store.publish("t", make_adapter(tmp_path / "b", seed=2))
+    store.set_tag("t@1", "prod")
+    assert store.tags("t") == {"prod": 1}
+    store.set_tag("t@2", "prod")
+    assert store.tags("t") == {"prod": 2} and store.resolve("t@prod") == ("t", 2)
+    assert (store.root / "tasks/t/refs/prod").read_text() == "2\n"
+    assert not [p for p in (store.root / "tasks/t/refs").iterdir() if p.name != "prod"]  # no temp left
+    assert store.remove_tag("t", "prod") == 2
+    assert store.tags("t") == {}
+    with pytest.raises(NotFound):
+        store.remove_tag("t", "prod")
+    with pytest.raises(InvalidReference, match="reserved"):
+        store.set_tag("t@1", "latest")
+
+
+def test_rm_refuses_tagged_version_unless_forced(store, tmp_path):
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    store.publish("t", make_adapter(tmp_path / "b", seed=2))
+    store.set_tag("t@1", "prod")
+    with pytest.raises(AdapterHubError, match="tagged prod"):
+        store.remove_version("t@1")
+    assert store.list_versions("t") == [1, 2]
+    store.remove_version("t@1", force=True)
+    assert store.list_versions("t") == [2] and store.tags("t") == {}
+    assert store.verify() == []
+
+
+def test_gc_frees_only_unreferenced_blobs(store, tmp_path):
+    shared = make_adapter(tmp_path / "a", seed=1)
+    store.publish("t", shared)
+    m2 = store.publish("t", make_adapter(tmp_path / "b", seed=2))
+    store.materialize("t@2")
+    store.remove_version("t@2")
+    weights = m2.files["adapter_model.safetensors"].sha256
+    config = m2.files["adapter_config.json"].sha256  # same config bytes as t@1: still referenced
+    stale = store.root / "blobs" / ".blob.nohost-1-abc.incomplete"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))  # older than the stale-after age
+    assert store.gc(dry_run=True)["blobs_removed"] == [str(store.root / "blobs" / weights)]
+    assert (store.root / "blobs" / weights).exists()
+    report = store.gc()
+    assert report["blobs_removed"] == [str(store.root / "blobs" / weights)]
+    assert report["temp_removed"] == [str(stale)]
+    assert not (store.root / "blobs" / weights).exists() and not stale.exists()
+    assert (store.root / "blobs" / config).exists()
+    assert not (store.root / "snapshots/t/2").exists()
+    assert store.verify() == [] and store.materialize("t@1").is_dir()
+
+
+def test_gc_keeps_temp_files_of_live_writers(store, adapter):
+    store.publish("t", adapter)
+    from adapterhub.registry import fsutil
+
+    live = fsutil.temp_path(store.root / "blobs" / "blob")  # named with this (live) process's pid
+    live.write_bytes(b"in progress")
+    assert store.gc()["temp_removed"] == [] and live.exists()
+
+
+# -- materialize and integrity ---------------------------------------------------------------
+
+
+def test_materialize_builds_a_verified_snapshot(store, adapter):
+    manifest = store.publish("t", adapter)
+    snapshot = store.materialize("t")
+    assert snapshot == store.root / "snapshots/t/1"
+    for name in manifest.files:
+        assert (snapshot / name).read_bytes() == (adapter / name).read_bytes()
+    assert store.materialize(manifest) == snapshot  # second call reuses and re-verifies
+    assert not [p for p in snapshot.parent.iterdir() if p.name != "1"]
+
+
+def test_corrupted_blob_is_refused_on_load_naming_the_file(store, adapter):
+    manifest = store.publish("t", adapter)
+    blob = store.root / "blobs" / manifest.files["adapter_model.safetensors"].sha256
+    _corrupt(blob)
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        store.materialize("t@1")
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        store.read_bytes("t@1", "adapter_model.safetensors")
+    assert store.open("t@1", "adapter_config.json").read() == (adapter / "adapter_config.json").read_bytes()
+    problems = store.verify()
+    assert any("adapter_model.safetensors" in p.path for p in problems)
+
+
+def test_corruption_after_materialize_is_caught_on_next_load(store, adapter):
+    manifest = store.publish("t", adapter)
+    snapshot = store.materialize("t@1")
+    _corrupt(snapshot / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        store.materialize("t@1")
+    # same size, so a size-only check cannot see it; documented trade-off
+    assert store.materialize("t@1", verify="size") == snapshot
+    assert manifest.files  # keep the manifest referenced
+
+
+def test_missing_blob_is_an_integrity_error_naming_it(store, adapter):
+    manifest = store.publish("t", adapter)
+    blob = store.root / "blobs" / manifest.files["adapter_config.json"].sha256
+    blob.unlink()
+    with pytest.raises(IntegrityError, match=f"missing blob .*{blob.name}"):
+        store.materialize("t@1")
+    assert [p.message for p in store.verify()] == [f"missing blob {blob}"]
+
+
+@pytest.mark.parametrize("bad_name", ["../escape", "/etc/passwd", "a/b", "..", ".hidden"])
+def test_manifest_with_escaping_file_name_is_refused(store, adapter, bad_name):
+    store.publish("t", adapter)
+    path = store.root / "tasks/t/versions/1.json"
+    data = json.loads(path.read_text())
+    data["files"][bad_name] = data["files"].pop("adapter_config.json")
+    os.chmod(path, 0o644)
+    path.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="is not allowed|is empty"):
+        store.materialize("t@1")
+    assert not list((store.root).glob("**/passwd")) and not (store.root.parent / "escape").exists()
+    assert store.verify()
+
+
+def test_manifest_moved_to_another_version_is_refused(store, tmp_path):
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    store.publish("t", make_adapter(tmp_path / "b", seed=2))
+    versions = store.root / "tasks/t/versions"
+    (versions / "2.json").write_bytes((versions / "1.json").read_bytes())
+    with pytest.raises(IntegrityError, match="describes t@1, not t@2"):
+        store.manifest("t@2")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".BIN"])
+def test_pickle_files_are_refused_and_nothing_is_written(store, adapter, suffix):
+    (adapter / f"adapter_model{suffix}").write_bytes(b"\x80\x04not really")
+    with pytest.raises(IntegrityError, match="pickle"):
+        store.publish("t", adapter)
+    assert store.list_versions("t") == [] and not (store.root / "blobs").exists()
+
+
+def test_disguised_safetensors_is_refused(store, adapter):
+    (adapter / "extra.safetensors").write_bytes(b"\x80\x04\x95 pickle bytes")
+    with pytest.raises(IntegrityError, match="not a valid safetensors"):
+        store.publish("t", adapter)
+
+
+def test_max_file_bytes_refuses_big_files(tmp_path, adapter):
+    small = open_registry(tmp_path / "r", max_file_bytes=1000)
+    with pytest.raises(LimitExceeded, match="max_file_bytes=1000"):
+        small.publish("t", adapter)
+    assert small.list_versions("t") == []
+    assert open_registry(tmp_path / "r", max_file_bytes=10_000).publish("t", adapter).version == 1
+
+
+def test_unsafe_names_in_the_adapter_dir_are_refused(store, adapter):
+    (adapter / "sub").mkdir()
+    with pytest.raises(ConfigError, match="subdirectories"):
+        store.publish("t", adapter)
+    (adapter / "sub").rmdir()
+    (adapter / "bad name.json").write_text("{}")
+    with pytest.raises(InvalidReference, match="bad name.json"):
+        store.publish("t", adapter)
+
+
+def test_check_base(store, adapter, caplog):
+    manifest = store.publish("t", adapter)
+    assert check_base(manifest, FINGERPRINT) is True
+    with pytest.raises(BaseMismatch) as info:
+        check_base(manifest, OTHER_FINGERPRINT, base_name="other-base")
+    message = str(info.value)
+    assert FINGERPRINT in message and OTHER_FINGERPRINT in message and "tiny" in message and "other-base" in message
+    with caplog.at_level(logging.WARNING, logger="adapterhub.registry.manifest"):
+        assert check_base(manifest, OTHER_FINGERPRINT, allow_mismatch=True) is False
+    assert OTHER_FINGERPRINT in caplog.text
+
+
+# -- export / import / remote ----------------------------------------------------------------
+
+
+def test_export_then_import_round_trips(store, tmp_path, adapter):
+    store.publish("t", make_adapter(tmp_path / "p", seed=9))
+    original = store.publish("t", adapter, parent="t@1")
+    out = export_dir(store, "t@2", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "manifest.json"]
+    assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["version"] == 2
+    other = open_registry(tmp_path / "other")
+    again = import_dir(other, "copy", out)
+    assert again.ref == "copy@1" and again.files == original.files
+    assert (again.method, again.metrics, again.parent) == ("lora", original.metrics, "t@1")
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        export_dir(store, "t@2", out)
+
+
+def test_import_plain_peft_dir_infers_method(store, tmp_path):
+    plain = make_adapter(tmp_path / "plain", metadata=False)
+    with pytest.raises(ConfigError, match="--base"):
+        import_dir(store, "t", plain)
+    manifest = import_dir(store, "t", plain, base_fingerprint=FINGERPRINT)
+    assert manifest.method == "lora" and manifest.method_config["peft_type"] == "LORA"
+    assert manifest.base_name == "tiny"
+    assert not (plain / "adapterhub.json").exists()  # the user's directory is left alone
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert import_dir(store, "t", plain, base_fingerprint=FINGERPRINT).method == "dora"
+    assert import_dir(store, "t", plain, base_fingerprint=FINGERPRINT, method="qlora").method == "qlora"
+    for peft_type, method in [("IA3", "ia3"), ("PREFIX_TUNING", "prefix"), ("P_TUNING", "ptuning")]:
+        (plain / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+        assert import_dir(store, "t", plain, base_fingerprint=FINGERPRINT).method == method
+    (plain / "adapter_config.json").write_text(json.dumps({"peft_type": "MYSTERY"}))
+    with pytest.raises(ConfigError, match="--method"):
+        import_dir(store, "t", plain, base_fingerprint=FINGERPRINT)
+
+
+def test_import_computes_base_fingerprint_from_base_dir(store, tmp_path):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    from adapterhub.base import fingerprint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    save_file({"w": np.ones((2, 2), dtype=np.float32)}, str(base / "model.safetensors"))
+    manifest = import_dir(store, "t", make_adapter(tmp_path / "plain", metadata=False), base=base)
+    assert manifest.base_fingerprint == fingerprint(base) and manifest.base_fingerprint.startswith("sha256:")
+
+
+def test_push_uploads_the_export_through_the_hub_api(store, adapter):
+    """Offline: a stand-in for HfApi records the calls; the real Hub is not contacted."""
+    store.publish("t", adapter)
+
+    class RecordingApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, **kwargs):
+            self.calls.append(("create_repo", kwargs))
+
+        def upload_folder(self, *, folder_path, **kwargs):
+            self.calls.append(("upload_folder", sorted(os.listdir(folder_path)), kwargs))
+            return "commit-url"
+
+    api = RecordingApi()
+    result = remote.push(store, "t", "user/t-lora", api=api)
+    expected = ["adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "manifest.json"]
+    assert result["files"] == expected and result["ref"] == "t@1"
+    assert api.calls[0] == ("create_repo", {"repo_id": "user/t-lora", "private": False, "exist_ok": True})
+    assert api.calls[1][1] == expected and api.calls[1][2]["repo_id"] == "user/t-lora"
+
+
+def test_pull_imports_a_downloaded_snapshot(store, tmp_path, adapter):
+    """Offline: the download is a stand-in returning a local dir shaped like a Hub snapshot."""
+    store.publish("t", adapter)
+    hub_repo = export_dir(store, "t@1", tmp_path / "hub_repo")
+    (hub_repo / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (hub_repo / "README.md").write_text("# adapter\n")
+    seen = {}
+
+    def fake_download(**kwargs):
+        seen.update(kwargs)
+        return str(hub_repo)
+
+    pulled = remote.pull(store, "user/t-lora", "pulled", download=fake_download)
+    assert seen["repo_id"] == "user/t-lora" and "*.bin" in seen["ignore_patterns"]
+    assert pulled.ref == "pulled@1" and set(pulled.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    # a local directory path is imported directly
+    assert remote.pull(store, str(hub_repo), "pulled").version == 2
