@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the local CPU build, then everything else under the same constraint.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	# the example third-party plugin, installed for real so its entry point is discovered
+	$(BIN)/pip install --quiet -c constraints.txt -e examples/adapterhub-plugin-example
 	touch $(STAMP)
 
 demo: venv

@@ -119,7 +119,7 @@ class PluginManager:
         table: dict[str, Method] = {}
         self.broken = [b for b in self.broken if not b.error.startswith("registration failed")]
         # Call each implementation on its own so that one failing plugin is isolated.
-        for impl in reversed(self._pm.hook.adapterhub_register_methods.get_hookimpls()):
+        for impl in self._pm.hook.adapterhub_register_methods.get_hookimpls():
             origin = self._origins.get(impl.plugin_name, BUILTIN)
             collected: list[Method] = []
 

@@ -1,0 +1,166 @@
+"""The plugin system: built-ins and entry-point plugins by one path, isolation of broken plugins."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import adapterhub
+from adapterhub import hookspecs
+from adapterhub.manager import DEFAULT_PLUGINS, DISABLE_AUTOLOAD_ENV, PluginManager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "adapterhub", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+def write_dist(site: Path, dist: str, entry: str, module: str, source: str) -> None:
+    """A real installed-distribution layout: module + dist-info with entry_points.txt."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[adapterhub]\n{entry} = {module}\n")
+
+
+def test_builtins_register_through_default_plugins():
+    manager = PluginManager(autoload=False)
+    methods = manager.methods()
+    assert "lora" in methods
+    assert all(m.origin == "built-in" for m in methods.values())
+    assert len(methods) >= len(DEFAULT_PLUGINS)
+    assert manager.broken == []
+
+
+def test_example_plugin_found_through_entry_point_metadata():
+    """The example package is pip-installed (make venv); discovery uses its real dist metadata."""
+    import importlib.metadata
+
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="adapterhub")}
+    assert "loha" in eps, "examples/adapterhub-plugin-example is not installed in this venv (run make venv)"
+    method = PluginManager(autoload=True).get_method("loha")
+    assert method.origin == "adapterhub-plugin-example"
+
+
+def test_env_var_blocks_entry_point_autoload():
+    shown = run_cli("plugins", "--json", env={DISABLE_AUTOLOAD_ENV: "1"})
+    assert shown.returncode == 0, shown.stderr
+    names = {row["name"] for row in json.loads(shown.stdout)}
+    assert "lora" in names and "loha" not in names
+    shown = run_cli("plugins", "--json", env={DISABLE_AUTOLOAD_ENV: ""})
+    assert "loha" in {row["name"] for row in json.loads(shown.stdout)}
+
+
+def test_broken_plugin_is_reported_and_others_still_work(tmp_path):
+    write_dist(tmp_path, "adapterhub-plugin-broken", "broken", "broken_plugin", "raise ImportError('no module named torchx')\n")
+    write_dist(
+        tmp_path, "adapterhub-plugin-badreg", "badreg", "badreg_plugin",
+        "import adapterhub\n@adapterhub.hookimpl\ndef adapterhub_register_methods(register):\n    raise RuntimeError('boom')\n",
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DISABLE_AUTOLOAD_ENV: ""}
+    shown = run_cli("plugins", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    rows = {row["name"]: row for row in json.loads(shown.stdout)}
+    assert rows["broken"]["status"] == "broken" and "torchx" in rows["broken"]["error"]
+    assert rows["broken"]["origin"] == "adapterhub-plugin-broken"
+    assert rows["badreg"]["status"] == "broken" and "boom" in rows["badreg"]["error"]
+    assert rows["lora"]["status"] == "ok" and rows["loha"]["status"] == "ok"
+    text = run_cli("plugins", env=env)
+    assert "BROKEN" in text.stdout and "torchx" in text.stdout
+    asked = run_cli("train", "--plugin", "broken", "--base", "x", "--data", "y", "--task", "t", env=env)
+    assert asked.returncode != 0 and "broken" in asked.stderr and "Traceback" not in asked.stderr
+
+
+def test_duplicate_method_name_is_reported(plugin_manager):
+    from adapterhub.plugins.lora import LoraMethod
+
+    class Dup:
+        @adapterhub.hookimpl
+        def adapterhub_register_methods(self, register):
+            register(LoraMethod())
+
+    plugin_manager.register(Dup(), name="dup")
+    try:
+        assert plugin_manager.get_method("lora").origin == "built-in"
+        assert any("already provided" in b.error for b in plugin_manager.broken)
+    finally:
+        plugin_manager.unregister("dup")
+    assert not plugin_manager.broken
+
+
+def test_unknown_method_error_lists_available(plugin_manager):
+    with pytest.raises(adapterhub.PluginError, match="unknown method plugin 'nope'.*lora"):
+        plugin_manager.get_method("nope")
+
+
+def test_trainer_callbacks_hook_runs_during_training(plugin_manager, tiny_base_dir, sentiment_dataset, tiny_tokenizer):
+    from transformers import TrainerCallback
+
+    from adapterhub.base import load_base
+    from adapterhub.training import TrainOptions
+
+    seen: list[int] = []
+
+    class Counter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(state.global_step)
+
+    class CallbackPlugin:
+        @adapterhub.hookimpl
+        def adapterhub_trainer_callbacks(self, method, options):
+            return [Counter()]
+
+    plugin_manager.register(CallbackPlugin(), name="counter")
+    try:
+        method = plugin_manager.get_method("lora")
+        options = TrainOptions(max_steps=3, batch_size=4, progress=False)
+        callbacks = plugin_manager.trainer_callbacks(method, options)
+        model = load_base(tiny_base_dir).model
+        method.train(model, sentiment_dataset, method.make_config({"r": 2}), options, tokenizer=tiny_tokenizer,
+                     callbacks=callbacks)
+    finally:
+        plugin_manager.unregister("counter")
+    assert seen == [1, 2, 3]
+
+
+def test_example_plugin_trains_with_the_cli(tmp_path, tiny_base_dir, sentiment_data):
+    out = tmp_path / "loha"
+    done = run_cli("train", "--plugin", "loha", "--base", str(tiny_base_dir), "--data", str(sentiment_data[0]),
+                   "--no-publish", "--output", str(out), "--max-steps", "3", "--batch-size", "4", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out)
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["method"] == "loha"
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+# -- meta-tests: every hook is documented and exercised --------------------------------------------
+
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("adapterhub_")]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_is_documented(hook):
+    doc = inspect.getdoc(getattr(hookspecs, hook)) or ""
+    assert len(doc) > 80 and "Called" in doc, f"hook {hook} needs a docstring saying when it is called"
+    assert "return" in doc.lower(), f"hook {hook}'s docstring must say what its return value means"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_is_exercised_by_a_test(hook):
+    """A hook no test implements is a hook nobody knows works (datasette's meta-test)."""
+    this = Path(__file__).resolve()
+    sources = [p.read_text() for p in this.parent.glob("test_*.py")]
+    implementations = sum(f"def {hook}(" in s for s in sources)
+    assert implementations >= 1, f"no test implements hook {hook}"
+    assert f"def {hook}(" in (ROOT / "README.md").read_text(), f"README's plugin guide does not show {hook}"
