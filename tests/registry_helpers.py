@@ -44,3 +44,52 @@ def make_adapter(
         }
         (directory / "adapterhub.json").write_text(json.dumps(meta))
     return directory
+
+
+def _publisher_main(argv: list[str]) -> None:
+    """A publisher process for the concurrency and crash tests (numpy only, no torch).
+
+    usage: registry_helpers.py REGISTRY TASK WRITER COUNT SIZE GO_FILE KILL
+    COUNT 0 publishes forever; GO_FILE ("-" for none) is awaited after printing "ready";
+    KILL is "none" or "replace:K" / "fsync:K": SIGKILL this process at the K-th such call.
+    """
+    import os
+    import signal
+    import sys
+    import time
+
+    from adapterhub.registry import FileStore
+
+    registry, task, writer, count, size, go_file, kill = argv
+    writer, count, size = int(writer), int(count), int(size)
+    work = Path(registry).parent / f"work-{writer}-{os.getpid()}"
+    if kill != "none":
+        name, k = kill.split(":")
+        real = getattr(os, name)
+        calls = [0]
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(k):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        setattr(os, name, dying)
+    store = FileStore(registry)
+    print("ready", flush=True)
+    while go_file != "-" and not os.path.exists(go_file):
+        time.sleep(0.005)
+    i = 0
+    while count == 0 or i < count:
+        seed = writer * 1000 + i
+        adapter = make_adapter(work / str(i), seed=seed, size=size)
+        manifest = store.publish(task, adapter, extra={"writer": writer, "i": i})
+        print(f"published {manifest.ref}", flush=True)
+        i += 1
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _publisher_main(sys.argv[1:])
