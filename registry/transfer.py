@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from adapterhub.errors import ConfigError
+from adapterhub.errors import ConfigError, NotFound
 
 from . import fsutil
 from .adapterdir import infer_method
@@ -70,6 +70,8 @@ def import_dir(
     ``base`` model directory (or given as ``base_fingerprint``). The user's directory is not modified.
     """
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise NotFound(f"adapter directory {adapter_dir} does not exist or is not a directory")
     if (adapter_dir / METADATA_FILE).is_file() and method is None and base is None and base_fingerprint is None:
         return store.publish(task, adapter_dir, parent=parent, extra=extra)
     if base_fingerprint is None:
