@@ -1,0 +1,72 @@
+"""The README's method table, generated from the registered plugins (never written by hand).
+
+``python -m adapterhub.capabilities_table --write README.md`` rewrites the table between the
+markers; a test fails when the README's copy is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+
+
+def trainable_share(method, base_dir) -> float:
+    """Trainable parameters of a freshly attached adapter over the base's parameter count."""
+    from adapterhub.base import load_base
+
+    base = load_base(base_dir, getattr(method, "default_quantize", None) or "none")
+    total = sum(p.numel() for p in base.model.parameters())
+    model = method.attach(base.model, method.make_config({}))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable / total
+
+
+def render(base_dir) -> str:
+    from adapterhub.manager import PluginManager
+
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    lines = [
+        "| method | origin | mergeable | quantized base | mixed-batch servable | composable | trainable share (tiny base) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, method in sorted(PluginManager(autoload=False).methods().items()):
+        caps = method.capabilities
+        share = trainable_share(method, base_dir)
+        lines.append(
+            f"| `{name}` | {method.origin} | {yes(caps.mergeable)} | {yes(caps.quantized_base)} | "
+            f"{yes(caps.mixed_batch)} | {yes(caps.composable)} | {share:.2%} |"
+        )
+    return "\n".join(lines)
+
+
+def replace_table(readme: str, table: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README has no {BEGIN} ... {END} markers")
+    return pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    from adapterhub.base import init_base
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", help="README to update in place (default: print the table)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = render(init_base("tiny", Path(tmp) / "tiny"))
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_table(path.read_text(), table))
+    else:
+        sys.stdout.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
