@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import filelock
 
-from adapterhub.errors import AdapterHubError, IntegrityError, LimitExceeded, NotFound
+from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
 
 from . import fsutil
 from .adapterdir import adapter_files, read_metadata
@@ -122,7 +122,7 @@ class FileStore(AdapterStore):
         versions_dir = self._task_dir(task) / "versions"
         try:
             names = os.listdir(versions_dir)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(int(m.group(1)) for name in names if (m := _VERSION_FILE_RE.fullmatch(name)))
 
@@ -252,8 +252,13 @@ class FileStore(AdapterStore):
         sources = adapter_files(adapter_dir, max_file_bytes=self.max_file_bytes)
         if metadata is None:
             metadata = read_metadata(adapter_dir)
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
         extra = dict(extra or {})
-        json.dumps(extra)  # refuse unserializable extras before anything is written
+        try:
+            json.dumps(extra)  # refuse unserializable extras before anything is written
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"extra is not JSON-serializable: {exc}") from exc
         if parent is not None:
             parse_reference(parent)
 

@@ -162,6 +162,9 @@ class Manifest:
                 files[name] = FileEntry(sha, size)
             if not files:
                 raise ValueError("no files")
+            parent = data.get("parent")
+            if parent is not None:
+                parse_reference(parent)
             version = data["version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError(f"malformed version {version!r}")
@@ -175,14 +178,14 @@ class Manifest:
                 training=dict(data.get("training") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 files=files,
-                parent=data.get("parent"),
+                parent=parent,
                 created=str(data["created"]),
                 software=dict(data.get("software") or {}),
                 extra=dict(data.get("extra") or {}),
             )
         except IntegrityError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # InvalidReference is a ValueError
             raise IntegrityError(f"{source} is malformed ({type(exc).__name__}: {exc}); the registry may be damaged") from exc
 
 

@@ -472,3 +472,88 @@ def test_pull_imports_a_downloaded_snapshot(store, tmp_path, adapter):
     assert pulled.ref == "pulled@1" and set(pulled.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     # a local directory path is imported directly
     assert remote.pull(store, str(hub_repo), "pulled").version == 2
+
+
+# -- concurrency inside one process, and property tests ------------------------------------------
+
+
+def test_concurrent_materialize_builds_one_snapshot(store, adapter):
+    import threading
+
+    store.publish("t", adapter)
+    results, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def load():
+        try:
+            barrier.wait()
+            results.append(open_registry(store.root).materialize("t@1"))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and set(results) == {store.root / "snapshots/t/1"}
+    assert os.listdir(store.root / "snapshots/t") == ["1"]  # losers cleaned up their temp dirs
+
+
+def test_publish_survives_gc_removing_its_fresh_blobs(store, adapter):
+    """gc runs between a publisher's blob copy and its commit: the publisher re-stores the blobs."""
+    import contextlib
+
+    class GcRacingStore(FileStore):
+        raced = False
+
+        @contextlib.contextmanager
+        def _locked(self):
+            if not self.raced:
+                self.raced = True
+                self.removed = self.gc()["blobs_removed"]  # the fresh blobs are unreferenced now
+            with super()._locked():
+                yield
+
+    racing = GcRacingStore(store.root)
+    manifest = racing.publish("t", adapter)
+    assert len(racing.removed) == 2
+    assert store.verify() == [] and store.materialize(manifest).is_dir()
+
+
+def test_damaged_tag_file_is_reported(store, adapter):
+    store.publish("t", adapter)
+    (store.root / "tasks/t/refs").mkdir()
+    (store.root / "tasks/t/refs/prod").write_text("garbage")
+    with pytest.raises(IntegrityError, match="prod"):
+        store.tags("t")
+    (store.root / "tasks/t/refs/prod").write_text("5\n")
+    assert [p.message for p in store.verify()] == ["tag 'prod' points at missing version t@5"]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True).filter(lambda s: ".." not in s)
+
+
+_tag = _name.filter(lambda s: not s.isdigit() and s != "latest")
+
+
+@settings(max_examples=150, deadline=None)
+@given(task=_name, selector=st.one_of(st.none(), st.integers(1, 10**6), _tag))
+def test_valid_references_round_trip(task, selector):
+    text = task if selector is None else f"{task}@{selector}"
+    ref = parse_reference(text)
+    assert str(ref) == text and ref.task == task
+    assert ref.version == (selector if isinstance(selector, int) else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_text_parses_or_raises_invalid_reference(text):
+    try:
+        ref = parse_reference(text)
+    except InvalidReference:
+        return
+    assert "/" not in ref.task and "\\" not in ref.task and not ref.task.startswith(".") and ".." not in ref.task
+    assert str(ref) == text or text.split("@")[1].lstrip("0") == str(ref.version)

@@ -152,3 +152,11 @@ def test_add_registry_parser_plugs_into_a_host_cli(populated, capsys):
         assert parsed.json and callable(parsed.func) and parsed.registry == "elsewhere"
     usage = cli("--help").stdout
     assert all(verb in usage for verb in verbs)
+
+
+def test_registry_imports_stay_light():
+    """Publishers and the CLI start fast: no torch, transformers or huggingface_hub at import."""
+    code = ("import sys, adapterhub.registry, adapterhub.registry.cli, adapterhub.registry.remote; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'huggingface_hub') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
