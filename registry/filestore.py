@@ -504,6 +504,8 @@ class FileStore(AdapterStore):
                         remove(path, "blobs_removed")
             snapshots_dir = self.root / "snapshots"
             for task_dir in sorted(snapshots_dir.iterdir()) if snapshots_dir.is_dir() else []:
+                if not task_dir.is_dir():
+                    continue
                 for path in sorted(task_dir.iterdir()):
                     if fsutil.is_temp(path):
                         if fsutil.is_stale_temp(path, stale_after=stale_after):

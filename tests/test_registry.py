@@ -500,6 +500,27 @@ def test_concurrent_materialize_builds_one_snapshot(store, adapter):
     assert os.listdir(store.root / "snapshots/t") == ["1"]  # losers cleaned up their temp dirs
 
 
+def test_threads_publishing_concurrently_get_distinct_versions(store, tmp_path):
+    import threading
+
+    versions, errors = [], []
+
+    def publish_five(writer):
+        own = open_registry(store.root)  # separate store objects, like separate server workers
+        for i in range(5):
+            try:
+                versions.append(own.publish("t", make_adapter(tmp_path / f"w{writer}-{i}", seed=writer * 10 + i)).version)
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=publish_five, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and sorted(versions) == list(range(1, 21)) == store.list_versions("t")
+
+
 def test_publish_survives_gc_removing_its_fresh_blobs(store, adapter):
     """gc runs between a publisher's blob copy and its commit: the publisher re-stores the blobs."""
     import contextlib
