@@ -10,7 +10,8 @@ Layout (after huggingface_hub's cache: blobs by hash, small refs, snapshots to l
       tasks/<task>/versions/<N>.json     immutable manifest of <task>@<N>; the version exists iff this does
       tasks/<task>/refs/<tag>            "N\\n": the version a tag points at (moved with os.replace)
       tasks/<task>/last_version          highest number ever allocated, so numbers are never reused
-      snapshots/<task>/<N>/<file>        hard links to blobs (copies where links fail), built on load
+      snapshots/<task>/<N>/<file>        hard links to blobs (copies where links fail), built on load,
+                                         plus adapterhub.json + manifest.json written from the manifest
 
 References: ``task`` and ``task@latest`` mean the highest existing version (computed, never
 stored), ``task@N`` a version, ``task@TAG`` a tag. Task and tag names: 1-100 characters of

@@ -192,6 +192,9 @@ class FileStore(AdapterStore):
     def materialize(self, ref: RefLike, *, verify: str = "hash") -> Path:
         """Snapshot directory of a version, built once, checked on every call.
 
+        Holds the version's files plus ``adapterhub.json`` and ``manifest.json`` written from the
+        manifest, so a loader reading the directory sees the method and base it needs.
+
         ``verify="hash"`` (default) re-hashes every file each call: adapters are small and a
         snapshot is a hard link to its blob, so this is what catches bit rot. ``verify="size"``
         checks names and sizes only, for hot paths that already trust the disk.
@@ -209,6 +212,9 @@ class FileStore(AdapterStore):
             try:
                 for name, entry in manifest.files.items():
                     fsutil.link_or_copy(self._blob_path(entry.sha256), building / validate_file_name(name))
+                for name, data in manifest.described_files().items():
+                    (building / name).write_bytes(data)
+                    os.chmod(building / name, 0o444)
                 self._check_snapshot(manifest, building, "hash")
                 try:
                     os.rename(building, snapshot)  # atomic; loses to a concurrent builder harmlessly
@@ -223,14 +229,18 @@ class FileStore(AdapterStore):
         return snapshot
 
     def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
+        described = manifest.described_files()
         present = set(os.listdir(directory))
-        expected = set(manifest.files)
+        expected = set(manifest.files) | set(described)
         if present != expected:
             missing, extra = sorted(expected - present), sorted(present - expected)
             raise IntegrityError(
                 f"snapshot {directory} of {manifest.ref} does not match its manifest "
                 f"(missing: {missing or 'none'}, unexpected: {extra or 'none'}); remove the directory to rebuild it"
             )
+        for name, data in described.items():
+            if (directory / name).read_bytes() != data:
+                raise IntegrityError(f"{directory / name} of {manifest.ref} was changed; remove {directory} to rebuild it")
         for name, entry in manifest.files.items():
             path = directory / name
             if path.stat().st_size != entry.size or (verify == "hash" and fsutil.sha256_file(path) != entry.sha256):

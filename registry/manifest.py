@@ -124,6 +124,12 @@ class Manifest:
             parent=self.parent,
         )
 
+    def described_files(self) -> dict[str, bytes]:
+        """``adapterhub.json`` and ``manifest.json`` as written next to the files in snapshots and
+        exports, so a loaded directory describes itself. Deterministic, hence verifiable."""
+        metadata = json.dumps(self.metadata().to_dict(), indent=2, sort_keys=True) + "\n"
+        return {METADATA_FILE: metadata.encode(), MANIFEST_FILE: self.to_json().encode()}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

@@ -16,7 +16,7 @@ from adapterhub.errors import ConfigError, NotFound
 
 from . import fsutil
 from .adapterdir import infer_method
-from .manifest import MANIFEST_FILE, METADATA_FILE, Manifest, Metadata
+from .manifest import METADATA_FILE, Manifest, Metadata
 from .store import AdapterStore, RefLike
 
 
@@ -37,8 +37,8 @@ def export_dir(store: AdapterStore, ref: RefLike, out: str | os.PathLike) -> Pat
     try:
         for name in manifest.files:
             shutil.copyfile(snapshot / name, building / name)
-        (building / METADATA_FILE).write_text(json.dumps(manifest.metadata().to_dict(), indent=2) + "\n")
-        (building / MANIFEST_FILE).write_text(manifest.to_json())
+        for name, data in manifest.described_files().items():
+            (building / name).write_bytes(data)
         if out.exists():
             out.rmdir()
         os.rename(building, out)

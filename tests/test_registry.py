@@ -276,6 +276,10 @@ def test_materialize_builds_a_verified_snapshot(store, adapter):
     for name in manifest.files:
         assert (snapshot / name).read_bytes() == (adapter / name).read_bytes()
     assert store.materialize(manifest) == snapshot  # second call reuses and re-verifies
+    # self-describing, like an export: a loader reads method and base from the directory
+    described = json.loads((snapshot / "adapterhub.json").read_text())
+    assert described == json.loads((adapter / "adapterhub.json").read_text())
+    assert Manifest.from_dict(json.loads((snapshot / "manifest.json").read_text())) == manifest
     assert not [p for p in snapshot.parent.iterdir() if p.name != "1"]
 
 
@@ -301,6 +305,16 @@ def test_corruption_after_materialize_is_caught_on_next_load(store, adapter):
     # same size, so a size-only check cannot see it; documented trade-off
     assert store.materialize("t@1", verify="size") == snapshot
     assert manifest.files  # keep the manifest referenced
+
+
+def test_edited_snapshot_metadata_is_refused(store, adapter):
+    store.publish("t", adapter)
+    described = store.materialize("t@1") / "adapterhub.json"
+    os.chmod(described, 0o644)
+    described.write_text(described.read_text().replace('"lora"', '"ia3"'))
+    with pytest.raises(IntegrityError, match="adapterhub.json of t@1 was changed"):
+        store.materialize("t@1")
+    assert any("adapterhub.json" in p.message for p in store.verify())
 
 
 def test_missing_blob_is_an_integrity_error_naming_it(store, adapter):

@@ -43,7 +43,8 @@ def _assert_every_visible_version_is_complete(store: FileStore) -> list[int]:
     assert store.verify() == []
     for version in versions:
         snapshot = store.materialize(f"task@{version}")
-        assert sorted(os.listdir(snapshot)) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(snapshot)) == [
+            "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "manifest.json"]
     return versions
 
 
