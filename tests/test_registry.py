@@ -592,3 +592,18 @@ def test_any_text_parses_or_raises_invalid_reference(text):
         return
     assert "/" not in ref.task and "\\" not in ref.task and not ref.task.startswith(".") and ".." not in ref.task
     assert str(ref) == text or text.split("@")[1].lstrip("0") == str(ref.version)
+
+
+def test_snapshot_falls_back_to_copies_where_hard_links_fail(store, adapter, monkeypatch):
+    manifest = store.publish("t", adapter)
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    snapshot = store.materialize("t@1")
+    weights = snapshot / "adapter_model.safetensors"
+    blob = store.root / "blobs" / manifest.files["adapter_model.safetensors"].sha256
+    assert weights.read_bytes() == blob.read_bytes() and not os.path.samefile(weights, blob)
+    assert not os.access(weights, os.W_OK) or os.geteuid() == 0  # read-only (root ignores modes)
+    assert store.verify() == []
