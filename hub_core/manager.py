@@ -32,6 +32,18 @@ BUILTIN = "built-in"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapterhub.plugins.lora",
+    "adapterhub.plugins.qlora",
+    "adapterhub.plugins.dora",
+    "adapterhub.plugins.adalora",
+    "adapterhub.plugins.loraplus",
+    "adapterhub.plugins.ia3",
+    "adapterhub.plugins.prefix",
+    "adapterhub.plugins.prompt",
+    "adapterhub.plugins.ptuning",
+    "adapterhub.plugins.adapter",
+    "adapterhub.plugins.bitfit",
+    "adapterhub.plugins.freeze",
+    "adapterhub.plugins.full",
 )
 
 
