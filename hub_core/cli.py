@@ -186,13 +186,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = method.make_config(method_values)  # config errors before anything loads
     options = TrainOptions.from_dict(option_values)
     if top.get("task"):
-        from adapterhub.registry.names import validate_task_name
+        from adapterhub.registry.names import validate_task
 
-        validate_task_name(top["task"])
+        validate_task(top["task"])
     from .pipeline import train_and_publish
 
     result = train_and_publish(method, config, options, top)
-    print(result.reference or result.directory)
+    if result.reference or result.directory:  # under torchrun only rank 0 wrote (and prints) it
+        print(result.reference or result.directory)
     return 0
 
 

@@ -17,7 +17,8 @@ from .errors import ConfigError
 
 @dataclasses.dataclass
 class TrainOutcome:
-    directory: Path
+    directory: Path | None
+    """Where the adapter was written; None on ranks other than 0 (they write nothing)."""
     reference: str | None
     metrics: dict[str, Any]
 
@@ -35,21 +36,36 @@ def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = No
     from adapterhub.registry import open_registry
 
     store = open_registry(registry)
-    manifest = store.resolve(str(ref_or_dir))
-    return store.materialize(manifest), f"{manifest.task}@{manifest.version}"
+    manifest = store.manifest(str(ref_or_dir))
+    return store.materialize(manifest), manifest.ref
 
 
 def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any]) -> TrainOutcome:
-    """Load base and data, train, save the adapter, publish it (unless told not to)."""
-    from .adapters import check_base, read_metadata, save_adapter
+    """Load base and data, train, save the adapter, publish it (unless told not to).
+
+    Everything a user can get wrong (paths, --from, checkpoint) is checked before the base loads.
+    """
+    from .adapters import check_base, save_adapter
     from .base import load_base
     from .data import load_dataset
     from .manager import get_manager
+    from .training import resolve_checkpoint, seed_everything
 
     quantize = top.get("quantize") or getattr(method, "default_quantize", None) or "none"
     if quantize != "none" and not method.capabilities.quantized_base:
         raise ConfigError(f"method {method.name!r} does not train on a quantized base; use --quantize none")
+    for key in ("data", "eval_data"):
+        path = top.get(key) if key == "data" else options.eval_data
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--{key.replace('_', '-')} {path}: file not found")
+    resolve_checkpoint(options)
+    parent_dir, parent, parent_meta = None, None, None
+    if top.get("from_adapter"):
+        parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
+
     base = load_base(top["base"], quantize)
+    if parent_meta is not None:
+        check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]))
     tokenizer = base.tokenizer
     train_set = load_dataset(top["data"], tokenizer, options.max_length)
     eval_set = None
@@ -58,17 +74,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     elif options.eval_split:
         train_set, eval_set = train_set.split(options.eval_split, options.seed)
 
-    resume_dir, parent = None, None
-    if top.get("from_adapter"):
-        resume_dir, parent = resolve_adapter_dir(top["from_adapter"], top.get("registry"))
-        meta = read_metadata(resume_dir)
-        if meta.get("method") and meta["method"] != method.name:
-            raise ConfigError(
-                f"--from {top['from_adapter']} is a {meta['method']!r} adapter; continue it with --plugin {meta['method']}"
-            )
-        check_base(meta, base.fingerprint, where=str(top["from_adapter"]))
-        parent = parent or str(top["from_adapter"])
-
+    seed_everything(options.seed)  # before the adapter is created: its initial weights are random
     callbacks = get_manager().trainer_callbacks(method, options)
     result = method.train(
         base.model,
@@ -78,13 +84,16 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         eval_dataset=eval_set,
         tokenizer=tokenizer,
         callbacks=callbacks,
-        resume_adapter=resume_dir,
+        resume_adapter=parent_dir,
     )
     if not is_main_process():
-        return TrainOutcome(directory=Path(), reference=None, metrics=result.metrics)
+        return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
     training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
-    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set)})
+    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set),
+                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    if eval_set is not None:
+        training["eval_examples"] = len(eval_set)
     out_dir = Path(top["output"]) if top.get("output") else Path(tempfile.mkdtemp(prefix="adapterhub-adapter-"))
     save_adapter(
         method, result.model, config, out_dir,
@@ -100,6 +109,32 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         if not top.get("output"):
             shutil.rmtree(out_dir, ignore_errors=True)
     return TrainOutcome(directory=out_dir, reference=reference, metrics=result.metrics)
+
+
+def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Path, str, dict[str, Any], Any]:
+    """For ``--from``: the parent's directory, reference, metadata and config.
+
+    Incremental fine-tuning keeps the parent's method and config (its weights have that shape), so a
+    ``--set`` that contradicts the parent is refused rather than silently ignored.
+    """
+    from .adapters import read_metadata
+
+    directory, reference = resolve_adapter_dir(top["from_adapter"], top.get("registry"))
+    meta = read_metadata(directory)
+    if meta.get("method") and meta["method"] != method.name:
+        raise ConfigError(
+            f"--from {top['from_adapter']} is a {meta['method']!r} adapter; continue it with --plugin {meta['method']}"
+        )
+    if meta.get("method_config"):
+        parent_config = method.make_config(meta["method_config"])
+        if config != parent_config and config != method.make_config({}):
+            changed = sorted(k for k, v in config.to_dict().items() if parent_config.to_dict().get(k) != v)
+            raise ConfigError(
+                f"--from {top['from_adapter']}: continued training keeps the parent's method config, but "
+                f"{', '.join(changed)} differ; drop those --set values or train a fresh adapter"
+            )
+        config = parent_config
+    return directory, reference or str(top["from_adapter"]), meta, config
 
 
 def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str | None = None,
