@@ -13,7 +13,6 @@ Three things live here once:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,7 +31,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def write_adapter(directory: str | Path, adapter_type: str, config: dict[str, Any],
-                  tensors: dict[str, torch.Tensor] | None) -> None:
+                  tensors: dict[str, torch.Tensor] | None, *, config_file: str = CONFIG_FILE) -> None:
     """Write ``adapter_config.json`` and (unless ``tensors`` is None) the safetensors weights."""
     from safetensors.torch import save_file
 
@@ -41,12 +40,12 @@ def write_adapter(directory: str | Path, adapter_type: str, config: dict[str, An
     if tensors is not None:
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(plain, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps({"adapter_type": adapter_type, **config}, indent=2) + "\n")
+    (directory / config_file).write_text(json.dumps({"adapter_type": adapter_type, **config}, indent=2) + "\n")
 
 
-def read_config(directory: str | Path, adapter_type: str) -> dict[str, Any]:
+def read_config(directory: str | Path, adapter_type: str, *, config_file: str = CONFIG_FILE) -> dict[str, Any]:
     """The config stored in ``directory`` (without ``adapter_type``), checked to be ours."""
-    path = Path(directory) / CONFIG_FILE
+    path = Path(directory) / config_file
     if not path.is_file():
         raise NotFound(f"{path} does not exist; is {directory} a saved {adapter_type!r} adapter?")
     stored = json.loads(path.read_text())
@@ -112,11 +111,6 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in seen.values())
     return sum(p.numel() for p in seen.values() if p.requires_grad), total
-
-
-def _positive(method: str, key: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{method} config: {key}={value} must be a positive number")
 
 
 # -- overlays ------------------------------------------------------------------------------------

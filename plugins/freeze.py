@@ -12,7 +12,6 @@ import dataclasses
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any
 
 import torch.nn as nn
 

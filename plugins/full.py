@@ -1,7 +1,7 @@
 """Full fine-tuning: every weight trains; the adapter is a whole Hugging Face model directory.
 
-Saved with ``save_pretrained`` (safetensors), so ``AutoModelForCausalLM.from_pretrained(dir)``
-loads the fine-tuned model with no adapterhub code. Loading it *as an adapter* onto a base keeps
+Saved with ``save_pretrained`` (safetensors) plus our ``full_config.json``, so
+``AutoModelForCausalLM.from_pretrained(dir)`` loads the fine-tuned model with no adapterhub code. Loading it *as an adapter* onto a base keeps
 the fine-tuned weights apart from the base ones (a
 :class:`~adapterhub.plugins._modules.WeightOverlay` per module applies the difference at forward
 time), so merge swaps the saved weights in exactly and unmerge swaps the originals back bit for bit.
@@ -21,6 +21,9 @@ import torch.nn as nn
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MethodConfig, NotFound, option
 from adapterhub.plugins import _modules as M
+
+# Not adapter_config.json: from_pretrained would take the directory for a PEFT adapter.
+CONFIG_FILE = "full_config.json"
 
 
 @dataclasses.dataclass
@@ -53,11 +56,11 @@ class FullMethod(adapterhub.Method):
             if unmerged:
                 M.unmerge_overlays(model, self.name)
         config = getattr(model, "adapterhub_full_config", None) or FullConfig().to_dict()
-        M.write_adapter(directory, self.name, config, None)
+        M.write_adapter(directory, self.name, config, None, config_file=CONFIG_FILE)
 
     def load(self, model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
         M.refuse_quantized(model, self.name)
-        config = self.make_config(M.read_config(directory, self.name))
+        config = self.make_config(M.read_config(directory, self.name, config_file=CONFIG_FILE))
         tuned = _read_model_weights(Path(directory))
         params = dict(model.named_parameters())
         if trainable:  # continue training from the saved weights
