@@ -55,6 +55,8 @@ class Method:
     description: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` for methods stored in PEFT's format (lets plain PEFT dirs be loaded)."""
+    default_quantize: ClassVar[str | None] = None
+    """``--quantize`` used when the user gives none (QLoRA: "nf4"); None means full precision."""
 
     #: Set by the plugin manager: "built-in" or the distribution that provided the method.
     origin: str = "built-in"

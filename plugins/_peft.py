@@ -2,6 +2,8 @@
 
 A PEFT-backed method supplies only ``peft_config(config)``; attaching, saving in PEFT's own format,
 loading with ``PeftModel.from_pretrained``, and tracked merge/unmerge live here once.
+:class:`PromptLearningMethod` adds what the prompt-learning family (prefix, prompt, P-tuning)
+needs: no merging, and logits that line up with ``input_ids`` like every other method's.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ class PeftMethod(Method):
         return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
 
     def detach(self, model: Any) -> Any:
+        if is_prompt_learning(model):  # nothing was injected into the base: it is just wrapped
+            return model.get_base_model()
         return model.unload()
 
     def merge(self, model: Any) -> None:
+        if not self.capabilities.mergeable:
+            Method.merge(self, model)  # raises NotMergeable naming the method
         if is_quantized(model):
             raise MergeError(
                 f"{self.name}: refusing to merge into a quantized base (rounding the merged weights back "
@@ -67,9 +73,46 @@ class PeftMethod(Method):
             raise MergeError(f"{self.name}: refusing to merge, the result is not finite ({exc})") from None
 
     def unmerge(self, model: Any) -> None:
+        if not self.capabilities.mergeable:
+            Method.unmerge(self, model)
         if not any(layer.merged for layer in tuner_layers(model)):
             raise MergeError(f"{self.name}: nothing to unmerge; the adapter is not merged")
         model.base_model.unmerge_adapter()
+
+
+def is_prompt_learning(model: Any) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+class PromptLearningMethod(PeftMethod):
+    """Prefix / prompt / P-tuning: virtual tokens instead of weight changes, so never mergeable.
+
+    PEFT's soft-prompt models return logits for the virtual tokens too (``[B, n + T, V]``); a
+    forward hook drops them so that logits have the shape of ``input_ids`` whatever the method.
+    The loss is computed inside the base model before the hook runs, so training is unaffected.
+    """
+
+    def attach(self, model: Any, config: Any) -> Any:
+        return align_logits(super().attach(model, config))
+
+    def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
+        return align_logits(super().load(model, directory, trainable=trainable))
+
+
+def align_logits(model: Any) -> Any:
+    """Make a soft-prompt PeftModel return logits for the input positions only."""
+    def drop_virtual_tokens(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        logits = getattr(output, "logits", None)
+        if tokens is not None and logits is not None and logits.shape[1] > tokens.shape[1]:
+            output.logits = logits[:, logits.shape[1] - tokens.shape[1]:]
+        return output
+
+    model.register_forward_hook(drop_virtual_tokens, with_kwargs=True)
+    return model
 
 
 def lora_form_from_state(state: dict[str, torch.Tensor], scaling: dict[str, float]):

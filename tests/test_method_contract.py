@@ -20,6 +20,10 @@ from adapterhub.training import TrainOptions
 # Per-method training settings for the few-step "loss drops" check (defaults below).
 CONTRACT_SETTINGS: dict[str, dict] = {
     "lora": {"lr": 5e-3},
+    "ia3": {"lr": 5e-2},
+    "prefix": {"lr": 2e-2},
+    "prompt": {"lr": 5e-2},
+    "ptuning": {"lr": 1e-2},
 }
 DEFAULT_SETTINGS = {"lr": 5e-3, "steps": 25}
 # A value of the wrong type for some key of each method's config, for the bad-config check.
@@ -132,7 +136,7 @@ def test_merge_unmerge(name, trained, tiny_base_dir, tiny_tokenizer):
     method.unmerge(model)
     after = base_weights(model)
     for key, value in before.items():
-        if key in after:
+        if key in after and value.numel():  # AdaLoRA may prune a matrix to rank 0 (empty tensors)
             assert (after[key] - value).abs().max() <= 1e-6, f"{name}: unmerge did not restore {key}"
     assert close(logits(model, batch), unmerged, 1e-4)
 
