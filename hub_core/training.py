@@ -60,39 +60,73 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.max_steps == -1 or self.max_steps >= 1, "max_steps must be >= 1 (or -1 for epochs)"),
-            (self.epochs > 0, "epochs must be > 0"),
-            (0.0 <= self.eval_split < 1.0, "eval_split must be in [0, 1)"),
-            (0.0 < self.layerwise_lr_decay <= 1.0, "layerwise_lr_decay must be in (0, 1]"),
-            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-            (self.max_length >= 8, "max_length must be >= 8"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.early_stopping_patience >= 0, "early_stopping_patience must be >= 0"),
-            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number, e.g. 2e-4"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "must be >= 1 (or -1 to run --epochs)"),
+            ("epochs", self.epochs > 0 and math.isfinite(self.epochs), "must be > 0"),
+            ("eval_split", 0.0 <= self.eval_split < 1.0, "must be in [0, 1), e.g. 0.1"),
+            ("eval_steps", self.eval_steps >= 0, "must be >= 0"),
+            ("layerwise_lr_decay", 0.0 < self.layerwise_lr_decay <= 1.0, "must be in (0, 1], e.g. 0.9"),
+            ("max_grad_norm", self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "must be >= 0"),
+            ("max_length", self.max_length >= 8, "must be >= 8"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("save_steps", self.save_steps >= 0, "must be >= 0"),
+            ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
+            ("early_stopping_threshold", self.early_stopping_threshold >= 0, "must be >= 0"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
         ]
-        for ok, message in checks:
+        for name, ok, message in checks:
             if not ok:
-                raise ConfigError(f"training option: {message}")
-        if self.early_stopping_patience and not (self.eval_split or self.eval_data):
+                raise ConfigError(f"training option {name}={getattr(self, name)!r} {message} ({_where(name)})")
+        if self.eval_split and self.eval_data:
+            raise ConfigError("training options eval_split and eval_data are exclusive; pass only one of them")
+        has_eval = bool(self.eval_split or self.eval_data)
+        if self.early_stopping_patience and not has_eval:
             raise ConfigError("early stopping needs eval data: add --eval-split 0.1 or --eval-data FILE")
+        if self.eval_steps and not has_eval:
+            raise ConfigError(f"eval_steps={self.eval_steps} needs eval data: add --eval-split 0.1 or --eval-data FILE")
+        if self.resume_from_checkpoint == "last" and not self.run_dir:
+            raise ConfigError(
+                "resume_from_checkpoint='last' looks in the run directory; pass the --run-dir of the earlier run "
+                "(or the checkpoint directory itself)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
+        """Options from YAML / flag values (strings coerced to each field's type); unknown keys are errors."""
+        import typing
+
         from .config import _coerce
 
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
                 f"unknown training option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known))}"
             )
-        import typing
-
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce("train", k, v, hints[k]) for k, v in values.items()})
+        coerced = {}
+        for key, value in values.items():
+            try:
+                coerced[key] = _coerce("train", key, value, hints[key])
+            except ConfigError:
+                raise ConfigError(
+                    f"training option {key}={value!r} is not a valid {_type_label(hints[key])} ({_where(key)})"
+                ) from None
+        return cls(**coerced)
+
+
+def _where(name: str) -> str:
+    return f"flag --{name.replace('_', '-')}, YAML key '{name}:'"
+
+
+def _type_label(tp: Any) -> str:
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    tp = args[0] if args else tp
+    return getattr(tp, "__name__", str(tp))
 
 
 @dataclasses.dataclass
@@ -149,13 +183,25 @@ def build_param_groups(method: "Method", model: "nn.Module", config: Any, option
 # -- the run -----------------------------------------------------------------------------------
 
 
+def _checkpointing_argument() -> str:
+    """transformers 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing``."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool):
+    """``TrainingArguments`` for our options (TensorBoard events land in ``run_dir/runs/``)."""
     from transformers import TrainingArguments
 
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if options.eval_steps else "epoch"
-    save_strategy = "steps" if options.save_steps else "no"
+    checkpointing = {_checkpointing_argument(): options.gradient_checkpointing}
+    if options.gradient_checkpointing:
+        # non-reentrant checkpointing keeps gradients flowing to adapters behind frozen embeddings
+        checkpointing[f"{_checkpointing_argument()}_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(
         output_dir=run_dir,
         per_device_train_batch_size=options.batch_size,
@@ -167,22 +213,22 @@ def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool):
         lr_scheduler_type=options.scheduler,
         warmup_steps=options.warmup_steps,
         weight_decay=options.weight_decay,
-        max_grad_norm=options.max_grad_norm if options.max_grad_norm > 0 else None,
+        max_grad_norm=options.max_grad_norm,  # 0 turns clipping off in the Trainer
         seed=options.seed,
         logging_steps=options.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
         eval_steps=options.eval_steps or None,
-        save_strategy=save_strategy,
+        save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
-        gradient_checkpointing=options.gradient_checkpointing,
-        report_to=["tensorboard"] if options.tensorboard else [],
+        report_to=["tensorboard"] if options.tensorboard else "none",
         disable_tqdm=not options.progress,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda_available(),
+        **checkpointing,
     )
 
 
@@ -190,6 +236,38 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch before the adapter is created (its init is random too)."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def resolve_checkpoint(options: TrainOptions) -> str | None:
+    """The Trainer checkpoint to resume from, checked before any model loads."""
+    resume = options.resume_from_checkpoint
+    if not resume:
+        return None
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        run_dir = Path(options.run_dir or "")
+        last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint='last': no checkpoint-N directory in run dir {run_dir}; "
+                "train with --save-steps N --run-dir DIR first"
+            )
+        return last
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"resume_from_checkpoint={resume!r} is not a Trainer checkpoint (no trainer_state.json); "
+            "pass a RUN_DIR/checkpoint-N directory or 'last' with --run-dir"
+        )
+    return str(path)
 
 
 def fit(
@@ -204,13 +282,19 @@ def fit(
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Run the Hugging Face Trainer on an already-attached adapter model."""
+    import shutil
+
     import torch
     from transformers import EarlyStoppingCallback, Trainer
 
     from .data import CausalCollator
 
+    resume = resolve_checkpoint(options)
+    scratch = options.run_dir is None
     run_dir = options.run_dir or tempfile.mkdtemp(prefix="adapterhub-run-")
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if scratch and (options.tensorboard or options.save_steps):
+        log.warning("checkpoints / TensorBoard logs go to %s (choose the place with --run-dir)", run_dir)
     has_eval = eval_dataset is not None and len(eval_dataset) > 0
     args = training_arguments(options, run_dir, has_eval)
     if options.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -235,17 +319,28 @@ def fit(
         callbacks=all_callbacks,
         optimizers=(optimizer, None),
     )
-    resume = options.resume_from_checkpoint
-    if resume == "last":
-        resume = True
-    output = trainer.train(resume_from_checkpoint=resume)
-    history = list(trainer.state.log_history)
-    metrics: dict[str, Any] = {
-        "train_loss": output.training_loss,
-        "global_step": trainer.state.global_step,
-        "train_runtime_s": output.metrics.get("train_runtime"),
-    }
-    if has_eval:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+        history = list(trainer.state.log_history)
+        metrics: dict[str, Any] = {
+            "train_loss": output.training_loss,
+            "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "train_runtime_s": output.metrics.get("train_runtime"),
+        }
+        if has_eval:
+            metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    finally:
+        if scratch and not options.tensorboard and not options.save_steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing in it the user asked for
+    if options.gradient_checkpointing:
+        _disable_checkpointing(model)
     model.eval()
     return TrainResult(model=model, metrics=metrics, history=history)
+
+
+def _disable_checkpointing(model: Any) -> None:
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        if hasattr(model, name):
+            getattr(model, name)()
+            return
