@@ -90,8 +90,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
     training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
-    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set),
-                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set)})
     if eval_set is not None:
         training["eval_examples"] = len(eval_set)
     out_dir = Path(top["output"]) if top.get("output") else Path(tempfile.mkdtemp(prefix="adapterhub-adapter-"))

@@ -326,6 +326,8 @@ def fit(
             "train_loss": output.training_loss,
             "global_step": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
+            "epoch": trainer.state.epoch,
+            "world_size": args.world_size,  # processes that trained data-parallel (torchrun / accelerate)
             "train_runtime_s": output.metrics.get("train_runtime"),
         }
         if has_eval:
