@@ -8,6 +8,7 @@ prompt tuning, served by the one-adapter-at-a-time path.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import adapterhub
@@ -56,6 +57,14 @@ class PTuningMethod(PromptLearningMethod):
             encoder_dropout=config.encoder_dropout,
             task_type="CAUSAL_LM",
         )
+
+    def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
+        if trainable:
+            raise ConfigError(
+                f"ptuning adapter {directory}: PEFT saves the prompt encoder's output, not the encoder, so it "
+                "cannot be trained further (--from); train a new adapter instead"
+            )
+        return super().load(model, directory)
 
 
 @adapterhub.hookimpl

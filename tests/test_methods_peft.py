@@ -289,3 +289,15 @@ def test_loraplus_optimizer_gives_b_ratio_times_a_lr(tiny_base_dir, sentiment_da
     assert len(seen) == 3 and seen[0][0] > 0  # the linear schedule reaches 0 after the last step
     for a_lr, b_lr in seen:
         assert b_lr == pytest.approx(8 * a_lr)
+
+
+@pytest.mark.parametrize("name, values", [("ptuning", {}), ("prefix", {"prefix_projection": True})])
+def test_resuming_an_encoder_trained_prompt_is_refused(name, values, tiny_base_dir, tmp_path):
+    """PEFT saves only the encoder's output; resuming would stack a fresh random encoder on it."""
+    from adapterhub import ConfigError
+
+    method = method_named(name)
+    method.save(method.attach(load_base(tiny_base_dir), method.make_config(values)), tmp_path)
+    with pytest.raises(ConfigError, match="cannot be trained further"):
+        method.load(load_base(tiny_base_dir), tmp_path, trainable=True)
+    assert method.load(load_base(tiny_base_dir), tmp_path) is not None  # serving it is fine
