@@ -1,0 +1,200 @@
+"""The adapter cache: at most K resident adapters, LRU, pinnable, loaded off the engine lock.
+
+Loading (registry fetch + hash check + the method's ``serving_form``) runs in the calling request
+thread while other requests keep decoding; concurrent requests for the same version wait for one
+load. An adapter in use by running requests is never evicted from under them: eviction skips it,
+and if every resident adapter is pinned or busy the cache goes over capacity until one is released
+(logged), rather than failing the request.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from adapterhub.errors import BaseMismatch, LimitExceeded
+
+from .adapter_source import AdapterSource, AdapterVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedAdapter:
+    """A resident adapter: its version, method, directory and serving form (None: slow path)."""
+
+    version: AdapterVersion
+    method: Any
+    directory: Path
+    form: Any
+    pinned: bool = False
+    in_use: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.version.ref
+
+    @property
+    def form_kind(self) -> str:
+        return type(self.form).__name__ if self.form is not None else ""
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        source: AdapterSource,
+        *,
+        capacity: int,
+        base_fingerprint: str,
+        base_config: Any,
+        prepare_form: Callable[[Any], Any] = lambda form: form,
+        supported_forms: tuple[type, ...] = (),
+        metrics: Any = None,
+    ):
+        if capacity < 1:
+            raise LimitExceeded(f"--max-adapters {capacity} must be at least 1")
+        self.source = source
+        self.capacity = capacity
+        self.base_fingerprint = base_fingerprint
+        self.base_config = base_config
+        self.prepare_form = prepare_form
+        self.supported_forms = supported_forms
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()
+        self._loading: dict[str, threading.Event] = {}
+        self._load_errors: dict[str, BaseException] = {}
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        version = self.source.resolve(ref)
+        if version.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
+            raise BaseMismatch(
+                f"adapter {ref} ({version.ref}) was trained on base {version.base_name or '?'} "
+                f"({version.base_fingerprint}), but this server runs base {self.base_fingerprint}; "
+                "send it to a server with that base, or retrain the adapter on this one"
+            )
+        return version
+
+    def acquire(self, ref: str) -> LoadedAdapter:
+        """Resolve ``ref`` now, load it if needed, and mark it in use until :meth:`release`."""
+        version = self.resolve(ref)
+        entry = self._get_or_load(version)
+        with self._lock:
+            entry.in_use += 1
+        return entry
+
+    def release(self, entry: LoadedAdapter) -> None:
+        with self._lock:
+            entry.in_use = max(0, entry.in_use - 1)
+            self._evict_locked()
+
+    def _get_or_load(self, version: AdapterVersion) -> LoadedAdapter:
+        key = version.ref
+        while True:
+            with self._lock:
+                entry = self._resident.get(key)
+                if entry is not None:
+                    self._resident.move_to_end(key)
+                    self._count("hits")
+                    return entry
+                event = self._loading.get(key)
+                if event is None:
+                    event = self._loading[key] = threading.Event()
+                    break
+            event.wait()  # another thread loads it; then look again
+            with self._lock:
+                error = self._load_errors.get(key)
+            if error is not None and key not in self._resident:
+                raise error
+        self._count("misses")
+        try:
+            entry = self._load(version)
+        except BaseException as exc:
+            with self._lock:
+                self._load_errors[key] = exc
+                del self._loading[key]
+            event.set()
+            raise
+        with self._lock:
+            self._resident[key] = entry
+            self._load_errors.pop(key, None)
+            del self._loading[key]
+            self._evict_locked(keep=key)
+        event.set()
+        return entry
+
+    def _load(self, version: AdapterVersion) -> LoadedAdapter:
+        from adapterhub.manager import get_manager
+
+        method = get_manager().get_method(version.method)
+        directory = self.source.materialize(version)
+        form = method.serving_form(directory, self.base_config)
+        if form is not None and not isinstance(form, self.supported_forms):
+            log.warning("%s: serving form %s is not supported; using the slow path", version.ref, type(form).__name__)
+            form = None
+        if form is not None:
+            form = self.prepare_form(form)
+        log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
+        return LoadedAdapter(version=version, method=method, directory=directory, form=form)
+
+    def _evict_locked(self, keep: str | None = None) -> None:
+        while len(self._resident) > self.capacity:
+            victim = next(
+                (k for k, e in self._resident.items() if k != keep and not e.pinned and e.in_use == 0), None
+            )
+            if victim is None:
+                log.warning("adapter cache over capacity (%d > %d): every adapter is pinned or in use",
+                            len(self._resident), self.capacity)
+                return
+            del self._resident[victim]
+            self._count("evictions")
+            log.info("evicted adapter %s", victim)
+
+    def _count(self, what: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_event(what)
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    def load(self, ref: str) -> LoadedAdapter:
+        return self._get_or_load(self.resolve(ref))
+
+    def unload(self, ref: str) -> tuple[str, bool]:
+        """Drop a version from the cache (running requests keep their reference to it)."""
+        version = self.source.resolve(ref)
+        with self._lock:
+            entry = self._resident.get(version.ref)
+            if entry is None:
+                return version.ref, False
+            if entry.pinned:
+                raise LimitExceeded(f"adapter {version.ref} is pinned; unpin it before unloading")
+            del self._resident[version.ref]
+            return version.ref, True
+
+    def set_pinned(self, ref: str, pinned: bool) -> LoadedAdapter:
+        entry = self._get_or_load(self.resolve(ref)) if pinned else self._resident_entry(ref)
+        with self._lock:
+            entry.pinned = pinned
+            self._evict_locked()
+        return entry
+
+    def _resident_entry(self, ref: str) -> LoadedAdapter:
+        from adapterhub.errors import NotFound
+
+        version = self.source.resolve(ref)
+        with self._lock:
+            entry = self._resident.get(version.ref)
+        if entry is None:
+            raise NotFound(f"adapter {version.ref} is not resident on this server; nothing to unpin")
+        return entry
+
+    def snapshot(self) -> list[LoadedAdapter]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return list(self._resident.values())

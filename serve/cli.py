@@ -1,0 +1,108 @@
+"""``adapterhub serve`` and ``adapterhub generate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from adapterhub.errors import AdapterHubError, ConfigError
+
+
+class ServerUnavailable(AdapterHubError):
+    """The server could not be reached or answered with an error status."""
+
+
+def add_serve_parsers(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC")
+    serve.add_argument("--base", required=True, help="base model directory or Hub id")
+    serve.add_argument("--quantize", default="nf4", choices=("none", "int8", "nf4", "fp4"))
+    serve.add_argument("--registry", help="registry directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--max-adapters", type=int, default=8, help="adapters kept resident (LRU; pinned never evicted)")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
+    serve.add_argument("--max-adapters-per-request", type=int, default=4)
+    serve.add_argument("--token-env", default=None,
+                       help="name of an environment variable holding a bearer token clients must send")
+    serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="send one request to a running server")
+    gen.add_argument("text", help="prompt (raw text), or the user message with --chat")
+    gen.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    gen.add_argument("--adapter", action="append", default=[], metavar="REF[:WEIGHT]",
+                     help="registry reference, repeatable to compose, e.g. --adapter a@prod --adapter b@2:0.5")
+    gen.add_argument("--chat", action="store_true", help="send TEXT as a user message through the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--token-env", default="ADAPTERHUB_TOKEN", help="environment variable with the bearer token")
+    gen.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
+    gen.add_argument("--timeout", type=float, default=120.0)
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .server import AdapterServer, ServerOptions
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ConfigError(f"--token-env {args.token_env}: the environment variable is unset or empty")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    logging.getLogger("adapterhub").setLevel(logging.INFO)
+    options = ServerOptions(
+        base=args.base, registry=args.registry, quantize=args.quantize, host=args.host, port=args.port,
+        max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
+        token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
+    server = AdapterServer(options).start()
+    print(f"serving on {args.host}:{server.port}", flush=True)
+    server.wait(args.grace)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client, parse_adapter_arg
+
+    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    client = Client(args.server, token=os.environ.get(args.token_env) or None, root_cert=root, timeout=args.timeout)
+    kwargs = dict(adapters=[parse_adapter_arg(a) for a in args.adapter], max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.chat:
+        kwargs["messages"] = [("user", args.text)]
+        prompt = None
+    else:
+        prompt = args.text
+    try:
+        if args.stream:
+            for chunk in client.stream(prompt, **kwargs):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            response = client.generate(prompt, **kwargs)
+            print(response.text)
+            used = ", ".join(f"{a.requested} -> {a.resolved}" for a in response.adapters) or "base model"
+            print(f"[{used}; {response.completion_tokens} tokens; {response.finish_reason}]", file=sys.stderr)
+    except grpc.RpcError as exc:
+        raise ServerUnavailable(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+    finally:
+        client.close()
+    return 0

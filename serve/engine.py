@@ -1,0 +1,375 @@
+"""The engine: one base model, an adapter cache, and a scheduler thread doing iteration-level batching.
+
+Request threads tokenize, resolve references (tags resolve *now*) and load adapters (off the
+engine lock), then enqueue a :class:`Sequence`. The scheduler thread keeps a running batch: before
+each decode step it admits waiting sequences (up to ``max_batch``) and drops finished, cancelled or
+expired ones, then runs ONE forward pass for all rows, each row with its own adapters (see
+:mod:`rows`). A sequence holds its adapters until it finishes, so a tag moved or an adapter evicted
+meanwhile does not change a running request.
+
+Decoding recomputes the whole (left-padded) sequence each step instead of keeping a KV cache:
+simplest to make exact and to let rows join and leave at any step; a cache is future work.
+Adapters without a serving form take the slow path: the batch drains, the method attaches its
+adapter to the base (``method.load``), ``generate`` runs that request alone, ``method.detach``
+(on a quantized base: a fresh copy of the base, see ``_slow_path_base``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+import torch
+
+from adapterhub.data import render_prompt
+from adapterhub.errors import LimitExceeded, Overloaded
+
+from .cache import AdapterCache, LoadedAdapter
+from .errors import RequestCancelled, RequestTimeout, ShuttingDown
+from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
+from .rows import SUPPORTED_FORMS, BatchPlan, RowHooks, StackCache, prepare_form, validate_composition
+from .sampling import make_generator, next_token
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class Sequence:
+    """One request in flight: prompt, adapters, generated tokens and an event queue to its caller."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], entries: list[tuple[LoadedAdapter, float]],
+                 resolved: list[ResolvedAdapter], deadline: float | None):
+        self.id = next(self._ids)
+        self.request = request
+        self.params = request.params
+        self.prompt_ids = prompt_ids
+        self.entries = entries
+        self.resolved = resolved
+        self.deadline = deadline
+        self.generated: list[int] = []
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = False
+        self.finished = False
+        self.emitted_text = ""
+        self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
+        self.slow = any(entry.form is None for entry, _ in entries)
+
+    def cancel(self) -> None:
+        """Called by the RPC layer when the client goes away; the slot is freed at the next step."""
+        if not self.finished:
+            self.cancelled = True
+            self.events.put(RequestCancelled(f"request {self.id} was cancelled by the client"))
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Stream of chunks; the last has ``result``; raises the request's error if it failed."""
+        while True:
+            item = self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.result is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        for chunk in self.chunks():
+            if chunk.result is not None:
+                return chunk.result
+        raise RuntimeError("stream ended without a result")  # pragma: no cover
+
+
+class Engine:
+    def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
+                 max_queue: int = 256, metrics: Any = None):
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.cache = cache
+        self.limits = limits
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.device = next(self.model.parameters()).device
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.num_layers = self.model.config.num_hidden_layers
+        self.hooks = RowHooks(self.model)
+        self.stacks = StackCache()
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._stopping = False
+        self.largest_batch = 0  # the most rows one decode step has served (tests, metrics)
+        self._thread = threading.Thread(target=self._run, name="adapterhub-scheduler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def create(cls, base: Any, source: Any, *, capacity: int, limits: Limits = Limits(), metrics: Any = None,
+               **kwargs: Any) -> "Engine":
+        device = next(base.model.parameters()).device
+        cache = AdapterCache(source, capacity=capacity, base_fingerprint=base.fingerprint, base_config=base.model.config,
+                             prepare_form=lambda f: prepare_form(f, device), supported_forms=SUPPORTED_FORMS,
+                             metrics=metrics)
+        limits = Limits(limits.max_new_tokens, limits.max_adapters_per_request,
+                        min(limits.context_length, getattr(base.model.config, "max_position_embeddings", 10**9)))
+        return cls(base, cache, limits=limits, metrics=metrics, **kwargs)
+
+    # -- request side (caller threads) ------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, *, timeout: float | None = None) -> Sequence:
+        """Tokenize, resolve and load adapters (off the engine lock), then enqueue."""
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        prompt_ids = self._tokenize(request)
+        entries: list[tuple[LoadedAdapter, float]] = []
+        try:
+            for spec in request.adapters:
+                entries.append((self.cache.acquire(spec.ref), spec.weight))
+            validate_composition(entries)
+            prefix = sum(e.form.keys.shape[2] for e, _ in entries if hasattr(e.form, "keys"))
+            total = prefix + len(prompt_ids) + request.params.max_new_tokens
+            if total > self.limits.context_length:
+                raise LimitExceeded(
+                    f"prompt ({len(prompt_ids)} tokens) + prefixes ({prefix}) + max_new_tokens "
+                    f"({request.params.max_new_tokens}) = {total} exceeds the context length "
+                    f"{self.limits.context_length}; shorten the prompt or lower max_new_tokens"
+                )
+        except BaseException:
+            for entry, _ in entries:
+                self.cache.release(entry)
+            raise
+        resolved = [ResolvedAdapter(spec.ref, e.key, e.method.name, w) for spec, (e, w) in zip(request.adapters, entries)]
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        seq = Sequence(request, prompt_ids, entries, resolved, deadline)
+        with self._cond:
+            if self._stopping:
+                self._release(seq)
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._pending) >= self.max_queue:
+                self._release(seq)
+                raise Overloaded(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._pending.append(seq)
+            self._cond.notify()
+        return seq
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            text = render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages])
+        else:
+            text = request.prompt or ""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise LimitExceeded("the prompt is empty after tokenization")
+        if len(ids) >= self.limits.context_length:
+            raise LimitExceeded(
+                f"the prompt is {len(ids)} tokens; the context length is {self.limits.context_length}; shorten it"
+            )
+        return ids
+
+    # -- scheduler thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            slow: Sequence | None = None
+            with self._cond:
+                while not self._pending and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._active:
+                    return
+                while self._pending and len(self._active) < self.max_batch:
+                    head = self._pending[0]
+                    if head.slow:
+                        if not self._active:
+                            slow = self._pending.popleft()
+                        break
+                    self._active.append(self._pending.popleft())
+            try:
+                if slow is not None:
+                    self._run_slow(slow)
+                else:
+                    self._step()
+            except Exception as exc:  # never let one bad batch kill the scheduler
+                log.exception("decode step failed")
+                for seq in ([slow] if slow else list(self._active)):
+                    self._finish_error(seq, exc)
+                self.hooks.plan = None
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for seq in list(self._active):
+            if seq.cancelled:
+                self._finish_error(seq, None)
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish_error(seq, RequestTimeout(
+                    f"request {seq.id} passed its deadline after {len(seq.generated)} tokens; "
+                    "raise the client deadline or lower max_new_tokens"))
+
+    def _step(self) -> None:
+        self._drop_dead()
+        rows = list(self._active)
+        if not rows:
+            return
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
+        self.hooks.ensure(plan.modules, plan.input_modules)
+        self.largest_batch = max(self.largest_batch, len(rows))
+        if self.metrics is not None:
+            self.metrics.batch(len(rows))
+        logits = self._forward(rows, plan)
+        for seq, row_logits in zip(rows, logits):
+            token = next_token(row_logits, seq.params.temperature, seq.params.top_p, seq.generator)
+            self._advance(seq, token)
+
+    def _forward(self, rows: list[Sequence], plan: BatchPlan) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        seqs = [s.prompt_ids + s.generated for s in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, width - len(s):] = torch.tensor(s)
+            mask[b, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) + torch.tensor(plan.prefix_lengths)[:, None]
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        layers, prefix_mask = plan.prefix_cache(self.num_layers, self.device)
+        kwargs: dict[str, Any] = {}
+        if layers is not None:
+            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=layers)
+            mask = torch.cat([prefix_mask, mask], dim=1)
+        self.hooks.plan = plan
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=layers is not None, logits_to_keep=1, **kwargs)
+        finally:
+            self.hooks.plan = None
+        return out.logits[:, -1, :].float()
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        seq.generated.append(token)
+        params = seq.params
+        reason = None
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if token == self.eos_id:
+            reason = "eos"
+        else:
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            elif len(seq.generated) >= params.max_new_tokens:
+                reason = "length"
+        if reason is None:
+            hold = max((len(s) - 1 for s in params.stop), default=0)
+            safe = text[: len(text) - hold] if hold else text
+            safe = safe.rstrip("\ufffd")
+            if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
+                delta, seq.emitted_text = safe[len(seq.emitted_text):], safe
+            else:
+                delta = ""
+            seq.events.put(Chunk(delta, [token]))
+            return
+        delta = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
+        result = GenerationResult(text=text, token_ids=list(seq.generated), finish_reason=reason, adapters=seq.resolved,
+                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated))
+        self._finish(seq)
+        seq.events.put(Chunk(delta, [token], result))
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.finished = True
+        if seq in self._active:
+            with self._cond:
+                self._active.remove(seq)
+        self._release(seq)
+
+    def _finish_error(self, seq: Sequence, error: BaseException | None) -> None:
+        self._finish(seq)
+        if error is not None:
+            seq.events.put(error)
+
+    def _release(self, seq: Sequence) -> None:
+        for entry, _ in seq.entries:
+            self.cache.release(entry)
+        seq.entries = []
+
+    def _run_slow(self, seq: Sequence) -> None:
+        """Exclusive path for a method without a serving form: attach, generate alone, detach."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        entry, _ = seq.entries[0]
+        engine = self
+
+        class Abort(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                late = seq.deadline is not None and time.monotonic() > seq.deadline
+                return torch.full((input_ids.shape[0],), seq.cancelled or late, dtype=torch.bool, device=input_ids.device)
+
+        model = entry.method.load(self._slow_path_base(), entry.directory)
+        try:
+            model.eval()
+            p = seq.params
+            ids = torch.tensor([seq.prompt_ids], device=self.device)
+            kwargs: dict[str, Any] = {"do_sample": False}
+            if p.temperature > 0:
+                torch.manual_seed(p.seed)
+                kwargs = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
+                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                     stopping_criteria=StoppingCriteriaList([Abort()]), **kwargs)
+        finally:
+            if self.base.quantize == "none":
+                entry.method.detach(model)
+            del model
+        if seq.cancelled:
+            return self._finish_error(seq, None)
+        if seq.deadline is not None and time.monotonic() > seq.deadline:
+            return self._finish_error(seq, RequestTimeout(f"request {seq.id} passed its deadline on the slow path"))
+        tokens = out[0, len(seq.prompt_ids):].tolist()
+        for token in tokens:
+            if not seq.finished:
+                engine._advance(seq, token)
+
+    def _slow_path_base(self) -> Any:
+        """The base the slow path attaches to.
+
+        On a bitsandbytes-quantized base, PEFT attached after the base has run a forward pass gives
+        wrong outputs on the CPU backend (logits off by ~3 on the tiny base; bnb repacks 4-bit
+        weights on first use), and some methods cannot detach from a 4-bit base at all (PEFT IA3).
+        So a quantized server loads a fresh copy of the base for each slow-path request: slow, but
+        never wrong. A full-precision base is shared: attach, run, ``method.detach``.
+        """
+        if self.base.quantize == "none":
+            return self.model
+        from adapterhub.base import load_base
+
+        return load_base(self.base.directory, self.base.quantize, device=str(self.device)).model
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"pending": len(self._pending), "active": len(self._active)}
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Take no new requests, let running ones finish within ``grace`` seconds, fail the rest."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(grace)
+        with self._cond:
+            leftovers = list(self._pending) + list(self._active)
+            self._pending.clear()
+        for seq in leftovers:
+            self._finish_error(seq, ShuttingDown("the server stopped before this request finished"))
+        with self._cond:
+            self._active.clear()
+            self._cond.notify_all()
+        self._thread.join(1.0)
+        self.hooks.remove()

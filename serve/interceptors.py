@@ -1,0 +1,137 @@
+"""Server interceptors: the ONE place errors become status codes (plus the per-request log line
+and request metrics), and optional bearer-token auth."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any, Callable
+
+import grpc
+
+from adapterhub import errors
+
+from .errors import RequestCancelled, RequestTimeout, ShuttingDown
+
+log = logging.getLogger("adapterhub.serve.requests")
+
+# Checked in order; the first matching class wins.
+STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.LimitExceeded, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.DataError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.BaseMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.AdapterHubError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _summary(response: Any) -> str:
+    adapters = getattr(response, "adapters", None)
+    if adapters is None or not hasattr(response, "completion_tokens"):
+        return ""
+    names = ",".join(f"{a.resolved}:{a.weight:g}" for a in adapters) or "base"
+    return (f" adapters={names} prompt_tokens={response.prompt_tokens} "
+            f"completion_tokens={response.completion_tokens} finish={response.finish_reason}")
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to status codes, logs one line per RPC and records request metrics."""
+
+    def __init__(self, metrics: Any = None):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        name = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(name, handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(name, handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+    def _unary(self, name: str, behavior: Callable) -> Callable:
+        def wrapper(request, context):
+            start = time.monotonic()
+            try:
+                response = behavior(request, context)
+            except Exception as exc:
+                self._fail(name, exc, context, start)
+            self._done(name, start, response)
+            return response
+
+        return wrapper
+
+    def _stream(self, name: str, behavior: Callable) -> Callable:
+        def wrapper(request, context):
+            start, last = time.monotonic(), None
+            try:
+                for last in behavior(request, context):
+                    yield last
+            except Exception as exc:
+                self._fail(name, exc, context, start)
+            self._done(name, start, last)
+
+        return wrapper
+
+    def _done(self, name: str, start: float, response: Any) -> None:
+        latency = time.monotonic() - start
+        log.info("rpc=%s status=OK latency_ms=%.1f%s", name, latency * 1000, _summary(response))
+        if self.metrics is not None:
+            self.metrics.request(name, "OK", latency, response)
+
+    def _fail(self, name: str, exc: Exception, context: grpc.ServicerContext, start: float) -> None:
+        code = status_for(exc)
+        latency = time.monotonic() - start
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("rpc=%s status=INTERNAL latency_ms=%.1f", name, latency * 1000)
+            message = f"internal error ({type(exc).__name__}); see the server log"
+        else:
+            log.info("rpc=%s status=%s latency_ms=%.1f error=%s", name, code.name, latency * 1000, exc)
+            message = str(exc)
+        if self.metrics is not None:
+            self.metrics.request(name, code.name, latency, None)
+        context.abort(code, message)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every RPC except health checks."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc.health"):
+            return continuation(details)
+        scheme, _, value = dict(details.invocation_metadata or ()).get("authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token):
+            return continuation(details)
+        handler = continuation(details)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')")
+
+        if handler is not None and handler.unary_stream is not None:
+            def deny_stream(request, context):
+                deny(request, context)
+                yield  # pragma: no cover
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            deny, handler.request_deserializer if handler else None, handler.response_serializer if handler else None)

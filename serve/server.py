@@ -1,0 +1,119 @@
+"""Assemble and run the gRPC server: engine, servicers, interceptors, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from .adapter_source import AdapterSource
+from .engine import Engine
+from .interceptors import BearerTokenInterceptor, ErrorInterceptor
+from .metrics import Metrics
+from .requests import Limits
+from .servicers import AdminServicer, InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    base: str
+    registry: str | None = None
+    quantize: str = "nf4"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_adapters: int = 8
+    max_batch: int = 32
+    max_queue: int = 256
+    max_new_tokens: int = 512
+    max_adapters_per_request: int = 4
+    workers: int = 64
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+
+
+class AdapterServer:
+    """A running server; ``port`` is the bound port (ask for 0 to get a free one)."""
+
+    def __init__(self, options: ServerOptions, *, base: Any = None):
+        from adapterhub.base import load_base
+
+        self.options = options
+        self.metrics = Metrics()
+        base = base if base is not None else load_base(options.base, options.quantize)
+        limits = Limits(options.max_new_tokens, options.max_adapters_per_request)
+        self.engine = Engine.create(base, AdapterSource(options.registry), capacity=options.max_adapters, limits=limits,
+                                    metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue)
+        interceptors: list[grpc.ServerInterceptor] = []
+        if options.token:
+            interceptors.append(BearerTokenInterceptor(options.token))
+        interceptors.append(ErrorInterceptor(self.metrics))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.engine, _version()), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert or options.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "AdapterServer":
+        self.server.start()
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
+        for name in ("",) + SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d (base %s, %s)", self.options.host, self.port, self.engine.base.name,
+                 self.engine.base.quantize)
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)
+        done.wait(grace + 1)
+        self.engine.stop(grace=1.0)
+        self.metrics.close()
+
+    def wait(self, grace: float = 10.0) -> None:
+        """Block until SIGINT/SIGTERM, then stop gracefully."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        self.stop(grace)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("adapterhub")
+    except Exception:
+        return "unknown"

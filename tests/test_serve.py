@@ -1,0 +1,396 @@
+"""The gRPC server against a real registry and a real nf4 base on 127.0.0.1.
+
+One module-scoped server; adapters are trained for a few steps on the full-precision tiny base and
+served on its nf4 quantization. Offline references: plain ``peft.PeftModel.from_pretrained`` +
+``generate`` for LoRA, the method's own ``load`` for the bottleneck adapter, alone, batch of one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from adapterhub.serve.client import Client
+
+PROMPTS = ["the good day", "a bad movie", "the food was fine", "dark cold room"]
+MAX_NEW = 8
+
+
+def _messages(text):
+    return [("user", f"sentiment?\n\n{text}")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
+    """A registry with lora (x2 tasks), a bottleneck adapter and an ia3 adapter (slow path)."""
+    from adapterhub.adapters import save_adapter
+    from adapterhub.base import fingerprint, load_base
+    from adapterhub.data import load_dataset
+    from adapterhub.manager import PluginManager
+    from adapterhub.registry import open_registry
+    from adapterhub.tasks import write_split
+    from adapterhub.training import TrainOptions
+
+    root = tmp_path_factory.mktemp("serve")
+    store = open_registry(root / "registry")
+    manager = PluginManager(autoload=False)
+    dirs = {}
+    for task, method_name, data_task, lr in [("senti", "lora", "sentiment", 5e-3), ("rev", "lora", "reverse", 1e-2),
+                                             ("bottle", "adapter", "sentiment", 5e-3), ("scale", "ia3", "sentiment", 3e-2)]:
+        train, _ = write_split(data_task, root / f"data-{task}", n_train=48, n_test=4)
+        dataset = load_dataset(train, tiny_tokenizer, max_length=64)
+        method = manager.get_method(method_name)
+        config = method.make_config({})
+        options = TrainOptions(max_steps=12, lr=lr, batch_size=8, progress=False, seed=0,
+                               run_dir=str(root / f"run-{task}"))
+        result = method.train(load_base(tiny_base_dir, "none").model, dataset, config, options, tokenizer=tiny_tokenizer)
+        out = save_adapter(method, result.model, config, root / f"adapter-{task}",
+                           base={"name": "tiny", "fingerprint": fingerprint(tiny_base_dir)})
+        store.publish(task, out)
+        dirs[task] = out
+    store.set_tag("senti@1", "prod")
+    # an adapter that claims another base
+    other = root / "adapter-other"
+    shutil.copytree(dirs["senti"], other)
+    meta = json.loads((other / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"] = "sha256:" + "0" * 64
+    (other / "adapterhub.json").write_text(json.dumps(meta))
+    store.publish("otherbase", other)
+    # the same LoRA weights under a method name whose plugin has no serving form (slow path)
+    noform = root / "adapter-noform"
+    shutil.copytree(dirs["senti"], noform)
+    meta = json.loads((noform / "adapterhub.json").read_text())
+    meta["method"] = "lora-noform"
+    (noform / "adapterhub.json").write_text(json.dumps(meta))
+    store.publish("noform", noform)
+    return {"root": root, "store": store, "dirs": dirs, "registry": root / "registry"}
+
+
+@pytest.fixture(scope="module")
+def server(world, tiny_base_dir):
+    from adapterhub.serve.server import AdapterServer, ServerOptions
+
+    options = ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), quantize="nf4", port=0,
+                            max_adapters=3, metrics_port=0, max_new_tokens=64)
+    srv = AdapterServer(options).start()
+    yield srv
+    srv.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=120) as c:
+        yield c
+
+
+def offline_tokens(base_dir, tokenizer, messages, setup) -> list[int]:
+    """Greedy generation of one request alone on a fresh nf4 base with ``setup(model)`` applied."""
+    from adapterhub.base import load_base
+    from adapterhub.data import render_prompt
+
+    model = setup(load_base(base_dir, "nf4").model)
+    model.eval()
+    text = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in messages])
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def peft_lora(directory, weight=1.0):
+    def setup(model):
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(directory))
+        if weight != 1.0:
+            for module in peft_model.modules():
+                if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
+                    module.scaling["default"] *= weight
+        return peft_model
+    return setup
+
+
+def bottleneck_after(directory, setup_first=lambda m: m, weight=1.0):
+    """The saved bottleneck tensors applied by plain hooks after each module (LoRA first, if any)."""
+    from safetensors.torch import load_file
+
+    def setup(model):
+        model = setup_first(model)
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        act = getattr(torch.nn.functional, json.loads((directory / "adapter_config.json").read_text())["activation"])
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for key in [k for k in tensors if k.endswith(".bottleneck.down.weight")]:
+            name = key[: -len(".bottleneck.down.weight")]
+            p = {s: tensors[f"{name}.bottleneck.{s}"] for s in ("down.weight", "down.bias", "up.weight", "up.bias")}
+            module = base.get_submodule(name)
+
+            def hook(_m, _a, out, p=p):
+                return out + weight * (act(out @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])
+            module.register_forward_hook(hook)
+        return model
+    return setup
+
+
+def method_load(name, directory):
+    def setup(model):
+        from adapterhub.manager import PluginManager
+
+        return PluginManager(autoload=False).get_method(name).load(model, directory)
+    return setup
+
+
+# -- protos ---------------------------------------------------------------------------------------
+
+
+def test_generated_code_is_current(tmp_path):
+    from adapterhub.serve import protogen
+
+    written = protogen.generate(tmp_path)
+    assert {p.name for p in written} >= {"inference_pb2.py", "inference_pb2_grpc.py", "admin_pb2.py", "admin_pb2_grpc.py"}
+    for path in written:
+        committed = protogen.OUT_DIR / path.name
+        assert committed.is_file() and committed.read_text() == path.read_text(), (
+            f"{committed} is stale; run `python -m adapterhub.serve.protogen`")
+
+
+# -- exactness ------------------------------------------------------------------------------------
+
+
+def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_dir, tiny_tokenizer):
+    d = world["dirs"]
+    combos = {
+        "base": ([], lambda m: m),
+        "senti": ([("senti@prod", 1.0)], peft_lora(d["senti"])),
+        "rev": ([("rev@1", 1.0)], peft_lora(d["rev"])),
+        "bottle": ([("bottle", 1.0)], method_load("adapter", d["bottle"])),
+        "ia3": ([("scale@1", 1.0)], method_load("ia3", d["scale"])),
+        "lora+bottle": ([("senti@1", 0.5), ("bottle@1", 1.0)], bottleneck_after(d["bottle"], peft_lora(d["senti"], 0.5))),
+    }
+    jobs = [(name, text) for text in PROMPTS for name in combos]
+    jobs += [("lora+bottle", "warm kind team"), ("rev", "warm kind team")]
+    assert len(jobs) >= 16
+    barrier = threading.Barrier(len(jobs))
+
+    def call(job):
+        name, text = job
+        barrier.wait()
+        return client.generate(messages=_messages(text), adapters=combos[name][0], max_new_tokens=MAX_NEW)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(call, jobs))
+    served_s = time.monotonic() - start
+    assert server.engine.largest_batch > 1, "requests were not batched together"
+    expected = {}
+    for (name, text), response in zip(jobs, responses):
+        if (name, text) not in expected:
+            expected[(name, text)] = offline_tokens(tiny_base_dir, tiny_tokenizer, _messages(text), combos[name][1])
+        assert list(response.token_ids) == expected[(name, text)], f"{name} / {text!r} differs from offline"
+    distinct = {tuple(v) for v in expected.values()}
+    assert len(distinct) >= 4, "adapters should change the output"
+    senti = next(r for (n, _), r in zip(jobs, responses) if n == "senti")
+    assert [(a.requested, a.resolved) for a in senti.adapters] == [("senti@prod", "senti@1")]
+    print(f"{len(jobs)} concurrent requests served in {served_s:.2f}s, largest batch {server.engine.largest_batch}")
+
+
+class NoFormPlugin:
+    """A third-party-style plugin: LoRA without a serving form, so the server takes the slow path."""
+
+    @staticmethod
+    def make():
+        from adapterhub.plugins.lora import LoraMethod
+
+        class NoFormLora(LoraMethod):
+            name = "lora-noform"
+            peft_type = None
+
+            def serving_form(self, directory, base_config):
+                return None
+
+        return NoFormLora()
+
+    @__import__("adapterhub").hookimpl
+    def adapterhub_register_methods(self, register):
+        register(self.make())
+
+
+@pytest.fixture
+def noform_plugin():
+    from adapterhub.manager import get_manager
+
+    manager = get_manager()
+    manager.register(NoFormPlugin(), name="lora-noform-test")
+    yield
+    manager.unregister("lora-noform-test")
+
+
+def test_slow_path_method_without_form_equals_offline(world, client, noform_plugin, tiny_base_dir, tiny_tokenizer):
+    response = client.generate(messages=_messages("the good day"), adapters=["noform@1"], max_new_tokens=MAX_NEW)
+    expected = offline_tokens(tiny_base_dir, tiny_tokenizer, _messages("the good day"), peft_lora(world["dirs"]["senti"]))
+    assert list(response.token_ids) == expected
+    assert [a.form for a in client.list_adapters().adapters if a.ref == "noform@1"] == [""]
+    base = client.generate(messages=_messages("the good day"), max_new_tokens=MAX_NEW)
+    base_expected = offline_tokens(tiny_base_dir, tiny_tokenizer, _messages("the good day"), lambda m: m)
+    assert list(base.token_ids) == base_expected, "the slow path left the base changed"
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("x", adapters=["noform@1", "senti@1"], max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_matches_unary_and_stop_strings(client):
+    full = client.generate("the good day", adapters=["rev@1"], max_new_tokens=12)
+    chunks = list(client.stream("the good day", adapters=["rev@1"], max_new_tokens=12))
+    assert [t for c in chunks for t in c.token_ids] == list(full.token_ids)
+    assert "".join(c.text for c in chunks) == full.text
+    assert chunks[-1].finish_reason == full.finish_reason and chunks[-1].completion_tokens == len(full.token_ids)
+    if len(full.text) >= 3:
+        stop = full.text[1:3]
+        stopped = client.generate("the good day", adapters=["rev@1"], max_new_tokens=12, stop=[stop])
+        assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.find(stop)]
+
+
+def test_sampling_is_seeded(client):
+    a = client.generate("abc", temperature=1.0, top_p=0.9, seed=7, max_new_tokens=8)
+    b = client.generate("abc", temperature=1.0, top_p=0.9, seed=7, max_new_tokens=8)
+    assert list(a.token_ids) == list(b.token_ids)
+
+
+def test_tag_moves_for_new_requests(world, client):
+    store = world["store"]
+    first = client.generate("abc", adapters=["senti@prod"], max_new_tokens=2)
+    assert first.adapters[0].resolved == "senti@1"
+    version = store.publish("senti", world["dirs"]["rev"]).version
+    store.set_tag(f"senti@{version}", "prod")
+    try:
+        moved = client.generate("abc", adapters=["senti@prod"], max_new_tokens=2)
+        assert moved.adapters[0].resolved == f"senti@{version}"
+    finally:
+        store.set_tag("senti@1", "prod")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    (dict(adapters=["nosuchtask"]), grpc.StatusCode.NOT_FOUND),
+    (dict(adapters=["senti@99"]), grpc.StatusCode.NOT_FOUND),
+    (dict(adapters=["bad/../name"]), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(max_new_tokens=10_000), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(adapters=[("senti@1", float("nan"))]), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(adapters=["senti@1", "rev@1", "bottle@1", "senti@prod", "rev"]), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(prompt="x" * 600), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(adapters=["otherbase@1"]), grpc.StatusCode.FAILED_PRECONDITION),
+])
+def test_errors_map_to_status_and_server_keeps_serving(client, kwargs, code):
+    kwargs = {"prompt": "abc", "max_new_tokens": 2, **kwargs}
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(**kwargs)
+    assert err.value.code() == code, err.value.details()
+    assert client.generate("abc", max_new_tokens=2).completion_tokens == 2
+
+
+def test_deadline_and_cancel_free_the_slot(server, client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("abc", max_new_tokens=64, timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stream = client.stream("abc", max_new_tokens=64)
+    next(stream)
+    stream.cancel()
+    for _ in range(100):
+        if server.engine.stats() == {"pending": 0, "active": 0}:
+            break
+        time.sleep(0.05)
+    assert server.engine.stats() == {"pending": 0, "active": 0}
+    assert client.generate("abc", max_new_tokens=2).completion_tokens == 2
+
+
+def test_queue_full_and_auth(world, tiny_base_dir):
+    from adapterhub.serve.server import AdapterServer, ServerOptions
+
+    srv = AdapterServer(ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), port=0,
+                                      max_queue=0, token="s3cret")).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as anonymous, Client(f"127.0.0.1:{srv.port}", token="s3cret") as authed:
+            with pytest.raises(grpc.RpcError) as err:
+                anonymous.generate("abc", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                authed.generate("abc", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert authed.info().quantization == "nf4"
+    finally:
+        srv.stop(grace=1)
+
+
+# -- admin, health, reflection, metrics, CLI ------------------------------------------------------
+
+
+def test_admin_cache_lru_and_pins(server, client):
+    client.pin("bottle@1")
+    for ref in ("senti@1", "rev@1", "scale@1", "senti@1"):
+        client.generate("abc", adapters=[ref], max_new_tokens=1)
+    resident = [a.ref for a in client.list_adapters().adapters]
+    assert len(resident) <= 3 and "bottle@1" in resident and resident[-1] == "senti@1"
+    assert "rev@1" not in resident  # least recently used, evicted
+    info = client.info()
+    assert info.cache_capacity == 3 and info.quantization == "nf4" and info.base_fingerprint.startswith("sha256:")
+    with pytest.raises(grpc.RpcError) as err:
+        client.unload("bottle@1")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.unpin("bottle@1").adapter.pinned is False
+    assert client.unload("bottle@1").was_resident
+    assert "bottle@1" not in [a.ref for a in client.list_adapters().adapters]
+    assert client.load("rev@1").adapter.ref == "rev@1"
+
+
+def test_health_reflection_and_metrics(server, client):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(client.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="adapterhub.v1.Inference")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"adapterhub.v1.Inference", "adapterhub.v1.Admin", "grpc.health.v1.Health"} <= names
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for metric in ("adapterhub_requests_total", "adapterhub_tokens_total", "adapterhub_request_latency_seconds_bucket",
+                   "adapterhub_adapter_cache_total", "adapterhub_batch_size_bucket"):
+        assert metric in text
+    assert 'status="NOT_FOUND"' in text
+
+
+def test_cli_generate(server, capsys):
+    from adapterhub.cli import main
+
+    code = main(["generate", "--server", f"127.0.0.1:{server.port}", "--adapter", "senti@1",
+                 "--adapter", "rev@1:0.5", "--chat", "--max-new-tokens", "4", "the good day"])
+    assert code == 0
+    assert "senti@1 -> senti@1" in capsys.readouterr().err
+    assert main(["generate", "--server", f"127.0.0.1:{server.port}", "--adapter", "nosuch", "x"]) != 0
+
+
+def test_graceful_shutdown_finishes_in_flight(server, client):
+    """Last in the module: stopping lets a running request finish, then refuses new ones."""
+    stream = client.stream("abc", max_new_tokens=48)
+    first = next(stream)
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
+    stopper.start()
+    rest = list(stream)
+    stopper.join(60)
+    assert (rest or [first])[-1].finish_reason in ("length", "eos")
+    with pytest.raises(grpc.RpcError):
+        client.generate("abc", max_new_tokens=2, timeout=5)
