@@ -80,8 +80,8 @@ def batch_loss(model, dataset, tokenizer) -> float:
 # -- eval split / eval data / early stopping -----------------------------------------------------
 
 
-def test_eval_split_holds_out_examples_and_evaluates_every_eval_steps(tiny_base_dir, data_files, tmp_path):
-    outcome = pipeline_run(tiny_base_dir, data_files[0], tmp_path / "a", eval_split=0.25, eval_steps=2, max_steps=4)
+def test_eval_split_holds_out_examples_and_reports_eval_loss(tiny_base_dir, data_files, tmp_path):
+    outcome = pipeline_run(tiny_base_dir, data_files[0], tmp_path / "a", eval_split=0.25, max_steps=2)
     meta = json.loads((tmp_path / "a" / "adapterhub.json").read_text())
     assert (meta["training"]["examples"], meta["training"]["eval_examples"]) == (12, 4)
     assert math.isfinite(outcome.metrics["eval_loss"])
@@ -152,11 +152,12 @@ class CountSteps(TrainerCallback):
         self.optimizer_steps += 1
 
 
-@pytest.mark.parametrize("grad_accum, steps", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("grad_accum, steps", [(1, 4), (2, 2)])
 def test_grad_accum_divides_optimizer_steps_per_epoch(tiny_base_dir, small_set, tiny_tokenizer, grad_accum, steps):
     counter = CountSteps()
-    result = run(tiny_base_dir, small_set, tiny_tokenizer, epochs=1, batch_size=4, grad_accum=grad_accum,
-                 callbacks=[counter])  # 32 examples, 4 per batch
+    sixteen = TokenizedDataset(small_set.items[:16])
+    result = run(tiny_base_dir, sixteen, tiny_tokenizer, epochs=1, batch_size=4, grad_accum=grad_accum,
+                 callbacks=[counter])  # 16 examples, 4 per batch
     assert counter.optimizer_steps == result.metrics["global_step"] == steps
 
 
@@ -181,16 +182,13 @@ def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(tiny_base_dir,
 
 
 def test_warmup_makes_the_first_lr_smaller_than_the_peak(tiny_base_dir, small_set, tiny_tokenizer):
-    warm = [h["learning_rate"] for h in train_logs(run(tiny_base_dir, small_set, tiny_tokenizer, max_steps=6,
+    warm = [h["learning_rate"] for h in train_logs(run(tiny_base_dir, small_set, tiny_tokenizer, max_steps=4,
                                                        warmup_steps=3, scheduler="constant_with_warmup"))]
-    cold = [h["learning_rate"] for h in train_logs(run(tiny_base_dir, small_set, tiny_tokenizer, max_steps=6,
-                                                       scheduler="constant_with_warmup"))]
-    assert warm[0] < warm[1] < warm[2] < max(warm) == pytest.approx(LR)
-    assert cold == pytest.approx([LR] * 6)
+    assert warm == pytest.approx([0, LR / 3, 2 * LR / 3, LR])  # without warmup step 1 runs at LR (next test)
 
 
 def test_scheduler_cosine_and_linear_follow_their_curves(tiny_base_dir, small_set, tiny_tokenizer):
-    n = 6
+    n = 4
     curves = {s: [h["learning_rate"] for h in train_logs(run(tiny_base_dir, small_set, tiny_tokenizer,
                                                                max_steps=n, scheduler=s))]
               for s in ("linear", "cosine")}
