@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from adapterhub.errors import BaseMismatch, LimitExceeded
+from adapterhub.errors import AdapterHubError, BaseMismatch, LimitExceeded, PluginError
 
 from .adapter_source import AdapterSource, AdapterVersion
 
@@ -134,7 +134,14 @@ class AdapterCache:
 
         method = get_manager().get_method(version.method)
         directory = self.source.materialize(version)
-        form = method.serving_form(directory, self.base_config)
+        try:
+            form = method.serving_form(directory, self.base_config)
+        except AdapterHubError:
+            raise
+        except Exception as exc:  # a plugin bug fails only the requests that use this adapter
+            raise PluginError(
+                f"method plugin {method.name!r} ({getattr(method, 'origin', '?')}) failed to prepare adapter "
+                f"{version.ref} for serving: {type(exc).__name__}: {exc}; fix or update the plugin") from exc
         if form is not None and not isinstance(form, self.supported_forms):
             log.warning("%s: serving form %s is not supported; using the slow path", version.ref, type(form).__name__)
             form = None
