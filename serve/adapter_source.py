@@ -28,10 +28,11 @@ class AdapterVersion:
 class AdapterSource:
     """Resolves references (``task``, ``task@N``, ``task@tag``) against a registry directory."""
 
-    def __init__(self, registry: str | os.PathLike | None = None):
+    def __init__(self, registry: str | os.PathLike | None = None, *, max_bytes: int | None = None):
         from adapterhub.registry import open_registry
 
         self.store = open_registry(registry)
+        self.max_bytes = max_bytes
 
     def resolve(self, ref: str) -> AdapterVersion:
         """Malformed -> InvalidReference; unknown task/version/tag -> NotFound (both from the registry)."""
@@ -45,7 +46,16 @@ class AdapterSource:
         )
 
     def materialize(self, version: AdapterVersion) -> Path:
-        """A verified directory with the version's files."""
+        """A verified directory with the version's files; refused before any read when over ``max_bytes``."""
+        if self.max_bytes is not None:
+            from adapterhub.errors import LimitExceeded
+
+            manifest = self.store.manifest(version.ref)
+            for name, entry in manifest.files.items():
+                if entry.size > self.max_bytes:
+                    raise LimitExceeded(
+                        f"adapter {version.ref}: file {name} is {entry.size} bytes, over this server's limit of "
+                        f"{self.max_bytes} (--max-adapter-bytes); raise the limit or publish a smaller adapter")
         return Path(self.store.materialize(version.ref))
 
     def describe(self) -> str:

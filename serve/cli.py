@@ -28,6 +28,14 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--max-adapters-per-request", type=int, default=4)
     serve.add_argument("--token-env", default=None,
                        help="name of an environment variable holding a bearer token clients must send")
+    serve.add_argument("--admin-token-env", default=None,
+                       help="environment variable holding a separate bearer token for the Admin service")
+    serve.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
+                       help="largest request message accepted (gRPC max_receive_message_length)")
+    serve.add_argument("--max-context-tokens", type=int, default=512,
+                       help="prompt + new tokens per request (capped at the base's context length)")
+    serve.add_argument("--max-adapter-bytes", type=int, default=None,
+                       help="refuse to load adapter versions with a file larger than this")
     serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -62,6 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = os.environ.get(args.token_env)
         if not token:
             raise ConfigError(f"--token-env {args.token_env}: the environment variable is unset or empty")
+    admin_token = None
+    if args.admin_token_env:
+        admin_token = os.environ.get(args.admin_token_env)
+        if not admin_token:
+            raise ConfigError(f"--admin-token-env {args.admin_token_env}: the environment variable is unset or empty")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     logging.getLogger("adapterhub").setLevel(logging.INFO)
@@ -69,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         base=args.base, registry=args.registry, quantize=args.quantize, host=args.host, port=args.port,
         max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
-        token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
+        token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
+        max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
     server.wait(args.grace)

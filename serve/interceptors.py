@@ -112,22 +112,38 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except health checks."""
+    """Requires ``authorization: Bearer <token>`` on every RPC except health checks.
 
-    def __init__(self, token: str):
-        self._token = token.encode()
+    Admin RPCs need ``admin_token`` when one is set (the inference token does not grant them);
+    a service whose token is None is open. Reflection needs the inference token: it describes the API.
+    """
+
+    ADMIN_PREFIX = "/adapterhub.v1.Admin/"
+
+    def __init__(self, token: str | None, admin_token: str | None = None):
+        self._token = token.encode() if token else None
+        self._admin_token = admin_token.encode() if admin_token else self._token
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith("/grpc.health"):
             return continuation(details)
+        expected = self._admin_token if details.method.startswith(self.ADMIN_PREFIX) else self._token
+        if expected is None:
+            return continuation(details)
         scheme, _, value = dict(details.invocation_metadata or ()).get("authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token):
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
             return continuation(details)
         handler = continuation(details)
+        which = "admin token" if details.method.startswith(self.ADMIN_PREFIX) and expected != self._token else "bearer token"
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {which} (metadata 'authorization: Bearer ...')")
 
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            def deny_bidi(request_iterator, context):
+                deny(None, context)
+                yield  # pragma: no cover
+            return grpc.stream_stream_rpc_method_handler(deny_bidi, handler.request_deserializer, handler.response_serializer)
         if handler is not None and handler.unary_stream is not None:
             def deny_stream(request, context):
                 deny(request, context)

@@ -44,6 +44,10 @@ class ServerOptions:
     max_adapters_per_request: int = 4
     workers: int = 64
     token: str | None = None
+    admin_token: str | None = None  # when set, Admin RPCs need this token instead of ``token``
+    max_message_bytes: int = 4 * 2**20  # gRPC max_receive_message_length; larger requests: RESOURCE_EXHAUSTED
+    max_context_tokens: int = 512  # prompt + new tokens per request (capped at the base's positions)
+    max_adapter_bytes: int | None = None  # refuse loading adapter versions whose files are larger
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
@@ -58,14 +62,16 @@ class AdapterServer:
         self.options = options
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize)
-        limits = Limits(options.max_new_tokens, options.max_adapters_per_request)
-        self.engine = Engine.create(base, AdapterSource(options.registry), capacity=options.max_adapters, limits=limits,
+        limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
+        source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
+        self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue)
         interceptors: list[grpc.ServerInterceptor] = []
-        if options.token:
-            interceptors.append(BearerTokenInterceptor(options.token))
+        if options.token or options.admin_token:
+            interceptors.append(BearerTokenInterceptor(options.token, admin_token=options.admin_token))
         interceptors.append(ErrorInterceptor(self.metrics))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors,
+                                  options=[("grpc.max_receive_message_length", options.max_message_bytes)])
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.engine, _version()), self.server)
         self.health = health.HealthServicer()
