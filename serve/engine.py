@@ -7,8 +7,12 @@ expired ones, then runs ONE forward pass for all rows, each row with its own ada
 :mod:`rows`). A sequence holds its adapters until it finishes, so a tag moved or an adapter evicted
 meanwhile does not change a running request.
 
-Decoding recomputes the whole (left-padded) sequence each step instead of keeping a KV cache:
-simplest to make exact and to let rows join and leave at any step; a cache is future work.
+Decoding keeps a key/value cache (:class:`KVBatch`): a request joining the batch is prefilled once
+(with the other newcomers of that step, left-padded, its prefix adapters' keys/values in front),
+its cache is spliced into the running batch's, and from then on every step feeds ONE token per row.
+Rows leave by an ``index_select`` of the cache. Adapter tensors stay stacked for the engine's
+lifetime (:class:`~.rows.ResidentStacks`), so a step is a gather plus grouped matmuls whatever the
+mix of adapters.
 Adapters without a serving form take the slow path: the batch drains, the method attaches its
 adapter to the base (``method.load``), ``generate`` runs that request alone, ``method.detach``
 (on a quantized base: a fresh copy of the base, see ``_slow_path_base``).
@@ -32,8 +36,8 @@ from adapterhub.errors import LimitExceeded, Overloaded
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
-from .rows import SUPPORTED_FORMS, BatchPlan, RowHooks, StackCache, prepare_form, validate_composition
-from .sampling import make_generator, next_token
+from .rows import SUPPORTED_FORMS, BatchPlan, ResidentStacks, RowHooks, prepare_form, validate_composition
+from .sampling import make_generator, next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Sequence:
         self.emitted_text = ""
         self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
         self.slow = any(entry.form is None for entry, _ in entries)
+        self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
 
     def cancel(self) -> None:
         """Called by the RPC layer when the client goes away; the slot is freed at the next step."""
@@ -85,6 +90,50 @@ class Sequence:
         raise RuntimeError("stream ended without a result")  # pragma: no cover
 
 
+class KVBatch:
+    """The running rows' key/value cache: per layer ``[B, kv_heads, T, head_dim]``, left-padded, and
+    the attention mask ``[B, T]`` (0 = padding).
+
+    Rows join after their prefill (both caches left-padded to one width and concatenated) and leave
+    by ``index_select``; columns that no remaining row attends to are trimmed from the left.
+    """
+
+    def __init__(self, rows: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
+        self.rows = rows
+        self.layers = layers
+        self.mask = mask
+
+    def join(self, other: "KVBatch") -> "KVBatch":
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [(torch.cat([_pad_left(k, width, 2), _pad_left(ok, width, 2)]),
+                   torch.cat([_pad_left(v, width, 2), _pad_left(ov, width, 2)]))
+                  for (k, v), (ok, ov) in zip(self.layers, other.layers)]
+        mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        return KVBatch(self.rows + other.rows, layers, mask)
+
+    def keep_unfinished(self) -> None:
+        keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = mask[:, start:]
+        self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                       for k, v in self.layers]
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
 class Engine:
     def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
                  max_queue: int = 256, metrics: Any = None):
@@ -101,7 +150,8 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.num_layers = self.model.config.num_hidden_layers
         self.hooks = RowHooks(self.model)
-        self.stacks = StackCache()
+        self.stacks = ResidentStacks(slots=max(8, cache.capacity))
+        self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
@@ -200,6 +250,7 @@ class Engine:
                 for seq in ([slow] if slow else list(self._active)):
                     self._finish_error(seq, exc)
                 self.hooks.plan = None
+                self._batch = None
 
     def _drop_dead(self) -> None:
         now = time.monotonic()
@@ -212,42 +263,79 @@ class Engine:
                     "raise the client deadline or lower max_new_tokens"))
 
     def _step(self) -> None:
+        """Drop dead rows, prefill newcomers into the cache, then decode one token for every row."""
         self._drop_dead()
-        rows = list(self._active)
+        with self._cond:
+            rows = list(self._active)
+        batch = self._batch
+        if batch is not None:
+            batch.keep_unfinished()
         if not rows:
+            self._batch = None
             return
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
-        self.hooks.ensure(plan.modules, plan.input_modules)
-        self.largest_batch = max(self.largest_batch, len(rows))
-        if self.metrics is not None:
-            self.metrics.batch(len(rows))
-        logits = self._forward(rows, plan)
-        for seq, row_logits in zip(rows, logits):
-            token = next_token(row_logits, seq.params.temperature, seq.params.top_p, seq.generator)
+        known = {id(s) for s in batch.rows} if batch is not None else set()
+        new = [s for s in rows if id(s) not in known]
+        if new:
+            joined, logits = self._prefill(new)
+            self._emit(new, logits)
+            joined.keep_unfinished()
+            batch = joined if batch is None or not batch.rows else batch.join(joined)
+        self._batch = batch
+        if batch.rows:
+            self.largest_batch = max(self.largest_batch, len(batch.rows))
+            if self.metrics is not None:
+                self.metrics.batch(len(batch.rows))
+            self._emit(batch.rows, self._decode(batch))
+            batch.keep_unfinished()
+
+    def _emit(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        for seq, token in zip(rows, next_tokens(logits, [s.params for s in rows], [s.generator for s in rows])):
             self._advance(seq, token)
 
-    def _forward(self, rows: list[Sequence], plan: BatchPlan) -> torch.Tensor:
+    def _prefill(self, rows: list[Sequence]) -> tuple["KVBatch", torch.Tensor]:
+        """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
         from transformers import DynamicCache
 
-        seqs = [s.prompt_ids + s.generated for s in rows]
-        width = max(len(s) for s in seqs)
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
+        width = max(len(s.prompt_ids) for s in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, width - len(s):] = torch.tensor(s)
-            mask[b, width - len(s):] = 1
+        for b, s in enumerate(rows):
+            ids[b, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[b, width - len(s.prompt_ids):] = 1
+            s.prefix_len = plan.prefix_lengths[b]
         positions = (mask.cumsum(-1) - 1).clamp_min(0) + torch.tensor(plan.prefix_lengths)[:, None]
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         layers, prefix_mask = plan.prefix_cache(self.num_layers, self.device)
-        kwargs: dict[str, Any] = {}
+        cache = DynamicCache(ddp_cache_data=layers) if layers is not None else DynamicCache()
         if layers is not None:
-            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=layers)
             mask = torch.cat([prefix_mask, mask], dim=1)
+        logits = self._forward(plan, ids, mask, positions, cache)
+        return KVBatch(rows, [(layer.keys, layer.values) for layer in cache.layers], mask), logits
+
+    def _decode(self, batch: "KVBatch") -> torch.Tensor:
+        """One token per row (its latest), attending to the cached keys/values."""
+        from transformers import DynamicCache
+
+        rows = batch.rows
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
+        ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
+                                 device=self.device)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        cache = DynamicCache(ddp_cache_data=batch.layers)
+        logits = self._forward(plan, ids, mask, positions, cache)
+        batch.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        batch.mask = mask
+        return logits
+
+    def _forward(self, plan: BatchPlan, ids, mask, positions, cache) -> torch.Tensor:
+        self.hooks.ensure(plan.modules, plan.input_modules)
         self.hooks.plan = plan
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 use_cache=layers is not None, logits_to_keep=1, **kwargs)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
         finally:
             self.hooks.plan = None
         return out.logits[:, -1, :].float()

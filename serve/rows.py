@@ -75,119 +75,163 @@ class _Slots:
     weight: torch.Tensor  # [B, K] float
 
 
-def _slots(rows: Sequence[Sequence[tuple[Any, float]]], kind: type, order: dict[int, int], device) -> _Slots | None:
-    per_row = [[(order[id(e)], w) for e, w in row if isinstance(e.form, kind)] for row in rows]
-    width = max((len(r) for r in per_row), default=0)
-    if width == 0:
-        return None
-    index = torch.zeros(len(rows), width, dtype=torch.long)
-    weight = torch.zeros(len(rows), width)
-    for b, row in enumerate(per_row):
-        for k, (i, w) in enumerate(row):
-            index[b, k], weight[b, k] = i, w
-    return _Slots(index.to(device), weight.to(device))
+class SlotStack:
+    """Stacked tensors of the resident adapters of one form kind; slot 0 means "no adapter".
+
+    An adapter gets a slot the first time a batch uses it and keeps it while it stays in use or
+    recently used: later batches, whatever their mix, only gather from the stack. A new adapter is
+    written into a free slot (or the least recently used slot no running row needs): a copy of
+    that adapter's tensors only. The whole stack is rebuilt only to grow (more slots, a larger
+    rank, a module not seen before); ``rebuilds`` and ``writes`` count both for tests.
+    """
+
+    def __init__(self, parts_of, pad: float, slots: int = 8):
+        self.parts_of = parts_of  # form -> {name: (tensor, ...)}
+        self.pad = pad  # value of empty slots and of padding (0; 1 for scales)
+        self.capacity = max(1, slots)
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+        self.meta: dict[int, Any] = {}  # slot -> the form (e.g. for its activation)
+        self._slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.rebuilds = 0
+        self.writes = 0
+
+    def slots(self, adapters: Sequence[Any]) -> dict[str, int]:
+        """Slot of each adapter (by key ``task@N``: versions are immutable), writing new ones in."""
+        needed = {a.key for a in adapters}
+        for adapter in adapters:
+            slot = self._slot_of.get(adapter.key)
+            if slot is None:
+                slot = self._free_slot(needed)
+                self._write(slot, adapter.form)
+                self._slot_of[adapter.key] = slot
+            self._slot_of.move_to_end(adapter.key)
+        return {key: self._slot_of[key] for key in needed}
+
+    def _free_slot(self, needed: set[str]) -> int:
+        used = set(self._slot_of.values())
+        free = next((s for s in range(1, self.capacity + 1) if s not in used), None)
+        if free is not None:
+            return free
+        victim = next((k for k in self._slot_of if k not in needed), None)
+        if victim is not None:
+            return self._slot_of.pop(victim)
+        self.capacity *= 2
+        self._grow({name: [list(t.shape[1:]) for t in ts] for name, ts in self.tensors.items()})
+        return self._free_slot(needed)
+
+    def _grow(self, shapes: dict[str, list[list[int]]]) -> None:
+        """Reallocate the named stacks at ``capacity + 1`` slots and at least ``shapes``, keeping contents."""
+        self.rebuilds += 1
+        for name, wanted in shapes.items():
+            grown = []
+            for t, shape in zip(self.tensors[name], wanted):
+                new = t.new_full((self.capacity + 1, *[max(a, b) for a, b in zip(t.shape[1:], shape)]), self.pad)
+                new[tuple(slice(0, n) for n in t.shape)] = t
+                grown.append(new)
+            self.tensors[name] = grown
+
+    def _write(self, slot: int, form: Any) -> None:
+        self.writes += 1
+        parts = self.parts_of(form)
+        grow = {}
+        for name, ts in parts.items():
+            old = self.tensors.get(name)
+            if old is None:  # a module no resident adapter touched yet: a new all-pad stack
+                self.tensors[name] = [t.new_full((self.capacity + 1, *t.shape), self.pad) for t in ts]
+            elif any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
+                grow[name] = [list(t.shape) for t in ts]
+        if grow:
+            self._grow(grow)
+        for name, stack in self.tensors.items():
+            for i, t in enumerate(stack):
+                t[slot].fill_(self.pad)
+                if name in parts:
+                    part = parts[name][i]
+                    t[(slot, *[slice(0, n) for n in part.shape])] = part
+        self.meta[slot] = form
+
+    def gather_slots(self, rows, kind: type, device) -> _Slots | None:
+        """Per-row slots ``[B, K]`` of this kind (K = most adapters of the kind in one row)."""
+        per_row = [[(e, w) for e, w in row if isinstance(e.form, kind)] for row in rows]
+        width = max((len(r) for r in per_row), default=0)
+        if width == 0:
+            return None
+        slot_of = self.slots(list({e.key: e for r in per_row for e, _ in r}.values()))
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        weight = torch.zeros(len(rows), width)
+        for b, row in enumerate(per_row):
+            for k, (e, w) in enumerate(row):
+                index[b, k], weight[b, k] = slot_of[e.key], w
+        return _Slots(index.to(device), weight.to(device))
 
 
-class StackCache:
-    """Stacked tensors for recent adapter sets, so a stable batch does not restack every step."""
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        self._items: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
-
-    def get(self, kind: str, adapters: list[Any], build) -> dict:
-        key = (kind, tuple(a.key for a in adapters))  # "task@N": immutable, unlike id() of evicted entries
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = build(adapters)
-        self._items[key] = value
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._items.clear()
+def _lora_parts(form: LoraForm) -> dict[str, tuple[torch.Tensor, ...]]:
+    # stored transposed, (A.T [in, r], B.T [r, out]): the layout of x @ W in a grouped matmul
+    return {m: (a.T, b.T) for m, (a, b) in form.deltas.items()}
 
 
-def _stack_lora(adapters: list[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    stacks = {}
-    modules = sorted({m for a in adapters for m in a.form.deltas})
-    for module in modules:
-        present = [a.form.deltas.get(module) for a in adapters]
-        some_a, some_b = next(p for p in present if p is not None)
-        rank = max(p[0].shape[0] for p in present if p is not None)
-        A = some_a.new_zeros(len(adapters) + 1, rank, some_a.shape[1])
-        B = some_b.new_zeros(len(adapters) + 1, some_b.shape[0], rank)
-        for i, p in enumerate(present, start=1):
-            if p is not None:
-                A[i, : p[0].shape[0]] = p[0]
-                B[i, :, : p[1].shape[1]] = p[1]
-        stacks[module] = (A, B)
-    return stacks
+def _bottleneck_parts(form: BottleneckForm) -> dict[str, tuple[torch.Tensor, ...]]:
+    return dict(form.layers)
 
 
-def _stack_scales(adapters: list[Any]) -> dict[str, Any]:
-    stacks: dict[str, Any] = {"in": {}, "out": {}}
-    for side, attr in (("in", "input_scales"), ("out", "output_scales")):
-        for module in sorted({m for a in adapters for m in getattr(a.form, attr)}):
-            present = [getattr(a.form, attr).get(module) for a in adapters]
-            some = next(p for p in present if p is not None)
-            S = some.new_ones(len(adapters) + 1, some.shape[0])
-            for i, p in enumerate(present, start=1):
-                if p is not None:
-                    S[i] = p
-            stacks[side][module] = S
-    return stacks
+def _scale_parts(form: ScaleForm) -> dict[str, tuple[torch.Tensor, ...]]:
+    parts = {f"out:{m}": (v,) for m, v in form.output_scales.items()}
+    parts.update({f"in:{m}": (v,) for m, v in form.input_scales.items()})
+    return parts
 
 
-def _stack_bottleneck(adapters: list[Any]) -> dict[str, Any]:
-    stacks: dict[str, Any] = {"activation": [""] + [a.form.activation for a in adapters]}
-    modules = sorted({m for a in adapters for m in a.form.layers})
-    for module in modules:
-        present = [a.form.layers.get(module) for a in adapters]
-        dw, _, uw, _ = next(p for p in present if p is not None)
-        rank = max(p[0].shape[0] for p in present if p is not None)
-        hidden = dw.shape[1]
-        n = len(adapters) + 1
-        D, Db = dw.new_zeros(n, rank, hidden), dw.new_zeros(n, rank)
-        U, Ub = uw.new_zeros(n, hidden, rank), uw.new_zeros(n, hidden)
-        for i, p in enumerate(present, start=1):
-            if p is not None:
-                r = p[0].shape[0]
-                D[i, :r], Db[i, :r], U[i, :, :r], Ub[i] = p[0], p[1], p[2], p[3]
-        stacks[module] = (D, Db, U, Ub)
-    return stacks
+class ResidentStacks:
+    """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
+
+    def __init__(self, slots: int = 8):
+        self.lora = SlotStack(_lora_parts, 0.0, slots)
+        self.bottleneck = SlotStack(_bottleneck_parts, 0.0, slots)
+        self.scale = SlotStack(_scale_parts, 1.0, slots)
+
+    @property
+    def rebuilds(self) -> int:
+        return self.lora.rebuilds + self.bottleneck.rebuilds + self.scale.rebuilds
+
+    @property
+    def writes(self) -> int:
+        return self.lora.writes + self.bottleneck.writes + self.scale.writes
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x[rows of group g] @ w[g]`` for sorted rows; each adapter's weights are read once."""
+    return F.grouped_mm(x, w, offs=offs)
+
+
+class _Grouping:
+    """Token order sorted by slot, and group ends, for one slot position and one tokens-per-row."""
+
+    def __init__(self, index: torch.Tensor, tokens: int, groups: int):
+        rows = index.shape[0]
+        order = torch.argsort(index, stable=True)
+        self.identity = bool((order == torch.arange(rows, device=index.device)).all())
+        self.order = (order[:, None] * tokens + torch.arange(tokens, device=index.device)).reshape(-1)
+        counts = torch.bincount(index, minlength=groups) * tokens
+        self.offs = torch.cumsum(counts, 0).to(torch.int32)
 
 
 class BatchPlan:
-    """What the hooks apply for one batch composition (rows in batch order)."""
+    """What the hooks apply for one batch (rows in batch order); built per step, stacks are not."""
 
-    def __init__(self, rows: Sequence[Sequence[tuple[Any, float]]], stack_cache: StackCache, device):
+    def __init__(self, rows: Sequence[Sequence[tuple[Any, float]]], stacks: ResidentStacks, device):
         self.rows = rows
-        self.lora_adapters = _unique(rows, LoraForm)
-        self.bottleneck_adapters = _unique(rows, BottleneckForm)
-        self.scale_adapters = _unique(rows, ScaleForm)
-        order = {id(a): i for i, a in enumerate(self.lora_adapters, start=1)}
-        order.update({id(a): i for i, a in enumerate(self.bottleneck_adapters, start=1)})
-        order.update({id(a): i for i, a in enumerate(self.scale_adapters, start=1)})
-        self.scale_slots = _slots(rows, ScaleForm, order, device)
-        self.scales = (stack_cache.get("scale", self.scale_adapters, _stack_scales) if self.scale_slots
-                       else {"in": {}, "out": {}})
-        self.lora_slots = _slots(rows, LoraForm, order, device)
-        self.bottleneck_slots = _slots(rows, BottleneckForm, order, device)
-        self.lora = stack_cache.get("lora", self.lora_adapters, _stack_lora) if self.lora_slots else {}
-        self.bottleneck = (stack_cache.get("bottleneck", self.bottleneck_adapters, _stack_bottleneck)
-                           if self.bottleneck_slots else {})
+        self.scale_slots = stacks.scale.gather_slots(rows, ScaleForm, device)
+        self.lora_slots = stacks.lora.gather_slots(rows, LoraForm, device)
+        self.bottleneck_slots = stacks.bottleneck.gather_slots(rows, BottleneckForm, device)
+        self.lora = stacks.lora.tensors if self.lora_slots is not None else {}
+        self.bottleneck = stacks.bottleneck.tensors if self.bottleneck_slots is not None else {}
+        self.activations = {s: f.activation for s, f in stacks.bottleneck.meta.items()}
+        scales = stacks.scale.tensors if self.scale_slots is not None else {}
+        self.scales = {"out": {n[4:]: t[0] for n, t in scales.items() if n.startswith("out:")},
+                       "in": {n[3:]: t[0] for n, t in scales.items() if n.startswith("in:")}}
+        self.modules = set(self.lora) | set(self.bottleneck) | set(self.scales["out"])
+        self.input_modules = set(self.scales["in"])
         self.prefix_lengths = [sum(e.form.keys.shape[2] for e, _ in row if isinstance(e.form, PrefixForm)) for row in rows]
-
-    @property
-    def modules(self) -> set[str]:
-        return set(self.lora) | (set(self.bottleneck) - {"activation"}) | set(self.scales["out"])
-
-    @property
-    def input_modules(self) -> set[str]:
-        return set(self.scales["in"])
+        self._groupings: dict[tuple[int, int], _Grouping] = {}
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -197,22 +241,43 @@ class BatchPlan:
     def apply_input(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return self._scale(self.scales["in"][module], x)
 
+    def _grouping(self, k: int, tokens: int, groups: int) -> _Grouping:
+        key = (k, tokens)
+        if key not in self._groupings:
+            self._groupings[key] = _Grouping(self.lora_slots.index[:, k], tokens, groups)
+        return self._groupings[key]
+
+    def _lora_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T``: two grouped matmuls per slot position."""
+        At, Bt = self.lora[module]
+        s = self.lora_slots
+        rows, tokens, _ = x.shape
+        flat = x.reshape(rows * tokens, -1).to(At.dtype)
+        total = None
+        for k in range(s.index.shape[1]):  # slot positions (adapters composed in one request), not adapters
+            g = self._grouping(k, tokens, At.shape[0])
+            xs = flat if g.identity else flat.index_select(0, g.order)
+            h = _grouped_mm(xs, At, g.offs)
+            w = s.weight[:, k].repeat_interleave(tokens)
+            h = h * (w if g.identity else w.index_select(0, g.order))[:, None]
+            y = _grouped_mm(h, Bt, g.offs)
+            if not g.identity:
+                y = torch.empty_like(y).index_copy_(0, g.order, y)
+            total = y if total is None else total + y
+        return total.reshape(rows, tokens, -1)
+
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if module in self.scales["out"]:
             out = self._scale(self.scales["out"][module], out)
         if module in self.lora:
-            A, B = self.lora[module]
-            s = self.lora_slots
-            h = torch.einsum("bti,bkri->bktr", x.to(A.dtype), A[s.index]) * s.weight[:, :, None, None]
-            out = out + torch.einsum("bktr,bkor->bto", h, B[s.index]).to(out.dtype)
+            out = out + self._lora_delta(module, x).to(out.dtype)
         if module in self.bottleneck:
             D, Db, U, Ub = self.bottleneck[module]
             s = self.bottleneck_slots
-            acts = self.bottleneck["activation"]
-            for k in range(s.index.shape[1]):
+            for k in range(s.index.shape[1]):  # in the request's order
                 idx = s.index[:, k]
                 z = torch.einsum("bth,brh->btr", out.to(D.dtype), D[idx]) + Db[idx][:, None, :]
-                z = _activate(z, [acts[i] for i in idx.tolist()])
+                z = _activate(z, [self.activations.get(i, "") for i in idx.tolist()])
                 up = torch.einsum("btr,bhr->bth", z, U[idx]) + Ub[idx][:, None, :]
                 out = out + (up * s.weight[:, k, None, None]).to(out.dtype)
         return out
@@ -238,15 +303,6 @@ class BatchPlan:
             values[:, b, :, width - n:] = v
             mask[b, width - n:] = 1
         return [(keys[layer], values[layer]) for layer in range(num_layers)], mask
-
-
-def _unique(rows, kind) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for row in rows:
-        for entry, _ in row:
-            if isinstance(entry.form, kind):
-                seen.setdefault(id(entry), entry)
-    return list(seen.values())
 
 
 def _activate(z: torch.Tensor, names: list[str]) -> torch.Tensor:

@@ -21,3 +21,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def next_tokens(logits: torch.Tensor, params, generators) -> list[int]:
+    """Every row's next token from ``[B, vocab]`` logits: one argmax call for all greedy rows."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [g if p.temperature <= 0 else next_token(row, p.temperature, p.top_p, gen)
+            for g, row, p, gen in zip(greedy, logits, params, generators)]
