@@ -1,0 +1,181 @@
+"""Structural invariants behind the engine's speed (not timings, which are bench/'s job).
+
+A KV-cache decode step feeds one token per running row; the number of matmul calls per step does
+not grow with the number of distinct adapters; adapter stacks are written once per resident
+adapter, not per new mix. One in-process engine on the full-precision tiny base, LoRA adapters
+made by random-initialising PEFT's LoRA B (nonzero, so each adapter changes the output).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+N_ADAPTERS = 9
+
+
+def _random_lora_adapters(base_dir, out, n, *, rank=4, seed=0):
+    from adapterhub.adapters import save_adapter
+    from adapterhub.base import fingerprint, load_base
+    from adapterhub.manager import PluginManager
+
+    method = PluginManager(autoload=False).get_method("lora")
+    config = method.make_config({"r": rank})
+    model = method.attach(load_base(base_dir, "none").model, config)
+    gen = torch.Generator().manual_seed(seed)
+    dirs = []
+    for i in range(n):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+        dirs.append(save_adapter(method, model, config, out / f"lora-{i}",
+                                 base={"name": "tiny", "fingerprint": fingerprint(base_dir)}))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_base_dir):
+    from adapterhub.base import load_base
+    from adapterhub.registry import open_registry
+    from adapterhub.serve.adapter_source import AdapterSource
+    from adapterhub.serve.engine import Engine
+
+    root = tmp_path_factory.mktemp("perf")
+    store = open_registry(root / "registry")
+    for i, directory in enumerate(_random_lora_adapters(tiny_base_dir, root, N_ADAPTERS)):
+        store.publish(f"t{i}", directory)
+    eng = Engine.create(load_base(tiny_base_dir, "none"), AdapterSource(root / "registry"), capacity=16, max_batch=16)
+    yield eng
+    eng.stop(grace=1)
+
+
+def _request(prompt, adapter=None, max_new=6):
+    from adapterhub.serve.requests import GenerationRequest
+
+    return GenerationRequest.build(prompt=prompt, adapters=[(adapter, 1.0)] if adapter else [], max_new_tokens=max_new)
+
+
+class InputShapes:
+    """Records ``input_ids`` shapes of every model forward (a real forward pre-hook)."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_decode_feeds_one_token_per_row_and_joins_stay_exact(engine):
+    jobs = [("the good day", "t0@1", 40), ("a bad movie, really", "t1@1", 5), ("xy", None, 9), ("dark cold", "t2@1", 7)]
+    alone = [engine.submit(_request(p, a, n)).result().token_ids for p, a, n in jobs]
+    shapes = InputShapes(engine.model)
+    try:
+        stream = engine.submit(_request(*jobs[0])).chunks()
+        next(stream)  # the first row is decoding before the others join mid-flight
+        later = [engine.submit(_request(*job)) for job in jobs[1:]]
+        together = [list(stream)[-1].result.token_ids] + [s.result().token_ids for s in later]
+    finally:
+        shapes.close()
+    assert together == alone, "rows that joined a running batch differ from the same requests alone"
+    prefills = [s for s in shapes.shapes if s[1] > 1]  # every prompt here is at least 2 tokens
+    decodes = [s for s in shapes.shapes if s[1] == 1]
+    assert sum(b for b, _ in prefills) == len(jobs), "each request is prefilled exactly once"
+    # every token after a request's first comes from a decode step that feeds one token per row
+    assert sum(b for b, _ in decodes) == sum(len(t) - 1 for t in alone)
+    assert max(b for b, _ in decodes) > 1, "rows were not decoded together"
+
+
+def _count_matmuls(fn) -> int:
+    from torch.overrides import TorchFunctionMode
+
+    names = {"matmul", "mm", "bmm", "einsum", "grouped_mm", "_grouped_mm", "linear", "addmm", "baddbmm"}
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in names:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def _decode_step_matmuls(engine, refs) -> int:
+    from adapterhub.serve.rows import BatchPlan
+
+    entries = [[(engine.cache.acquire(r), 1.0)] if r else [] for r in refs]
+    try:
+        plan = BatchPlan(entries, engine.stacks, engine.device)
+        engine.hooks.ensure(plan.modules, plan.input_modules)
+        ids = torch.full((len(refs), 1), 65)
+
+        def forward():
+            engine.hooks.plan = plan
+            try:
+                with torch.inference_mode():
+                    engine.model(input_ids=ids)
+            finally:
+                engine.hooks.plan = None
+
+        return _count_matmuls(forward)
+    finally:
+        for row in entries:
+            for entry, _ in row:
+                engine.cache.release(entry)
+
+
+def test_matmul_calls_per_step_do_not_grow_with_distinct_adapters(engine):
+    base = _decode_step_matmuls(engine, [None] * 8)
+    one = _decode_step_matmuls(engine, ["t0@1"] * 8)
+    eight = _decode_step_matmuls(engine, [f"t{i}@1" for i in range(8)])
+    assert one > base, "the LoRA hooks added no matmuls: adapters are not applied"
+    assert eight == one, f"{eight} matmul calls for 8 distinct adapters vs {one} for one: a loop over adapters"
+
+
+def test_stacks_written_once_per_adapter_not_per_mix(engine):
+    def run(refs):
+        for s in [engine.submit(_request("hello", r, 2)) for r in refs]:
+            s.result()
+
+    run(["t3@1", "t4@1", "t5@1"])
+    writes, rebuilds = engine.stacks.writes, engine.stacks.rebuilds
+    run(["t3@1", "t5@1"])
+    run(["t4@1"])
+    run(["t5@1", "t4@1", "t3@1", None])
+    assert (engine.stacks.writes, engine.stacks.rebuilds) == (writes, rebuilds), "stacks rebuilt for a known set"
+    run(["t8@1", "t3@1"])  # t8: used by no earlier test
+    assert engine.stacks.writes == writes + 1 and engine.stacks.rebuilds == rebuilds
+
+
+def test_slot_stack_grows_and_reuses_slots_exactly():
+    from types import SimpleNamespace
+
+    from adapterhub.serving_forms import LoraForm
+    from adapterhub.serve.rows import SlotStack, _lora_parts
+
+    def adapter(key, rank, value):
+        return SimpleNamespace(key=key, form=LoraForm({"m": (torch.full((rank, 4), value), torch.full((3, rank), value))}))
+
+    stack = SlotStack(_lora_parts, 0.0, slots=2)
+    a, b, c = adapter("a@1", 2, 1.0), adapter("b@1", 2, 2.0), adapter("c@1", 4, 3.0)
+    slots = stack.slots([a, b])
+    assert stack.rebuilds == 0 and sorted(slots.values()) == [1, 2]
+    slots = stack.slots([a, b, c])  # full and all needed: grows once (also to rank 4)
+    At, Bt = stack.tensors["m"]
+    assert stack.rebuilds >= 1 and At.shape[0] >= 4 and At.shape[2] == 4
+    assert torch.equal(At[slots["a@1"], :, :2], torch.ones(4, 2)) and not At[slots["a@1"], :, 2:].any()
+    assert torch.equal(Bt[slots["c@1"]], torch.full((4, 3), 3.0)) and not At[0].any()
+    before = stack.rebuilds
+    d = adapter("d@1", 2, 4.0)
+    stack.slots([d])  # a free slot exists: written in place, no rebuild
+    assert stack.rebuilds == before and stack.writes == 4
