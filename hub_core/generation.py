@@ -1,46 +1,56 @@
-"""Offline generation and exact-match evaluation (the reference the server is checked against)."""
+"""Offline greedy generation and exact-match evaluation.
+
+Decoding calls the model's own forward pass token by token, on batches of prompts that have the
+same length, so no padding or position bookkeeping can differ between methods. It does not use
+``model.generate``: with peft 0.21 and transformers 5, ``generate`` on a prefix-tuned model ignores
+the prefix, while the forward pass applies it. The cost (no KV cache) is fine for the small
+evaluation sets this is used for.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from .data import render_prompt
 
 
-def generate_texts(
-    model: Any,
-    tokenizer: Any,
-    conversations: list[list[dict[str, str]]],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-) -> list[str]:
-    """Greedy answers for chat conversations, batched with left padding."""
+def greedy_tokens(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int,
+                  batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations (without the prompt), stopping at the tokenizer's eos token."""
     import torch
 
-    prompts = [render_prompt(tokenizer, messages) for messages in conversations]
-    answers: list[str] = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            device = next(model.parameters()).device
-            enc = {k: v.to(device) for k, v in enc.items()}
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(prompts):
+        by_length[len(ids)].append(index)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            ids = torch.tensor([prompts[i] for i in chunk], device=device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             with torch.inference_mode():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
-    finally:
-        tokenizer.padding_side = old_side
-    return answers
+                for _ in range(max_new_tokens):
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1, :]
+                    nxt = logits.argmax(dim=-1)
+                    for row, i in enumerate(chunk):
+                        if not done[row]:
+                            outputs[i].append(int(nxt[row]))
+                    done |= nxt == eos
+                    if bool(done.all()):
+                        break
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return outputs
+
+
+def generate_texts(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+                   max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
+    """Greedy answers for chat conversations (rendered with the chat template)."""
+    prompts = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in conversations]
+    tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
 def exact_match(model: Any, tokenizer: Any, examples: list[list[dict[str, str]]], **kwargs: Any) -> float:
