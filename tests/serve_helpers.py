@@ -103,50 +103,37 @@ def serving() -> int:
 class OfflineLora:
     """Greedy reference answers: one nf4 base with many PEFT LoRA adapters, switched per call.
 
-    The same PEFT path ``test_serve`` checks the server against, but the base is loaded once.
+    The same PEFT path ``test_serve`` checks the server against, but the base is loaded once. Every
+    adapter is attached before the first forward pass: on the CPU bitsandbytes backend, PEFT layers
+    attached after a 4-bit forward give wrong outputs (see Engine._slow_path_base).
     """
 
-    def __init__(self, base_dir: Path, tokenizer):
+    def __init__(self, base_dir: Path, tokenizer, directories: list[Path]):
+        from peft import PeftModel
+
         from adapterhub.base import load_base
 
         self.tokenizer = tokenizer
-        self.base = load_base(base_dir, "nf4").model
-        self.model = None
-        self.names: dict[str, str] = {}
-
-    def _select(self, directory: Path | None):
-        from peft import PeftModel
-
-        if directory is None:
-            return self.base if self.model is None else None
-        key = str(directory)
-        if key not in self.names:
-            name = f"a{len(self.names)}"
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, key, adapter_name=name)
+        self.names = {str(d): f"a{i}" for i, d in enumerate(directories)}
+        model = None
+        for directory, name in self.names.items():
+            if model is None:
+                model = PeftModel.from_pretrained(load_base(base_dir, "nf4").model, directory, adapter_name=name)
             else:
-                self.model.load_adapter(key, adapter_name=name)
-            self.names[key] = name
-        self.model.set_adapter(self.names[key])
-        return self.model
+                model.load_adapter(directory, adapter_name=name)
+        self.model = model
+        self.model.eval()
 
-    def tokens(self, directory: Path | None, messages, max_new: int) -> list[int]:
+    def tokens(self, directory: Path, messages, max_new: int) -> list[int]:
         from adapterhub.data import render_prompt
 
-        model = self._select(directory)
-        if model is None:  # base model after adapters were attached: disable them
-            with self.model.disable_adapter():
-                return self._generate(self.model, messages, max_new, render_prompt)
-        return self._generate(model, messages, max_new, render_prompt)
-
-    def _generate(self, model, messages, max_new, render_prompt) -> list[int]:
+        self.model.set_adapter(self.names[str(directory)])
         tok = self.tokenizer
         text = render_prompt(tok, [{"role": r, "content": c} for r, c in messages])
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        model.eval()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         return out[0, ids.shape[1]:].tolist()
 
 
