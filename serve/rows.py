@@ -1,13 +1,15 @@
 """Per-row adapter application: one forward pass serves rows with different adapters.
 
-For every batch composition the engine builds a :class:`BatchPlan` from the rows' serving forms:
+Adapters of the stackable kinds live in :class:`ResidentStacks` for the engine's lifetime (one
+slot per resident adapter, slot 0 = "none", written once when an adapter is first used, rebuilt
+only to grow). Each step the engine builds a cheap :class:`BatchPlan` (per-row slot indices):
 
-* LoRA (``LoraForm``): per targeted module, the batch's adapters are stacked once
-  (``A [N+1, R, in]``, ``B [N+1, out, R]``, ranks zero-padded, slot 0 all zeros for "none") and a
-  forward hook adds ``sum_k w[b,k] * B[idx[b,k]] @ A[idx[b,k]] @ x_b`` with two gathered einsums
-  over (row, slot) - Punica's BGMV / S-LoRA's idea, no loop over adapters.
-* Bottleneck (``BottleneckForm``): stacked the same way and applied per row after the module, in
-  the request's order (a loop over slot positions, each slot gathered over rows).
+* LoRA (``LoraForm``): stacks ``A.T [S, in, R]``, ``B.T [S, R, out]`` (ranks zero-padded). Rows are
+  ordered by slot and a forward hook adds ``w * (x @ A.T) @ B.T`` with two grouped matmuls
+  (``torch.nn.functional.grouped_mm``: each adapter's weights read once for all its rows, the idea
+  of Punica's SGMV / S-LoRA), per slot position of a request, never a loop over adapters.
+* Bottleneck (``BottleneckForm``): stacked the same way, gathered per row and applied after the
+  module in the request's order (a loop over slot positions, not adapters).
 * Scale (``ScaleForm``, IA3): per-row scale vectors gathered from a stack whose slot 0 is all
   ones; a weight ``w`` scales by ``1 + w (s - 1)``; several multiply. Input scales run in a
   forward pre-hook, output scales in the forward hook.
@@ -83,10 +85,16 @@ class SlotStack:
     written into a free slot (or the least recently used slot no running row needs): a copy of
     that adapter's tensors only. The whole stack is rebuilt only to grow (more slots, a larger
     rank, a module not seen before); ``rebuilds`` and ``writes`` count both for tests.
+
+    Once written, the adapter's form points at views of its slot, so a resident adapter costs its
+    tensor bytes once, not twice; a form whose slot is reused gets its own copy back first.
     """
 
-    def __init__(self, parts_of, pad: float, slots: int = 8):
+    def __init__(self, parts_of, set_parts, pad: float, slots: int = 8):
         self.parts_of = parts_of  # form -> {name: (tensor, ...)}
+        self.set_parts = set_parts  # (form, {name: (tensor, ...)}) -> None: rebinds the form's tensors
+        self._bound: dict[int, list[Any]] = collections.defaultdict(list)  # slot -> forms viewing it
+        self._shapes: dict[int, dict[str, list[torch.Size]]] = {}
         self.pad = pad  # value of empty slots and of padding (0; 1 for scales)
         self.capacity = max(1, slots)
         self.tensors: dict[str, list[torch.Tensor]] = {}
@@ -104,6 +112,8 @@ class SlotStack:
                 slot = self._free_slot(needed)
                 self._write(slot, adapter.form)
                 self._slot_of[adapter.key] = slot
+            if not any(f is adapter.form for f in self._bound[slot]):  # e.g. the same version reloaded
+                self._bind(slot, adapter.form)
             self._slot_of.move_to_end(adapter.key)
         return {key: self._slot_of[key] for key in needed}
 
@@ -114,7 +124,12 @@ class SlotStack:
             return free
         victim = next((k for k in self._slot_of if k not in needed), None)
         if victim is not None:
-            return self._slot_of.pop(victim)
+            slot = self._slot_of.pop(victim)
+            views = self._views(slot)
+            own = {name: tuple(t.clone() for t in ts) for name, ts in views.items()}
+            for form in self._bound.pop(slot, []):
+                self.set_parts(form, own)
+            return slot
         self.capacity *= 2
         self._grow({name: [list(t.shape[1:]) for t in ts] for name, ts in self.tensors.items()})
         return self._free_slot(needed)
@@ -129,6 +144,17 @@ class SlotStack:
                 new[tuple(slice(0, n) for n in t.shape)] = t
                 grown.append(new)
             self.tensors[name] = grown
+        for slot, forms in self._bound.items():  # views of the old tensors would keep them alive
+            for form in forms:
+                self.set_parts(form, self._views(slot))
+
+    def _views(self, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {name: tuple(self.tensors[name][i][(slot, *[slice(0, n) for n in shape])] for i, shape in enumerate(shapes))
+                for name, shapes in self._shapes[slot].items()}
+
+    def _bind(self, slot: int, form: Any) -> None:
+        self.set_parts(form, self._views(slot))
+        self._bound[slot].append(form)
 
     def _write(self, slot: int, form: Any) -> None:
         self.writes += 1
@@ -149,6 +175,8 @@ class SlotStack:
                     part = parts[name][i]
                     t[(slot, *[slice(0, n) for n in part.shape])] = part
         self.meta[slot] = form
+        self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}
+        self._bound.pop(slot, None)
 
     def gather_slots(self, rows, kind: type, device) -> _Slots | None:
         """Per-row slots ``[B, K]`` of this kind (K = most adapters of the kind in one row)."""
@@ -170,6 +198,19 @@ def _lora_parts(form: LoraForm) -> dict[str, tuple[torch.Tensor, ...]]:
     return {m: (a.T, b.T) for m, (a, b) in form.deltas.items()}
 
 
+def _set_lora_parts(form: LoraForm, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    form.deltas = {m: (at.T, bt.T) for m, (at, bt) in parts.items()}
+
+
+def _set_bottleneck_parts(form: BottleneckForm, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    form.layers = dict(parts)
+
+
+def _set_scale_parts(form: ScaleForm, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    form.output_scales = {n[4:]: t[0] for n, t in parts.items() if n.startswith("out:")}
+    form.input_scales = {n[3:]: t[0] for n, t in parts.items() if n.startswith("in:")}
+
+
 def _bottleneck_parts(form: BottleneckForm) -> dict[str, tuple[torch.Tensor, ...]]:
     return dict(form.layers)
 
@@ -184,9 +225,9 @@ class ResidentStacks:
     """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
 
     def __init__(self, slots: int = 8):
-        self.lora = SlotStack(_lora_parts, 0.0, slots)
-        self.bottleneck = SlotStack(_bottleneck_parts, 0.0, slots)
-        self.scale = SlotStack(_scale_parts, 1.0, slots)
+        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots)
+        self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots)
+        self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots)
 
     @property
     def rebuilds(self) -> int:

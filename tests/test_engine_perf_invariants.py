@@ -161,12 +161,12 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     from types import SimpleNamespace
 
     from adapterhub.serving_forms import LoraForm
-    from adapterhub.serve.rows import SlotStack, _lora_parts
+    from adapterhub.serve.rows import SlotStack, _lora_parts, _set_lora_parts
 
     def adapter(key, rank, value):
         return SimpleNamespace(key=key, form=LoraForm({"m": (torch.full((rank, 4), value), torch.full((3, rank), value))}))
 
-    stack = SlotStack(_lora_parts, 0.0, slots=2)
+    stack = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots=2)
     a, b, c = adapter("a@1", 2, 1.0), adapter("b@1", 2, 2.0), adapter("c@1", 4, 3.0)
     slots = stack.slots([a, b])
     assert stack.rebuilds == 0 and sorted(slots.values()) == [1, 2]
@@ -179,3 +179,8 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     d = adapter("d@1", 2, 4.0)
     stack.slots([d])  # a free slot exists: written in place, no rebuild
     assert stack.rebuilds == before and stack.writes == 4
+    assert a.form.deltas["m"][0].data_ptr() == At[slots["a@1"]].data_ptr(), "a written form should view its slot"
+    e = adapter("e@1", 2, 5.0)
+    stack.slots([e])  # every slot taken: e takes the least recently used one (a's); a keeps its own copy
+    assert torch.equal(stack.tensors["m"][0][slots["a@1"], :, :2], torch.full((4, 2), 5.0))
+    assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
