@@ -18,8 +18,8 @@ def trainable_share(method, base_dir) -> float:
     """Trainable parameters of a freshly attached adapter over the base's parameter count."""
     from adapterhub.base import load_base
 
+    total = sum(p.numel() for p in load_base(base_dir, "none").model.parameters())  # 4-bit packing halves numel
     base = load_base(base_dir, getattr(method, "default_quantize", None) or "none")
-    total = sum(p.numel() for p in base.model.parameters())
     model = method.attach(base.model, method.make_config({}))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable / total

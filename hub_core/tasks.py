@@ -28,6 +28,22 @@ def sentiment(rng: random.Random) -> dict[str, str]:
     return {"instruction": "sentiment?", "input": " ".join(words), "output": label}
 
 
+TOPICS = {
+    "sport": ("ball", "goal", "team", "race", "coach", "match"),
+    "food": ("bread", "soup", "rice", "cake", "salt", "meal"),
+    "music": ("song", "drum", "band", "tune", "piano", "choir"),
+}
+FILLER = ("the", "a", "my", "new", "old", "big", "we", "saw", "had", "one")
+
+
+def topic(rng: random.Random) -> dict[str, str]:
+    label = rng.choice(sorted(TOPICS))
+    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
+    for _ in range(rng.randint(1, 2)):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[label]))
+    return {"instruction": "topic?", "input": " ".join(words), "output": label}
+
+
 def reverse(rng: random.Random) -> dict[str, str]:
     word = _word(rng)
     return {"instruction": "reverse:", "input": word, "output": word[::-1]}
@@ -45,6 +61,7 @@ def first_letter(rng: random.Random) -> dict[str, str]:
 
 TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "sentiment": sentiment,
+    "topic": topic,
     "reverse": reverse,
     "upper": upper,
     "initials": first_letter,

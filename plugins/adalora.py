@@ -80,6 +80,9 @@ def planned_steps(options: Any, num_examples: int) -> int:
     return max(1, math.ceil(options.epochs * per_epoch))
 
 
+PLACEHOLDER_TOTAL_STEP = 100
+
+
 class AdaLoraMethod(PeftMethod):
     name = "adalora"
     config_class = AdaLoraConfig
@@ -108,9 +111,11 @@ class AdaLoraMethod(PeftMethod):
         )
 
     def attach(self, model: Any, config: AdaLoraConfig, *, total_step: int | None = None) -> Any:
+        """Without a step count (inspection, docs) a placeholder schedule is used; training always
+        passes the planned count, and the callback re-syncs it to the Trainer's own when it starts."""
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(config, total_step))
+        return get_peft_model(model, self.peft_config(config, total_step or PLACEHOLDER_TOTAL_STEP))
 
     def train(self, model: Any, dataset: Any, config: AdaLoraConfig, options: Any, *, eval_dataset: Any = None,
               tokenizer: Any = None, callbacks: list[Any] | None = None, resume_adapter: Any = None) -> Any:
