@@ -90,24 +90,67 @@ class Sequence:
         raise RuntimeError("stream ended without a result")  # pragma: no cover
 
 
+def _slab_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SlabLayer(DynamicLayer):
+        """A cache layer whose keys/values sit in a buffer with spare columns: a decode step writes
+        its token in place (``DynamicLayer`` concatenates, copying the whole cache every step)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64):
+            super().__init__()
+            self.length = keys.shape[2]
+            self._k = keys.new_zeros(*keys.shape[:2], self.length + spare, keys.shape[3])
+            self._v = torch.zeros_like(self._k)
+            self._k[:, :, : self.length] = keys
+            self._v[:, :, : self.length] = values
+            self.device, self.is_initialized = keys.device, True
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[2]
+            if self.length + n > self._k.shape[2]:
+                grown = SlabLayer(self.keys, self.values, spare=self.length + n)
+                self._k, self._v = grown._k, grown._v
+            self._k[:, :, self.length: self.length + n] = key_states
+            self._v[:, :, self.length: self.length + n] = value_states
+            self.length += n
+            self._views()
+            return self.keys, self.values
+
+    return SlabLayer
+
+
 class KVBatch:
-    """The running rows' key/value cache: per layer ``[B, kv_heads, T, head_dim]``, left-padded, and
-    the attention mask ``[B, T]`` (0 = padding).
+    """The running rows' key/value cache: per layer ``[B, kv_heads, T, head_dim]`` (left-padded, in
+    buffers with spare columns) and the attention mask ``[B, T]`` (0 = padding).
 
     Rows join after their prefill (both caches left-padded to one width and concatenated) and leave
     by ``index_select``; columns that no remaining row attends to are trimmed from the left.
     """
 
     def __init__(self, rows: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
+        slab = _slab_layer_class()
         self.rows = rows
-        self.layers = layers
+        self.layers = [slab(k, v) for k, v in layers]
         self.mask = mask
+
+    def cache(self) -> Any:
+        """A ``DynamicCache`` over these layers: the model's forward appends to them in place."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        cache.layers = self.layers
+        return cache
 
     def join(self, other: "KVBatch") -> "KVBatch":
         width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [(torch.cat([_pad_left(k, width, 2), _pad_left(ok, width, 2)]),
-                   torch.cat([_pad_left(v, width, 2), _pad_left(ov, width, 2)]))
-                  for (k, v), (ok, ov) in zip(self.layers, other.layers)]
+        layers = [(torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
+                   torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]))
+                  for a, b in zip(self.layers, other.layers)]
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         return KVBatch(self.rows + other.rows, layers, mask)
 
@@ -119,10 +162,11 @@ class KVBatch:
         mask = self.mask.index_select(0, index)
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
+        slab = _slab_layer_class()
         self.rows = [self.rows[i] for i in keep]
         self.mask = mask[:, start:]
-        self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                       for k, v in self.layers]
+        self.layers = [slab(layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index))
+                       for layer in self.layers]
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -315,17 +359,13 @@ class Engine:
 
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
         """One token per row (its latest), attending to the cached keys/values."""
-        from transformers import DynamicCache
-
         rows = batch.rows
         plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
                                  device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        cache = DynamicCache(ddp_cache_data=batch.layers)
-        logits = self._forward(plan, ids, mask, positions, cache)
-        batch.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        logits = self._forward(plan, ids, mask, positions, batch.cache())
         batch.mask = mask
         return logits
 

@@ -4,10 +4,11 @@ Adapters of the stackable kinds live in :class:`ResidentStacks` for the engine's
 slot per resident adapter, slot 0 = "none", written once when an adapter is first used, rebuilt
 only to grow). Each step the engine builds a cheap :class:`BatchPlan` (per-row slot indices):
 
-* LoRA (``LoraForm``): stacks ``A.T [S, in, R]``, ``B.T [S, R, out]`` (ranks zero-padded). Rows are
-  ordered by slot and a forward hook adds ``w * (x @ A.T) @ B.T`` with two grouped matmuls
-  (``torch.nn.functional.grouped_mm``: each adapter's weights read once for all its rows, the idea
-  of Punica's SGMV / S-LoRA), per slot position of a request, never a loop over adapters.
+* LoRA (``LoraForm``): stacks ``A.T [S, in, R]``, ``B.T [S, R, out]`` (ranks zero-padded); a
+  forward hook adds ``w * (x @ A.T) @ B.T`` per row with two fused gather-matmuls (weighted
+  ``embedding_bag`` over the row's slot: Punica's BGMV idea - each row reads its adapter's weights
+  in place, nothing is copied per row), per slot position of a request, never a loop over adapters.
+  (``grouped_mm`` was tried: its CPU version loops over every slot in C++ and was 3-4x slower.)
 * Bottleneck (``BottleneckForm``): stacked the same way, gathered per row and applied after the
   module in the request's order (a loop over slot positions, not adapters).
 * Scale (``ScaleForm``, IA3): per-row scale vectors gathered from a stack whose slot 0 is all
@@ -238,21 +239,20 @@ class ResidentStacks:
         return self.lora.writes + self.bottleneck.writes + self.scale.writes
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``x[rows of group g] @ w[g]`` for sorted rows; each adapter's weights are read once."""
-    return F.grouped_mm(x, w, offs=offs)
+def _bag_matmul(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row ``t`` of the result is ``x[t] @ W[slot of t]`` where ``table`` is the stack ``W [S, d, k]``
+    flattened to ``[S * d, k]``: a weighted ``embedding_bag`` sum over the slot's ``d`` rows, so each
+    row reads its adapter's weights in place (a fused gather + matvec; no ``W[idx]`` copy)."""
+    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
 
 
-class _Grouping:
-    """Token order sorted by slot, and group ends, for one slot position and one tokens-per-row."""
+class _Bags:
+    """embedding_bag indices for one slot position: token t's bag is rows ``slot*d .. slot*d+d-1``."""
 
-    def __init__(self, index: torch.Tensor, tokens: int, groups: int):
-        rows = index.shape[0]
-        order = torch.argsort(index, stable=True)
-        self.identity = bool((order == torch.arange(rows, device=index.device)).all())
-        self.order = (order[:, None] * tokens + torch.arange(tokens, device=index.device)).reshape(-1)
-        counts = torch.bincount(index, minlength=groups) * tokens
-        self.offs = torch.cumsum(counts, 0).to(torch.int32)
+    def __init__(self, index: torch.Tensor, tokens: int, dim: int):
+        slots = index.repeat_interleave(tokens)  # [B * T]
+        self.index = (slots[:, None] * dim + torch.arange(dim, device=index.device)).reshape(-1)
+        self.offsets = torch.arange(0, slots.numel() * dim, dim, device=index.device)
 
 
 class BatchPlan:
@@ -272,7 +272,7 @@ class BatchPlan:
         self.modules = set(self.lora) | set(self.bottleneck) | set(self.scales["out"])
         self.input_modules = set(self.scales["in"])
         self.prefix_lengths = [sum(e.form.keys.shape[2] for e, _ in row if isinstance(e.form, PrefixForm)) for row in rows]
-        self._groupings: dict[tuple[int, int], _Grouping] = {}
+        self._bags: dict[tuple[int, int, int], _Bags] = {}
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -282,30 +282,27 @@ class BatchPlan:
     def apply_input(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return self._scale(self.scales["in"][module], x)
 
-    def _grouping(self, k: int, tokens: int, groups: int) -> _Grouping:
-        key = (k, tokens)
-        if key not in self._groupings:
-            self._groupings[key] = _Grouping(self.lora_slots.index[:, k], tokens, groups)
-        return self._groupings[key]
+    def _bag(self, k: int, tokens: int, dim: int) -> _Bags:
+        key = (k, tokens, dim)
+        if key not in self._bags:  # shared by every module of that input width, for this step
+            self._bags[key] = _Bags(self.lora_slots.index[:, k], tokens, dim)
+        return self._bags[key]
 
     def _lora_delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T``: two grouped matmuls per slot position."""
+        """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T``: two fused gather-matmuls per slot position."""
         At, Bt = self.lora[module]
         s = self.lora_slots
-        rows, tokens, _ = x.shape
-        flat = x.reshape(rows * tokens, -1).to(At.dtype)
+        rows, tokens, width = x.shape
+        slots, rank, out = At.shape[0], At.shape[2], Bt.shape[2]
+        flat = x.reshape(rows * tokens, width).to(At.dtype)
         total = None
         for k in range(s.index.shape[1]):  # slot positions (adapters composed in one request), not adapters
-            g = self._grouping(k, tokens, At.shape[0])
-            xs = flat if g.identity else flat.index_select(0, g.order)
-            h = _grouped_mm(xs, At, g.offs)
-            w = s.weight[:, k].repeat_interleave(tokens)
-            h = h * (w if g.identity else w.index_select(0, g.order))[:, None]
-            y = _grouped_mm(h, Bt, g.offs)
-            if not g.identity:
-                y = torch.empty_like(y).index_copy_(0, g.order, y)
+            a, b = self._bag(k, tokens, width), self._bag(k, tokens, rank)
+            h = _bag_matmul(flat, At.reshape(slots * width, rank), a.index, a.offsets)
+            h = h * s.weight[:, k].repeat_interleave(tokens)[:, None]
+            y = _bag_matmul(h, Bt.reshape(slots * rank, out), b.index, b.offsets)
             total = y if total is None else total + y
-        return total.reshape(rows, tokens, -1)
+        return total.reshape(rows, tokens, out)
 
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if module in self.scales["out"]:

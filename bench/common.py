@@ -1,0 +1,149 @@
+"""Shared benchmark setup: the small base, random LoRA adapters, registries, result files.
+
+Everything heavy (base weights, adapters, registries) goes under ``bench/out/`` (git-ignored) and
+is reused by later runs; results (JSON + PNG, small) go under ``bench/results/`` and are committed.
+Adapters are NOT trained: PEFT LoRA (rank 16, alpha 32, every Linear but the head) with LoRA B
+random-initialised (nonzero), so each adapter changes the output and costs what a trained one costs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"
+RESULTS = ROOT / "results"
+RANK = 16
+
+
+def threads() -> int:
+    """Torch threads for every contestant alike: ``BENCH_THREADS`` (default 1).
+
+    The 2 cores here are shared with other jobs; with 2 OpenMP threads a busy neighbour makes
+    single steps 10-100x slower (spin-waiting threads), which drowns the ratios in noise.
+    """
+    import torch
+
+    n = int(os.environ.get("BENCH_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+def small_base() -> Path:
+    """``adapterhub base init --preset small`` (6 layers, hidden 512), made once."""
+    from adapterhub.base import init_base
+
+    path = OUT / "base-small"
+    if not (path / "config.json").is_file():
+        OUT.mkdir(parents=True, exist_ok=True)
+        init_base("small", path)
+    return path
+
+
+def lora_adapters(base_dir: Path, n: int) -> list[Path]:
+    """``n`` rank-16 LoRA adapter directories (PEFT format + adapterhub.json), B random."""
+    import torch
+
+    from adapterhub.adapters import save_adapter
+    from adapterhub.base import fingerprint, load_base
+    from adapterhub.manager import PluginManager
+
+    root = OUT / "adapters"
+    dirs = [root / f"a{i}" for i in range(n)]
+    missing = [i for i, d in enumerate(dirs) if not (d / "adapterhub.json").is_file()]
+    if not missing:
+        return dirs
+    method = PluginManager(autoload=False).get_method("lora")
+    config = method.make_config({"r": RANK, "alpha": 2.0 * RANK})
+    model = method.attach(load_base(base_dir, "none").model, config)
+    base = {"name": "small", "fingerprint": fingerprint(base_dir)}
+    for i in missing:
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+        save_adapter(method, model, config, dirs[i], base=base)
+    return dirs
+
+
+def registry(base_dir: Path, n: int) -> Path:
+    """A registry holding tasks ``a0 .. a{n-1}`` (version 1 each); grows, never shrinks."""
+    from adapterhub.registry import open_registry
+
+    path = OUT / "registry"
+    store = open_registry(path)
+    have = {t for t in _tasks(path)}
+    for i, directory in enumerate(lora_adapters(base_dir, n)):
+        if f"a{i}" not in have:
+            store.publish(f"a{i}", directory)
+    return path
+
+
+def _tasks(path: Path) -> list[str]:
+    from adapterhub.registry import open_registry
+
+    return list(open_registry(path).list_tasks()) if path.is_dir() else []
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"environment": environment(), **data}, indent=2) + "\n")
+    return path
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt(c) for c in row] for row in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "met" if value else "MISSED"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def verdict(name: str, value: float, op: str, target: float) -> dict[str, Any]:
+    met = value <= target if op == "<=" else value >= target
+    print(f"  target {name}: {value:.3f} {op} {target} -> {'met' if met else 'MISSED'}")
+    return {"name": name, "value": value, "op": op, "target": target, "met": met}
+
+
+def plot(name: str, draw) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
