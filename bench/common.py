@@ -147,3 +147,52 @@ def plot(name: str, draw) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``adapterhub serve`` in a subprocess on 127.0.0.1 (so the load generator shares no GIL with it)."""
+
+    def __init__(self, base_dir: Path, registry_dir: Path, *, quantize: str, max_adapters: int, max_batch: int = 32):
+        import subprocess
+        import sys
+
+        from adapterhub.serve.client import Client
+
+        self.port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
+        cmd = [sys.executable, "-m", "adapterhub.cli", "serve", "--base", str(base_dir), "--registry", str(registry_dir),
+               "--quantize", quantize, "--port", str(self.port), "--max-adapters", str(max_adapters),
+               "--max-batch", str(max_batch), "--max-queue", "4096", "--max-new-tokens", "64"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                self.client.info()
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+                time.sleep(0.5)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()

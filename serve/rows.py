@@ -171,9 +171,10 @@ class SlotStack:
             self._grow(grow)
         for name, stack in self.tensors.items():
             for i, t in enumerate(stack):
-                t[slot].fill_(self.pad)
-                if name in parts:
-                    part = parts[name][i]
+                part = parts[name][i] if name in parts else None
+                if part is None or part.shape != t.shape[1:]:
+                    t[slot].fill_(self.pad)
+                if part is not None:
                     t[(slot, *[slice(0, n) for n in part.shape])] = part
         self.meta[slot] = form
         self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}

@@ -1,0 +1,133 @@
+"""(b) Hot-swap cost: loading an adapter into a live engine, and what it costs requests in flight.
+
+1. Load time: ``engine.cache.load(ref)`` (registry resolve, snapshot, sha256 check of every file,
+   the method's ``serving_form``, move to the device) plus the stack-slot write on first use, vs a
+   raw ``safetensors.torch.load_file`` of the same ``adapter_model.safetensors`` (interleaved,
+   medians). Target: <= 1.5x.
+2. In-flight latency: ``INFLIGHT`` rows stream tokens; meanwhile another thread loads ``SWAPS``
+   new adapters into the cache. The added latency is the largest inter-token gap of the in-flight
+   rows during the swaps minus their median gap before; target: at most one decode step (the
+   median gap). Also reported: the same when requests using the new adapters join the batch
+   (their prefill runs inside a step; that is continuous batching, not the swap).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+from . import common
+
+LOADS = 24
+INFLIGHT = 16
+SWAPS = 8
+
+
+def _stream_times(seq, out: list[float]) -> None:
+    for _ in seq.chunks():
+        out.append(time.perf_counter())
+
+
+def _inflight(engine, refs_for_swaps, join: bool) -> dict:
+    from adapterhub.serve.requests import GenerationRequest
+
+    rows = [engine.submit(GenerationRequest.build(prompt=f"steady row {i} says", adapters=[(f"a{i % 4}@1", 1.0)],
+                                                  max_new_tokens=64)) for i in range(INFLIGHT)]
+    stamps = [[] for _ in rows]
+    threads = [threading.Thread(target=_stream_times, args=(s, t)) for s, t in zip(rows, stamps)]
+    for t in threads:
+        t.start()
+    while len(stamps[0]) < 16:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    for ref in refs_for_swaps:
+        engine.cache.load(ref)
+        if join:
+            engine.submit(GenerationRequest.build(prompt="a newcomer", adapters=[(ref, 1.0)], max_new_tokens=4)).result()
+    end = time.perf_counter()
+    for t in threads:
+        t.join()
+    before, during = [], []
+    for ts in stamps:
+        for a, b in zip(ts, ts[1:]):
+            if b < start:
+                before.append(b - a)
+            elif a <= end:
+                during.append(b - a)
+    step = statistics.median(before)
+    return {"median_step_s": step, "max_gap_during_s": max(during), "added_s": max(during) - step,
+            "added_in_steps": (max(during) - step) / step, "swap_window_s": end - start}
+
+
+def main() -> dict:
+    from safetensors.torch import load_file
+
+    from adapterhub.base import load_base
+    from adapterhub.serve.adapter_source import AdapterSource
+    from adapterhub.serve.engine import Engine
+
+    common.threads()
+    base_dir = common.small_base()
+    total = 4 + LOADS + 2 * SWAPS
+    reg = common.registry(base_dir, total)
+    engine = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=total + 4, max_batch=64)
+    import hashlib
+
+    from adapterhub.manager import get_manager
+
+    lora = get_manager().get_method("lora")
+    load_s, raw_s, slot_s, sha_s, form_s = [], [], [], [], []
+    for i in range(4, 4 + LOADS):
+        ref = f"a{i}@1"
+        path = engine.cache.source.materialize(engine.cache.resolve(ref)) / "adapter_model.safetensors"
+        start = time.perf_counter()
+        load_file(str(path))
+        raw_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        hashlib.sha256(path.read_bytes()).hexdigest()  # profile: the integrity check alone
+        sha_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        lora.serving_form(path.parent, None)  # profile: the method's form alone
+        form_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        entry = engine.cache.load(ref)
+        load_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine.stacks.lora.slots([entry])
+        slot_s.append(time.perf_counter() - start)
+    raw, load, slot = statistics.median(raw_s), statistics.median(load_s), statistics.median(slot_s)
+    swap_only = _inflight(engine, [f"a{i}@1" for i in range(4 + LOADS, 4 + LOADS + SWAPS)], join=False)
+    with_join = _inflight(engine, [f"a{i}@1" for i in range(4 + LOADS + SWAPS, total)], join=True)
+    engine.stop(grace=1)
+    results = {"load_median_s": load, "raw_safetensors_median_s": raw, "slot_write_median_s": slot,
+               "profile_sha256_median_s": statistics.median(sha_s), "profile_serving_form_median_s": statistics.median(form_s),
+               "inflight_swap_only": swap_only, "inflight_swap_and_join": with_join}
+    print(common.table(["measure", "value"], [
+        ["registry load into engine (ms)", load * 1e3], ["raw safetensors read (ms)", raw * 1e3],
+        ["load / raw", load / raw], ["stack slot write on first use (ms)", slot * 1e3],
+        ["(load + slot write) / raw", (load + slot) / raw],
+        ["  of which sha256 integrity check (ms)", statistics.median(sha_s) * 1e3],
+        ["  of which serving_form: read + fold scaling (ms)", statistics.median(form_s) * 1e3],
+        ["decode step, in flight (ms)", swap_only["median_step_s"] * 1e3],
+        ["added latency during swaps (steps)", swap_only["added_in_steps"]],
+        ["added latency, swaps + joining requests (steps)", with_join["added_in_steps"]],
+    ]))
+    results["targets"] = [
+        common.verdict("(load + slot write) / raw safetensors read", (load + slot) / raw, "<=", 1.5),
+        common.verdict("added in-flight latency during swaps, in decode steps", swap_only["added_in_steps"], "<=", 1.0),
+    ]
+    common.save("hotswap", results)
+
+    def draw(ax):
+        names = ["raw read", "engine load", "load + slot"]
+        ax.bar(names, [raw * 1e3, load * 1e3, (load + slot) * 1e3], color=["grey", "C0", "C1"])
+        ax.set_ylabel("ms per adapter (median)")
+        ax.set_title(f"(b) hot-swap: load vs raw safetensors read; in-flight +{swap_only['added_in_steps']:.2f} steps")
+
+    common.plot("hotswap", draw)
+    return results
+
+
+if __name__ == "__main__":
+    main()
