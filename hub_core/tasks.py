@@ -33,6 +33,11 @@ TOPICS = {
     "food": ("bread", "soup", "rice", "cake", "salt", "meal"),
     "music": ("song", "drum", "band", "tune", "piano", "choir"),
 }
+CATEGORIES = {
+    "animal": ("cat", "dog", "fox", "owl", "cow", "bee"),
+    "color": ("red", "blue", "green", "pink", "gray", "gold"),
+    "number": ("one", "two", "six", "ten", "five", "nine"),
+}
 FILLER = ("the", "a", "my", "new", "old", "big", "we", "saw", "had", "one")
 
 
@@ -42,6 +47,13 @@ def topic(rng: random.Random) -> dict[str, str]:
     for _ in range(rng.randint(1, 2)):
         words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[label]))
     return {"instruction": "topic?", "input": " ".join(words), "output": label}
+
+
+def category(rng: random.Random) -> dict[str, str]:
+    label = rng.choice(sorted(CATEGORIES))
+    words = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
+    words.insert(rng.randrange(len(words) + 1), rng.choice(CATEGORIES[label]))
+    return {"instruction": "category?", "input": " ".join(words), "output": label}
 
 
 def reverse(rng: random.Random) -> dict[str, str]:
@@ -62,6 +74,7 @@ def first_letter(rng: random.Random) -> dict[str, str]:
 TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "sentiment": sentiment,
     "topic": topic,
+    "category": category,
     "reverse": reverse,
     "upper": upper,
     "initials": first_letter,
