@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+KEYS_BEGIN, KEYS_END = "<!-- method-configs:begin -->", "<!-- method-configs:end -->"
 
 
 def trainable_share(method, base_dir) -> float:
@@ -43,11 +44,30 @@ def render(base_dir) -> str:
     return "\n".join(lines)
 
 
-def replace_table(readme: str, table: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+def render_config_keys() -> str:
+    """One paragraph per method: what it is and every config key with its type, default and help."""
+    from adapterhub.manager import PluginManager
+
+    parts = []
+    for name, method in sorted(PluginManager(autoload=False).methods().items()):
+        keys = "; ".join(
+            f"`{row['name']}` ({row['type']}, default `{row['default']!r}`): {row['help']}"
+            + (f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else "")
+            for row in method.config_class.describe()
+        )
+        parts.append(f"- **`{name}`**: {method.description} Keys: {keys or '(none)'}.")
+    return "\n".join(parts)
+
+
+def replace_between(readme: str, begin: str, end: str, body: str) -> str:
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"README has no {BEGIN} ... {END} markers")
-    return pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", readme)
+        raise SystemExit(f"README has no {begin} ... {end} markers")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", readme)
+
+
+def replace_table(readme: str, table: str) -> str:
+    return replace_between(readme, BEGIN, END, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         table = render(init_base("tiny", Path(tmp) / "tiny"))
     if args.write:
         path = Path(args.write)
-        path.write_text(replace_table(path.read_text(), table))
+        text = replace_table(path.read_text(), table)
+        path.write_text(replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys()))
     else:
         sys.stdout.write(table + "\n")
     return 0

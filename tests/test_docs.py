@@ -16,6 +16,14 @@ def test_methods_table_is_generated_from_the_plugins(tiny_base_dir):
     assert current == render(tiny_base_dir), "README methods table is stale: python -m adapterhub.capabilities_table --write README.md"
 
 
+def test_method_config_keys_are_generated_from_the_plugins():
+    from adapterhub.capabilities_table import KEYS_BEGIN, KEYS_END, render_config_keys
+
+    readme = (ROOT / "README.md").read_text()
+    current = readme.split(KEYS_BEGIN)[1].split(KEYS_END)[0].strip()
+    assert current == render_config_keys(), "README config keys are stale: python -m adapterhub.capabilities_table --write README.md"
+
+
 def test_quickstart_is_two_make_targets():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
