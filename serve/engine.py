@@ -10,9 +10,11 @@ meanwhile does not change a running request.
 Decoding keeps a key/value cache (:class:`KVBatch`): a request joining the batch is prefilled once
 (with the other newcomers of that step, left-padded, its prefix adapters' keys/values in front),
 its cache is spliced into the running batch's, and from then on every step feeds ONE token per row.
-Rows leave by an ``index_select`` of the cache. Adapter tensors stay stacked for the engine's
-lifetime (:class:`~.rows.ResidentStacks`), so a step is a gather plus grouped matmuls whatever the
-mix of adapters.
+Rows leave by an ``index_select`` of the cache; the cache sits in buffers with spare columns, so a
+step writes its token in place instead of re-concatenating. Adapter tensors stay stacked for the
+engine's lifetime (:class:`~.rows.ResidentStacks`), so a step applies them with a fixed number of
+fused gather-matmuls whatever the mix of adapters.
+
 Adapters without a serving form take the slow path: the batch drains, the method attaches its
 adapter to the base (``method.load``), ``generate`` runs that request alone, ``method.detach``
 (on a quantized base: a fresh copy of the base, see ``_slow_path_base``).
@@ -63,6 +65,10 @@ class Sequence:
         self.cancelled = False
         self.finished = False
         self.emitted_text = ""
+        self.decoded = ""  # text of generated[:read_offset] (incremental detokenization)
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.done = threading.Event()  # set with the last event: result() waits on it, not on every token
         self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
         self.slow = any(entry.form is None for entry, _ in entries)
         self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
@@ -71,7 +77,12 @@ class Sequence:
         """Called by the RPC layer when the client goes away; the slot is freed at the next step."""
         if not self.finished:
             self.cancelled = True
-            self.events.put(RequestCancelled(f"request {self.id} was cancelled by the client"))
+            self.put(RequestCancelled(f"request {self.id} was cancelled by the client"), last=True)
+
+    def put(self, item: Any, *, last: bool = False) -> None:
+        self.events.put(item)
+        if last:
+            self.done.set()
 
     def chunks(self) -> Iterator[Chunk]:
         """Stream of chunks; the last has ``result``; raises the request's error if it failed."""
@@ -84,10 +95,15 @@ class Sequence:
                 return
 
     def result(self) -> GenerationResult:
-        for chunk in self.chunks():
-            if chunk.result is not None:
-                return chunk.result
-        raise RuntimeError("stream ended without a result")  # pragma: no cover
+        """The final result (or the request's error). Waits once, not once per token, so a unary
+        caller's thread does not wake up (and take the GIL from the scheduler) at every step."""
+        self.done.wait()
+        while True:
+            item = self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.result is not None:
+                return item.result
 
 
 def _slab_layer_class():
@@ -384,7 +400,7 @@ class Engine:
         seq.generated.append(token)
         params = seq.params
         reason = None
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = self._text(seq)
         if token == self.eos_id:
             reason = "eos"
         else:
@@ -401,13 +417,27 @@ class Engine:
                 delta, seq.emitted_text = safe[len(seq.emitted_text):], safe
             else:
                 delta = ""
-            seq.events.put(Chunk(delta, [token]))
+            seq.put(Chunk(delta, [token]))
             return
+        if reason != "stop":  # the authoritative text: one full decode per request
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         delta = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
         result = GenerationResult(text=text, token_ids=list(seq.generated), finish_reason=reason, adapters=seq.resolved,
                                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated))
         self._finish(seq)
-        seq.events.put(Chunk(delta, [token], result))
+        seq.put(Chunk(delta, [token], result), last=True)
+
+    def _text(self, seq: Sequence) -> str:
+        """The generated text so far, decoding only the last few tokens each step (TGI's prefix /
+        read offsets: decode with a little context, keep what follows it once it is complete)."""
+        prefix = self.tokenizer.decode(seq.generated[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(seq.generated[seq.prefix_offset:], skip_special_tokens=True)
+        new = full[len(prefix):] if full.startswith(prefix) else full
+        if new and not new.endswith("\ufffd"):
+            seq.decoded += new
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
+            return seq.decoded
+        return seq.decoded + new
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished = True
@@ -419,7 +449,7 @@ class Engine:
     def _finish_error(self, seq: Sequence, error: BaseException | None) -> None:
         self._finish(seq)
         if error is not None:
-            seq.events.put(error)
+            seq.put(error, last=True)
 
     def _release(self, seq: Sequence) -> None:
         for entry, _ in seq.entries:
