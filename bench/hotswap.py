@@ -5,9 +5,9 @@
    raw ``safetensors.torch.load_file`` of the same ``adapter_model.safetensors`` (interleaved,
    medians). Target: <= 1.5x.
 2. In-flight latency: ``INFLIGHT`` rows stream tokens; meanwhile another thread loads ``SWAPS``
-   new adapters into the cache. The added latency is the largest inter-token gap of the in-flight
-   rows during the swaps minus the largest gap in an equally long quiet window right after (so
-   scheduler noise of a shared machine cancels); target: at most one decode step (the median gap). Also reported: the same when requests using the new adapters join the batch
+   new adapters into the cache, one at a time, a few steps apart. Per swap, the added latency is
+   the largest inter-token gap of any in-flight row overlapping the swap minus the median step;
+   target: at most one decode step. Quiet windows of the same length give the noise floor. Also reported: the same when requests using the new adapters join the batch
    (their prefill runs inside a step; that is continuous batching, not the swap).
 """
 
@@ -30,40 +30,46 @@ def _stream_times(seq, out: list[float]) -> None:
 
 
 def _inflight(engine, refs_for_swaps, join: bool) -> dict:
+    """Swaps one at a time, ~5 decode steps apart; for each, the largest gap of any in-flight row
+    that overlaps the swap, minus the median step. The same statistic over quiet windows of the
+    same length (no swap) is the noise floor of this machine."""
     from adapterhub.serve.requests import GenerationRequest
 
     rows = [engine.submit(GenerationRequest.build(prompt=f"steady row {i} says", adapters=[(f"a{i % 4}@1", 1.0)],
-                                                  max_new_tokens=160)) for i in range(INFLIGHT)]
+                                                  max_new_tokens=200)) for i in range(INFLIGHT)]
     stamps = [[] for _ in rows]
     threads = [threading.Thread(target=_stream_times, args=(s, t)) for s, t in zip(rows, stamps)]
     for t in threads:
         t.start()
     while len(stamps[0]) < 16:
         time.sleep(0.01)
-    start = time.perf_counter()
+    step_guess = (stamps[0][-1] - stamps[0][4]) / (len(stamps[0]) - 5)
+    swaps, quiet = [], []
     for ref in refs_for_swaps:
+        time.sleep(5 * step_guess)
+        start = time.perf_counter()
         engine.cache.load(ref)
         if join:
             engine.submit(GenerationRequest.build(prompt="a newcomer", adapters=[(ref, 1.0)], max_new_tokens=4)).result()
-    end = time.perf_counter()
-    time.sleep(0.05)
-    control = (time.perf_counter(), time.perf_counter() + (end - start))  # as long, nothing swapped
-    time.sleep(end - start + 0.05)
+        end = time.perf_counter()
+        swaps.append((start, end))
+        time.sleep(5 * step_guess)
+        quiet.append((time.perf_counter(), time.perf_counter() + (end - start)))
+        time.sleep(end - start)
+    last = time.perf_counter()
     for t in threads:
         t.join()
-    before, during, quiet = [], [], []
-    for ts in stamps:
-        for a, b in zip(ts, ts[1:]):
-            if b < start:
-                before.append(b - a)
-            elif a <= end:
-                during.append(b - a)
-            elif b >= control[0] and a <= control[1]:
-                quiet.append(b - a)
-    step = statistics.median(before)
-    added = max(during) - max(quiet)
-    return {"median_step_s": step, "max_gap_during_s": max(during), "max_gap_quiet_window_s": max(quiet),
-            "added_s": added, "added_in_steps": added / step, "swap_window_s": end - start}
+    gaps = [(a, b) for ts in stamps for a, b in zip(ts, ts[1:])]
+    step = statistics.median([b - a for a, b in gaps if b < swaps[0][0] or a > last])
+
+    def worst(window):
+        return max((b - a for a, b in gaps if b >= window[0] and a <= window[1]), default=step) - step
+
+    added = [worst(w) for w in swaps]
+    noise = [worst(w) for w in quiet]
+    return {"median_step_s": step, "added_s": added, "quiet_added_s": noise,
+            "added_in_steps_max": max(added) / step, "added_in_steps_median": statistics.median(added) / step,
+            "quiet_in_steps_max": max(noise) / step}
 
 
 def main() -> dict:
@@ -116,12 +122,14 @@ def main() -> dict:
         ["  of which sha256 integrity check (ms)", statistics.median(sha_s) * 1e3],
         ["  of which serving_form: read + fold scaling (ms)", statistics.median(form_s) * 1e3],
         ["decode step, in flight (ms)", swap_only["median_step_s"] * 1e3],
-        ["added latency during swaps (steps)", swap_only["added_in_steps"]],
-        ["added latency, swaps + joining requests (steps)", with_join["added_in_steps"]],
+        ["added in-flight latency per swap, worst (steps)", swap_only["added_in_steps_max"]],
+        ["added in-flight latency per swap, median (steps)", swap_only["added_in_steps_median"]],
+        ["same statistic, quiet windows (steps)", swap_only["quiet_in_steps_max"]],
+        ["swap + a request joining with it, worst (steps)", with_join["added_in_steps_max"]],
     ]))
     results["targets"] = [
         common.verdict("(load + slot write) / raw safetensors read", (load + slot) / raw, "<=", 1.5),
-        common.verdict("added in-flight latency during swaps, in decode steps", swap_only["added_in_steps"], "<=", 1.0),
+        common.verdict("worst added in-flight latency per swap, in decode steps", swap_only["added_in_steps_max"], "<=", 1.0),
     ]
     common.save("hotswap", results)
 
@@ -129,7 +137,7 @@ def main() -> dict:
         names = ["raw read", "engine load", "load + slot"]
         ax.bar(names, [raw * 1e3, load * 1e3, (load + slot) * 1e3], color=["grey", "C0", "C1"])
         ax.set_ylabel("ms per adapter (median)")
-        ax.set_title(f"(b) hot-swap: load vs raw safetensors read; in-flight +{swap_only['added_in_steps']:.2f} steps")
+        ax.set_title(f"(b) hot-swap: load vs raw safetensors read; in-flight +{swap_only['added_in_steps_max']:.2f} steps")
 
     common.plot("hotswap", draw)
     return results
