@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from adapterhub.data import render_prompt
-from adapterhub.errors import LimitExceeded, Overloaded
+from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
 
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
@@ -468,7 +468,15 @@ class Engine:
                 late = seq.deadline is not None and time.monotonic() > seq.deadline
                 return torch.full((input_ids.shape[0],), seq.cancelled or late, dtype=torch.bool, device=input_ids.device)
 
-        model = entry.method.load(self._slow_path_base(), entry.directory)
+        try:
+            model = entry.method.load(self._slow_path_base(), entry.directory)
+        except AdapterHubError:
+            raise
+        except Exception as exc:  # a plugin bug fails this request only, and says whose bug it is
+            raise PluginError(
+                f"method plugin {entry.method.name!r} ({entry.method.origin}) failed to load {entry.key}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         try:
             model.eval()
             p = seq.params

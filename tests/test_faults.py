@@ -110,6 +110,7 @@ def test_raising_plugin_fails_only_its_requests(client, faulty_plugin):
     assert isinstance(form, grpc.RpcError) and form.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "lora-formraises" in form.details() and "serving hook exploded" in form.details()
     assert isinstance(load, grpc.RpcError), "a raising load() must fail its request"
+    assert load.code() == grpc.StatusCode.FAILED_PRECONDITION and "lora-loadraises" in load.details()
     assert list(results["good"].token_ids) == list(good.token_ids)
     assert results["base"].completion_tokens > 0
     assert health_status(client.channel) == serving()
