@@ -258,11 +258,16 @@ def test_adalora_schedule_follows_the_trainer_and_prunes_ranks(tiny_base_dir, se
 
 
 def test_adalora_needs_a_step_count(tiny_base_dir):
+    """The PEFT config is never built without a count; a bare attach (docs, inspection) uses a
+    placeholder that training replaces with the Trainer's own count (see the schedule test)."""
     from adapterhub import ConfigError
+    from adapterhub.plugins.adalora import PLACEHOLDER_TOTAL_STEP
 
     method = method_named("adalora")
     with pytest.raises(ConfigError, match="total"):
-        method.attach(load_base(tiny_base_dir), method.make_config({}))
+        method.peft_config(method.make_config({}))
+    model = method.attach(load_base(tiny_base_dir), method.make_config({}))
+    assert model.peft_config["default"].total_step == PLACEHOLDER_TOTAL_STEP
 
 
 def test_loraplus_optimizer_gives_b_ratio_times_a_lr(tiny_base_dir, sentiment_dataset, tiny_tokenizer, tmp_path):
