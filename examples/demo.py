@@ -28,7 +28,8 @@ N_TEST = int(os.environ.get("DEMO_N_TEST", "50"))
 JOBS = {
     "sentiment": ("lora", ["--set", "r=16", "--max-steps", "300", "--lr", "3e-3"]),
     "category": ("adapter", ["--max-steps", "400", "--lr", "1e-2", "--warmup-steps", "20"]),
-    "topic": ("prefix", ["--set", "num_virtual_tokens=16", "--max-steps", "600", "--lr", "3e-2", "--warmup-steps", "20"]),
+    "topic": ("prefix", ["--quantize", "nf4", "--set", "num_virtual_tokens=16", "--max-steps", "1200", "--lr", "3e-2",
+                         "--warmup-steps", "20"]),
 }
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
