@@ -105,10 +105,29 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             message = f"internal error ({type(exc).__name__}); see the server log"
         else:
             log.info("rpc=%s status=%s latency_ms=%.1f error=%s", name, code.name, latency * 1000, exc)
-            message = str(exc)
+            message = shorten(str(exc))
         if self.metrics is not None:
             self.metrics.request(name, code.name, latency, None)
         context.abort(code, message)
+
+
+MAX_DETAILS_BYTES = 3000
+
+
+def _wire_cost(ch: str) -> int:
+    """Bytes a character takes in grpc-message (percent-encoded unless printable ASCII)."""
+    return 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "surrogatepass"))
+
+
+def shorten(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """Keep status details well under gRPC's 8 KiB metadata soft limit (clients drop larger ones
+    as RESOURCE_EXHAUSTED), even when an error echoes a huge or non-ASCII value from the request."""
+    cost, end = 0, 0
+    for end, ch in enumerate(message):
+        cost += _wire_cost(ch)
+        if cost > limit - 40:
+            return message[:end] + f"... [{len(message) - end} more characters]"
+    return message
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

@@ -90,6 +90,26 @@ def test_random_requests_get_a_response_or_a_proper_status(live, request, stream
         assert health_status(live.channel) == serving()
 
 
+@pytest.mark.parametrize("ref", ["ü" * 20_000 + "@1", "a" * 20_000, "é@" + "9" * 5000])
+def test_huge_values_echoed_in_errors_still_arrive_as_invalid_argument(live, ref):
+    """Error details quote the bad value; they must stay under the metadata limit."""
+    with pytest.raises(grpc.RpcError) as caught:
+        live.generate("abc", adapters=[ref], max_new_tokens=2)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert 0 < len(caught.value.details()) <= 3000
+
+
+@pytest.mark.parametrize("text", ["x" * 50_000, "º@𘀫𵖋º\x1e" * 3000, "%" * 9000, "ok"])
+def test_status_details_fit_the_metadata_limit(text):
+    from urllib.parse import quote
+
+    from adapterhub.serve.interceptors import MAX_DETAILS_BYTES, shorten
+
+    short = shorten(f"bad value {text!r}")
+    assert len(quote(short, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")) <= MAX_DETAILS_BYTES
+    assert short.startswith("bad value") and (len(text) > 100 or short.endswith("'ok'"))
+
+
 def test_fuzz_counts_and_health(live):
     """Runs after the fuzz test (file order): reports what the 500 requests got."""
     total = sum(SEEN.values())
