@@ -20,7 +20,6 @@ from .method import Method
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "adapterhub.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def write_metadata(directory: str | Path, metadata: dict[str, Any]) -> None:
@@ -52,8 +51,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 
 def refuse_pickles(directory: Path) -> None:
+    from adapterhub.registry.adapterdir import PICKLE_SUFFIXES  # one list for the store and the loader
+
     for path in directory.iterdir():
-        if path.suffix in PICKLE_SUFFIXES:
+        if path.name.lower().endswith(PICKLE_SUFFIXES):
             raise IntegrityError(
                 f"{path} is a pickle-format file; adapterhub loads safetensors only (pickles can run code). "
                 "Convert it with safetensors and remove it"

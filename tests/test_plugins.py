@@ -164,3 +164,14 @@ def test_hook_is_exercised_by_a_test(hook):
     implementations = sum(f"def {hook}(" in s for s in sources)
     assert implementations >= 1, f"no test implements hook {hook}"
     assert f"def {hook}(" in (ROOT / "README.md").read_text(), f"README's plugin guide does not show {hook}"
+
+
+def test_registry_peft_type_table_agrees_with_the_plugins():
+    """The registry infers methods of plain PEFT dirs without importing torch (so without the
+    plugins); its table must say what the plugins' own ``peft_type`` declarations say."""
+    from adapterhub.registry.adapterdir import PEFT_METHODS
+
+    manager = PluginManager(autoload=False)
+    for peft_type, name in PEFT_METHODS.items():
+        assert manager.get_method(name).peft_type == peft_type
+        assert manager.method_for_peft_type(peft_type).name == name
