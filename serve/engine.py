@@ -23,6 +23,7 @@ adapter to the base (``method.load``), ``generate`` runs that request alone, ``m
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import logging
 import queue
@@ -52,9 +53,10 @@ class Sequence:
     _ids = itertools.count(1)
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], entries: list[tuple[LoadedAdapter, float]],
-                 resolved: list[ResolvedAdapter], deadline: float | None):
+                 resolved: list[ResolvedAdapter], deadline: float | None, stream: bool = True):
         self.id = next(self._ids)
         self.request = request
+        self.stream = stream  # False: the caller wants the result only (no per-token chunks)
         self.params = request.params
         self.prompt_ids = prompt_ids
         self.entries = entries
@@ -196,7 +198,8 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 class Engine:
     def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
-                 max_queue: int = 256, metrics: Any = None):
+                 max_queue: int = 256, metrics: Any = None, admission_window: float = 0.005,
+                 admission_gap: float = 0.001):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -204,12 +207,17 @@ class Engine:
         self.limits = limits
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.admission_window = admission_window  # see _gather_burst
+        self.admission_gap = admission_gap
         self.metrics = metrics
         self.device = next(self.model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.num_layers = self.model.config.num_hidden_layers
         self.hooks = RowHooks(self.model)
+        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
+        # deprecation wrapper on every forward; 4.x knows only the old one)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.stacks = ResidentStacks(slots=max(8, cache.capacity))
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
@@ -233,8 +241,13 @@ class Engine:
 
     # -- request side (caller threads) ------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, *, timeout: float | None = None) -> Sequence:
-        """Tokenize, resolve and load adapters (off the engine lock), then enqueue."""
+    def submit(self, request: GenerationRequest, *, timeout: float | None = None, stream: bool = True) -> Sequence:
+        """Tokenize, resolve and load adapters (off the engine lock), then enqueue.
+
+        ``stream=False`` (unary calls) asks for the result only: the engine then skips the
+        per-token events, and also the per-token detokenization unless stop strings need the text.
+        ``chunks()`` still works and yields one chunk with the whole text.
+        """
         if self._stopping:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         prompt_ids = self._tokenize(request)
@@ -257,7 +270,7 @@ class Engine:
             raise
         resolved = [ResolvedAdapter(spec.ref, e.key, e.method.name, w) for spec, (e, w) in zip(request.adapters, entries)]
         deadline = time.monotonic() + timeout if timeout is not None else None
-        seq = Sequence(request, prompt_ids, entries, resolved, deadline)
+        seq = Sequence(request, prompt_ids, entries, resolved, deadline, stream)
         with self._cond:
             if self._stopping:
                 self._release(seq)
@@ -293,6 +306,8 @@ class Engine:
                     self._cond.wait()
                 if self._stopping and not self._pending and not self._active:
                     return
+                if not self._active:
+                    self._gather_burst()
                 while self._pending and len(self._active) < self.max_batch:
                     head = self._pending[0]
                     if head.slow:
@@ -311,6 +326,20 @@ class Engine:
                     self._finish_error(seq, exc)
                 self.hooks.plan = None
                 self._batch = None
+
+    def _gather_burst(self) -> None:
+        """From idle, wait (at most ``admission_window``, while requests keep arriving less than
+        ``admission_gap`` apart) so that a burst is prefilled as one batch: admitting its first
+        request alone costs an extra prefill and a decode step that the rest of the burst then
+        trails by (the idea of vLLM's scheduler delay). Called with ``_cond`` held; a lone request
+        waits one gap (1 ms by default)."""
+        deadline = time.monotonic() + self.admission_window
+        seen = len(self._pending)
+        while seen < self.max_batch and not self._stopping and time.monotonic() < deadline:
+            self._cond.wait(min(self.admission_gap, max(0.0, deadline - time.monotonic())))
+            if len(self._pending) == seen:
+                return
+            seen = len(self._pending)
 
     def _drop_dead(self) -> None:
         now = time.monotonic()
@@ -390,7 +419,7 @@ class Engine:
         self.hooks.plan = plan
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache},
                                  use_cache=True, logits_to_keep=1)
         finally:
             self.hooks.plan = None
@@ -399,33 +428,42 @@ class Engine:
     def _advance(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)
         params = seq.params
-        reason = None
-        text = self._text(seq)
         if token == self.eos_id:
-            reason = "eos"
-        else:
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-            elif len(seq.generated) >= params.max_new_tokens:
-                reason = "length"
-        if reason is None:
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            safe = text[: len(text) - hold] if hold else text
-            safe = safe.rstrip("\ufffd")
-            if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
-                delta, seq.emitted_text = safe[len(seq.emitted_text):], safe
-            else:
-                delta = ""
-            seq.put(Chunk(delta, [token]))
+            return self._complete(seq, token, "eos")
+        if not params.stop:
+            if len(seq.generated) >= params.max_new_tokens:
+                return self._complete(seq, token, "length")
+            if seq.stream:
+                self._stream(seq, token, self._text(seq), hold=0)
             return
-        if reason != "stop":  # the authoritative text: one full decode per request
+        text = self._text(seq)
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return self._complete(seq, token, "stop", text[:cut])
+        if len(seq.generated) >= params.max_new_tokens:
+            return self._complete(seq, token, "length")
+        if seq.stream:
+            self._stream(seq, token, text, hold=max(len(s) - 1 for s in params.stop))
+
+    def _stream(self, seq: Sequence, token: int, text: str, hold: int) -> None:
+        """Emit the text that is final: not a partial character, not a possible stop-string start."""
+        safe = text[: len(text) - hold] if hold else text
+        safe = safe.rstrip("\ufffd")
+        if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
+            delta, seq.emitted_text = safe[len(seq.emitted_text):], safe
+        else:
+            delta = ""
+        seq.put(Chunk(delta, [token]))
+
+    def _complete(self, seq: Sequence, token: int, reason: str, text: str | None = None) -> None:
+        """Finish ``seq``; the authoritative text is one full decode (a stop cut passes its text)."""
+        if text is None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         delta = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
         result = GenerationResult(text=text, token_ids=list(seq.generated), finish_reason=reason, adapters=seq.resolved,
                                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated))
         self._finish(seq)
-        seq.put(Chunk(delta, [token], result), last=True)
+        seq.put(Chunk(delta, [token] if seq.stream else list(seq.generated), result), last=True)
 
     def _text(self, seq: Sequence) -> str:
         """The generated text so far, decoding only the last few tokens each step (TGI's prefix /

@@ -10,8 +10,8 @@ from .convert import chunk_to_proto, request_from_proto, resident_to_proto, resp
 from .engine import Engine
 
 
-def _submit(engine: Engine, request: Any, context: Any):
-    seq = engine.submit(request_from_proto(request, engine.limits), timeout=context.time_remaining())
+def _submit(engine: Engine, request: Any, context: Any, *, stream: bool):
+    seq = engine.submit(request_from_proto(request, engine.limits), timeout=context.time_remaining(), stream=stream)
     context.add_callback(seq.cancel)
     return seq
 
@@ -21,10 +21,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.engine = engine
 
     def Generate(self, request, context):
-        return response_to_proto(_submit(self.engine, request, context).result())
+        return response_to_proto(_submit(self.engine, request, context, stream=False).result())
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateChunk]:
-        for chunk in _submit(self.engine, request, context).chunks():
+        for chunk in _submit(self.engine, request, context, stream=True).chunks():
             yield chunk_to_proto(chunk)
 
 

@@ -95,7 +95,8 @@ def test_decode_feeds_one_token_per_row_and_joins_stay_exact(engine):
 def _count_matmuls(fn) -> int:
     from torch.overrides import TorchFunctionMode
 
-    names = {"matmul", "mm", "bmm", "einsum", "grouped_mm", "_grouped_mm", "linear", "addmm", "baddbmm", "embedding_bag"}
+    names = {"matmul", "mm", "bmm", "einsum", "grouped_mm", "_grouped_mm", "linear", "addmm", "addmm_", "baddbmm",
+             "embedding_bag"}
 
     class Count(TorchFunctionMode):
         calls = 0
@@ -136,10 +137,11 @@ def _decode_step_matmuls(engine, refs) -> int:
 
 def test_matmul_calls_per_step_do_not_grow_with_distinct_adapters(engine):
     base = _decode_step_matmuls(engine, [None] * 8)
-    one = _decode_step_matmuls(engine, ["t0@1"] * 8)
+    one = _decode_step_matmuls(engine, ["t0@1"] * 8)  # the shared-adapter path: plain matmuls
+    two = _decode_step_matmuls(engine, ["t0@1", "t1@1"] * 4)
     eight = _decode_step_matmuls(engine, [f"t{i}@1" for i in range(8)])
-    assert one > base, "the LoRA hooks added no matmuls: adapters are not applied"
-    assert eight == one, f"{eight} matmul calls for 8 distinct adapters vs {one} for one: a loop over adapters"
+    assert one > base and two > base, "the LoRA hooks added no matmuls: adapters are not applied"
+    assert eight == two, f"{eight} matmul calls for 8 distinct adapters vs {two} for two: a loop over adapters"
 
 
 def test_stacks_written_once_per_adapter_not_per_mix(engine):
@@ -184,3 +186,59 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     stack.slots([e])  # every slot taken: e takes the least recently used one (a's); a keeps its own copy
     assert torch.equal(stack.tensors["m"][0][slots["a@1"], :, :2], torch.full((4, 2), 5.0))
     assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
+
+
+def test_shared_adapter_fast_path_equals_the_gathered_path(engine):
+    """Rows of one adapter give the same logits whether the batch takes the dense path (every row
+    the same adapter) or the gathered one (mixed with another adapter)."""
+    from adapterhub.serve.rows import BatchPlan
+
+    def logits(refs):
+        entries = [[(engine.cache.acquire(r), 1.0)] for r in refs]
+        try:
+            plan = BatchPlan(entries, engine.stacks, engine.device)
+            engine.hooks.ensure(plan.modules, plan.input_modules)
+            engine.hooks.plan = plan
+            dense = plan.shared_lora_slot is not None
+            with torch.inference_mode():
+                out = engine.model(input_ids=torch.tensor([[72, 105, 33]] * len(refs))).logits
+            return out, dense
+        finally:
+            engine.hooks.plan = None
+            for row in entries:
+                for entry, _ in row:
+                    engine.cache.release(entry)
+
+    shared, dense = logits(["t6@1"] * 2)
+    mixed, gathered = logits(["t6@1", "t6@1", "t7@1"])
+    assert dense and not gathered
+    torch.testing.assert_close(shared, mixed[:2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[2], mixed[0], atol=1e-3), "t7 should change the output differently from t6"
+
+
+def test_unary_requests_skip_per_token_events_and_match_streamed_ones(engine):
+    jobs = [("the good day", "t0@1", []), ("a bad movie", None, ["e"]), ("xy", "t1@1", ["zzz"])]
+    for prompt, ref, stop in jobs:
+        from adapterhub.serve.requests import GenerationRequest
+
+        request = GenerationRequest.build(prompt=prompt, adapters=[(ref, 1.0)] if ref else [], max_new_tokens=12, stop=stop)
+        streamed = list(engine.submit(request).chunks())
+        unary = list(engine.submit(request, stream=False).chunks())
+        assert len(unary) == 1, "a unary request should get one event, not one per token"
+        assert unary[0].result == streamed[-1].result
+        assert unary[0].text == unary[0].result.text == "".join(c.text for c in streamed)
+        assert unary[0].token_ids == unary[0].result.token_ids == [t for c in streamed for t in c.token_ids]
+
+
+def test_a_burst_from_idle_is_prefilled_as_one_batch(engine):
+    window, gap = engine.admission_window, engine.admission_gap
+    engine.admission_window, engine.admission_gap = 5.0, 0.25  # generous: CI machines stall
+    shapes = InputShapes(engine.model)
+    try:
+        seqs = [engine.submit(_request(f"burst {i}", f"t{i % 3}@1", 3), stream=False) for i in range(6)]
+        [s.result() for s in seqs]
+    finally:
+        shapes.close()
+        engine.admission_window, engine.admission_gap = window, gap
+    assert shapes.shapes[0][0] == 6, f"the burst was split: forwards {shapes.shapes}"
+    assert len(shapes.shapes) == 3, f"one prefill and two decode steps expected, got {shapes.shapes}"
