@@ -118,8 +118,10 @@ def _slab_layer_class():
         def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64):
             super().__init__()
             self.length = keys.shape[2]
-            self._k = keys.new_zeros(*keys.shape[:2], self.length + spare, keys.shape[3])
-            self._v = torch.zeros_like(self._k)
+            # spare columns are never read before a step writes them (the views stop at length):
+            # no need to zero-fill megabytes per prefill
+            self._k = keys.new_empty(*keys.shape[:2], self.length + spare, keys.shape[3])
+            self._v = torch.empty_like(self._k)
             self._k[:, :, : self.length] = keys
             self._v[:, :, : self.length] = values
             self.device, self.is_initialized = keys.device, True
