@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pluggy
 
+from .adapter_files import AdapterFiles
 from .config import MethodConfig, option
 from .errors import (
     AdapterHubError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("adapterhub")
 
 __all__ = [
+    "AdapterFiles",
     "AdapterHubError",
     "BaseMismatch",
     "Capabilities",

@@ -18,6 +18,7 @@ from .errors import NotMergeable
 if TYPE_CHECKING:
     import torch.nn as nn
 
+    from .adapter_files import AdapterFiles
     from .serving_forms import ServingForm
     from .training import TrainOptions, TrainResult
 
@@ -169,5 +170,32 @@ class Method:
         """
         return None
 
+    def serving_form_from_files(self, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
+        """The same form, built from ``files``: the adapter's files as the server read them, once.
+
+        Override this instead of :meth:`serving_form` to build the form from those bytes (e.g.
+        ``files.read_tensors()``) while the server checks them against the registry's hashes, in
+        parallel; the form is used only if every check passes. The default reads the files again
+        from ``files.directory`` through :meth:`serving_form`, after the checks.
+        """
+        return self.serving_form(files.directory, base_config)
+
     def __repr__(self) -> str:
         return f"<Method {self.name} from {self.origin}>"
+
+
+def build_serving_form(method: Method, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
+    """Call the method's most specific serving hook (the host calls this, never the hooks directly).
+
+    That is :meth:`Method.serving_form_from_files`, unless a subclass overrides only
+    :meth:`Method.serving_form` below the class that defines it: a plugin that subclasses a built-in
+    method and changes its form (as DoRA does LoRA's, or one written before the files hook existed)
+    gets its own ``serving_form``, not the inherited one.
+    """
+    def owner(name: str) -> type:
+        return next(cls for cls in type(method).__mro__ if name in vars(cls))
+
+    by_directory, by_files = owner("serving_form"), owner("serving_form_from_files")
+    if by_directory is not by_files and issubclass(by_directory, by_files):
+        return method.serving_form(files.directory, base_config)
+    return method.serving_form_from_files(files, base_config)

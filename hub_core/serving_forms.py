@@ -1,9 +1,9 @@
 """Adapters as plain tensors, in the few shapes the server knows how to apply per row.
 
-A method's ``serving_form`` turns its saved adapter into one of these; the server's engine stacks
-forms of the same kind from many adapters and applies them with gathered batched matmuls, so one
-forward pass serves rows with different adapters. Module names are those of the *base* model
-(``model.layers.0.self_attn.q_proj``), never of a PEFT wrapper.
+A method's ``serving_form`` (or ``serving_form_from_files``) turns its saved adapter into one of
+these; the server's engine stacks forms of the same kind from many adapters and applies them with
+gathered batched matmuls, so one forward pass serves rows with different adapters. Module names
+are those of the *base* model (``model.layers.0.self_attn.q_proj``), never of a PEFT wrapper.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ class LoraForm:
     """Low-rank deltas on Linear layers: ``y = base(x) + (x @ A.T) @ B.T``.
 
     ``B`` already includes the method's scaling (alpha / r and any learned singular values), so the
-    server needs no method-specific arithmetic. Covers LoRA, QLoRA, LoRA+, AdaLoRA.
+    server needs no method-specific arithmetic. Covers LoRA, QLoRA, LoRA+, AdaLoRA. The server's
+    stacks hold ``A.T`` and ``B.T``: when A and B are transposes of contiguous tensors
+    (``torch.empty(in, r).T``), writing them into a stack slot is one plain copy each.
     """
 
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
