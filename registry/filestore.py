@@ -15,18 +15,20 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any, Iterator
 
 import filelock
 
+from adapterhub.adapter_files import ReusableBuffer
 from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
 
 from . import fsutil
 from .adapterdir import adapter_files, read_metadata
 from .manifest import FileEntry, Manifest, Metadata, software_versions, utc_now
 from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
-from .store import AdapterStore, Problem, RefLike
+from .store import AdapterStore, Problem, RefLike, VersionRead
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ STALE_TEMP_SECONDS = 24 * 3600  # temp files of writers on other hosts count as 
 
 _VERSION_FILE_RE = re.compile(r"([1-9][0-9]*)\.json")
 _BLOB_RE = re.compile(r"[0-9a-f]{64}")
+_REUSED_MIN_BYTES = 1 << 20  # a file this big is read into the reused buffer
 
 
 class FileStore(AdapterStore):
@@ -55,6 +58,7 @@ class FileStore(AdapterStore):
         self.max_file_bytes = max_file_bytes
         self.lock_timeout = lock_timeout
         self.fsync = fsync
+        self._read_buffer = ReusableBuffer()  # for the big file of each read_version
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
@@ -227,6 +231,44 @@ class FileStore(AdapterStore):
                     shutil.rmtree(building, ignore_errors=True)
         self._check_snapshot(manifest, snapshot, verify)
         return snapshot
+
+    def read_version(self, ref: RefLike, *, hasher: Executor | None = None) -> VersionRead:
+        """Each file of the snapshot read once, hashed chunk by chunk as it is read.
+
+        With ``hasher`` (a single-thread executor: its tasks run in order) the hashing runs there,
+        overlapping the rest of the read and whatever the caller does next. ``check`` also checks
+        the snapshot's names and described files (for code that reads the directory), in the
+        calling thread, while the hashing may still run.
+        """
+        manifest = self.manifest(ref)
+        snapshot = self._snapshot_dir(manifest.task, manifest.version)
+        if not snapshot.is_dir():
+            self.materialize(manifest)  # built (and hashed) once
+        run = hasher.submit if hasher is not None else _run_now
+        data, digests = {}, {name: hashlib.sha256() for name in manifest.files}
+        for name, entry in manifest.files.items():
+            path = snapshot / validate_file_name(name)
+            buffer = self._read_buffer.take(entry.size) if entry.size >= _REUSED_MIN_BYTES else None
+            try:
+                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digests[name]: run(d.update, chunk), buffer)
+            except FileNotFoundError:
+                data[name] = None
+            if data[name] is None:  # missing, or another size than the manifest's
+                self._check_snapshot(manifest, snapshot, "size")  # names what is wrong
+                raise self._corrupt(manifest, name, path)
+
+        def compare() -> None:
+            for name, entry in manifest.files.items():
+                if digests[name].hexdigest() != entry.sha256:
+                    raise self._corrupt(manifest, name, snapshot / name)
+
+        compared = run(compare)
+
+        def check() -> None:
+            self._check_snapshot(manifest, snapshot, "size")
+            compared.result()
+
+        return VersionRead(manifest, snapshot, data, check)
 
     def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
         described = manifest.described_files()
@@ -529,3 +571,13 @@ class FileStore(AdapterStore):
                         if fsutil.is_stale_temp(path, stale_after=stale_after):
                             remove(path, "temp_removed")
         return report
+
+
+def _run_now(fn, *args) -> Future:
+    """``Executor.submit`` without a thread: runs ``fn`` at once, result or exception in a Future."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)
+    return future

@@ -110,6 +110,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None,
+                 buffer: memoryview | None = None) -> memoryview | None:
+    """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
+
+    Read into ``buffer`` (``size`` bytes of it) when given, else into a new one, not zeroed first
+    (numpy.empty: zeroing would be one more pass before the first chunk could be hashed).
+    ``on_chunk`` sees each chunk as soon as it is read, e.g. to hash it in another thread while
+    the rest is read.
+    """
+    import numpy
+
+    view = buffer[:size] if buffer is not None else memoryview(numpy.empty(size, dtype=numpy.uint8))
+    filled = 0
+    with open(path, "rb", buffering=0) as f:
+        while filled < size:
+            n = f.readinto(view[filled:filled + _CHUNK])
+            if not n:
+                return None
+            if on_chunk is not None:
+                on_chunk(view[filled:filled + n])
+            filled += n
+        if f.read(1):
+            return None
+    return view
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard link (no extra space, like the Hub cache's snapshot symlinks) or copy where links fail."""
     try:

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 import io
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from adapterhub.errors import NotFound
 
@@ -29,6 +29,22 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
+
+
+@dataclasses.dataclass
+class VersionRead:
+    """A version's files, each read into memory once, and ``check`` for those same bytes.
+
+    ``check()`` hashes the bytes that were read against the manifest and raises IntegrityError
+    naming the file on a mismatch: nothing separates the check from the use. It is separate so a
+    caller can work on ``data`` while the hashing runs in another thread (hashlib releases the
+    GIL); whatever is built from ``data`` must not be used before ``check()`` returned.
+    """
+
+    manifest: Manifest
+    directory: Path
+    data: dict[str, memoryview]
+    check: Callable[[], None]
 
 
 class AdapterStore(abc.ABC):
@@ -93,6 +109,20 @@ class AdapterStore(abc.ABC):
     @abc.abstractmethod
     def read_bytes(self, ref: RefLike, name: str) -> bytes:
         """One file of a version, verified against its hash."""
+
+    def read_version(self, ref: RefLike, *, hasher: Any = None) -> VersionRead:
+        """Every file of a version in memory, with their hash check (see :class:`VersionRead`).
+
+        ``hasher``: a single-thread ``concurrent.futures.Executor`` the backend may hash in. This
+        default checks, then reads the checked directory again; backends override it to read each
+        file once.
+        """
+        from adapterhub.adapter_files import read_file
+
+        manifest = self.manifest(ref)
+        directory = self.materialize(manifest)
+        data = {name: read_file(directory / name) for name in manifest.files}
+        return VersionRead(manifest, directory, data, lambda: None)
 
     # -- maintenance -----------------------------------------------------------------------
 
