@@ -7,13 +7,12 @@ Served in mixed batches through :class:`~adapterhub.serving_forms.LoraForm`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import adapterhub
-from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
 from adapterhub.plugins._peft import PeftMethod, lora_form_from_state
 
 
@@ -62,29 +61,25 @@ class LoraMethod(PeftMethod):
         )
 
     def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return peft_lora_form(directory)
+        return peft_lora_form(AdapterFiles.from_directory(directory))
+
+    def serving_form_from_files(self, files: AdapterFiles, base_config: Any) -> Any:
+        return peft_lora_form(files)
 
 
-def peft_lora_form(directory: str | Path) -> Any:
-    """The LoraForm of a PEFT LoRA directory, scaling folded in (shared by LoRA relatives)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    cfg = json.loads((directory / "adapter_config.json").read_text())
+def peft_lora_form(files: AdapterFiles) -> Any:
+    """The LoraForm of a PEFT LoRA adapter, scaling folded in (shared by LoRA relatives)."""
+    cfg = files.read_json("adapter_config.json")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    state = load_file(str(directory / "adapter_model.safetensors"))
-    scaling: dict[str, float] = {}
-    for key in state:
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0]
-            from adapterhub.plugins._peft import base_module_name
+    root = math.sqrt if cfg.get("use_rslora") else (lambda rank: rank)
 
-            name = base_module_name(module)
-            mr = next((v for k, v in rank_pattern.items() if name.endswith(k)), r)
-            ma = next((v for k, v in alpha_pattern.items() if name.endswith(k)), alpha)
-            scaling[name] = ma / (math.sqrt(mr) if cfg.get("use_rslora") else mr)
-    return lora_form_from_state(state, scaling)
+    def scaling(module: str) -> float:
+        mr = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
+        ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
+        return ma / root(mr)
+
+    return lora_form_from_state(files.read_tensors("adapter_model.safetensors"), scaling, files.empty)
 
 
 @adapterhub.hookimpl

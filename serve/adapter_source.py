@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from adapterhub.adapter_files import AdapterFiles, ReusableBuffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +23,7 @@ class AdapterVersion:
     method: str
     base_fingerprint: str
     base_name: str
+    manifest: Any = dataclasses.field(default=None, compare=False, repr=False)  # spares a load re-reading it
 
     @property
     def ref(self) -> str:
@@ -33,6 +38,10 @@ class AdapterSource:
 
         self.store = open_registry(registry)
         self.max_bytes = max_bytes
+        # sha256 of what a load reads runs here, while the loading thread reads on and builds the
+        # form (hashlib releases the GIL); one thread, so each file's chunks are hashed in order
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-sha256")
+        self._workspace = ReusableBuffer()  # AdapterFiles.empty: memory for the forms
 
     def resolve(self, ref: str) -> AdapterVersion:
         """Malformed -> InvalidReference; unknown task/version/tag -> NotFound (both from the registry)."""
@@ -43,20 +52,36 @@ class AdapterSource:
             method=manifest.method,
             base_fingerprint=manifest.base_fingerprint,
             base_name=manifest.base_name,
+            manifest=manifest,
         )
+
+    def read(self, version: AdapterVersion) -> AdapterFiles:
+        """The version's files, each read once; their sha256 checks run in the background.
+
+        The caller builds what it needs from the bytes meanwhile, and must call ``check()`` before
+        using the result. Refused before any read when a file is over ``max_bytes``.
+        """
+        manifest = version.manifest or self.store.manifest(version.ref)
+        self._check_sizes(manifest)
+        read = self.store.read_version(manifest, hasher=self._hasher)
+        return AdapterFiles(read.data, read.directory, check=read.check, workspace=self._workspace.take)
 
     def materialize(self, version: AdapterVersion) -> Path:
         """A verified directory with the version's files; refused before any read when over ``max_bytes``."""
-        if self.max_bytes is not None:
-            from adapterhub.errors import LimitExceeded
+        manifest = self.store.manifest(version.ref)
+        self._check_sizes(manifest)
+        return Path(self.store.materialize(manifest))
 
-            manifest = self.store.manifest(version.ref)
-            for name, entry in manifest.files.items():
-                if entry.size > self.max_bytes:
-                    raise LimitExceeded(
-                        f"adapter {version.ref}: file {name} is {entry.size} bytes, over this server's limit of "
-                        f"{self.max_bytes} (--max-adapter-bytes); raise the limit or publish a smaller adapter")
-        return Path(self.store.materialize(version.ref))
+    def _check_sizes(self, manifest) -> None:
+        if self.max_bytes is None:
+            return
+        from adapterhub.errors import LimitExceeded
+
+        for name, entry in manifest.files.items():
+            if entry.size > self.max_bytes:
+                raise LimitExceeded(
+                    f"adapter {manifest.ref}: file {name} is {entry.size} bytes, over this server's limit of "
+                    f"{self.max_bytes} (--max-adapter-bytes); raise the limit or publish a smaller adapter")
 
     def describe(self) -> str:
         return str(getattr(self.store, "root", self.store))

@@ -1,10 +1,11 @@
 """The adapter cache: at most K resident adapters, LRU, pinnable, loaded off the engine lock.
 
-Loading (registry fetch + hash check + the method's ``serving_form``) runs in the calling request
-thread while other requests keep decoding; concurrent requests for the same version wait for one
-load. An adapter in use by running requests is never evicted from under them: eviction skips it,
-and if every resident adapter is pinned or busy the cache goes over capacity until one is released
-(logged), rather than failing the request.
+Loading (one read of each file, its sha256 check in a background thread meanwhile, the method's
+serving form from those bytes) runs in the calling request thread while other requests keep
+decoding; the entry is published only once every check passed. Concurrent requests for the same
+version wait for one load. An adapter in use by running requests is never evicted from under them:
+eviction skips it, and if every resident adapter is pinned or busy the cache goes over capacity
+until one is released (logged), rather than failing the request.
 """
 
 from __future__ import annotations
@@ -131,24 +132,27 @@ class AdapterCache:
 
     def _load(self, version: AdapterVersion) -> LoadedAdapter:
         from adapterhub.manager import get_manager
+        from adapterhub.method import build_serving_form
 
         method = get_manager().get_method(version.method)
-        directory = self.source.materialize(version)
+        files = self.source.read(version)  # each file read once; their sha256 checks run meanwhile
         try:
-            form = method.serving_form(directory, self.base_config)
+            form = build_serving_form(method, files, self.base_config)
         except AdapterHubError:
             raise
         except Exception as exc:  # a plugin bug fails only the requests that use this adapter
             raise PluginError(
                 f"method plugin {method.name!r} ({getattr(method, 'origin', '?')}) failed to prepare adapter "
                 f"{version.ref} for serving: {type(exc).__name__}: {exc}; fix or update the plugin") from exc
+        finally:
+            files.check()  # a mismatch raises IntegrityError (over any error the bad bytes caused): nothing is kept
         if form is not None and not isinstance(form, self.supported_forms):
             log.warning("%s: serving form %s is not supported; using the slow path", version.ref, type(form).__name__)
             form = None
         if form is not None:
             form = self.prepare_form(form)
         log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
-        return LoadedAdapter(version=version, method=method, directory=directory, form=form)
+        return LoadedAdapter(version=version, method=method, directory=files.directory, form=form)
 
     def _evict_locked(self, keep: str | None = None) -> None:
         while len(self._resident) > self.capacity:

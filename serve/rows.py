@@ -42,15 +42,16 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 def prepare_form(form: Any, device: torch.device) -> Any:
     """Move a form's tensors to the model's device (float32), once, when the adapter loads.
 
-    LoRA's A and B are put in the stacks' layout (transposes of contiguous ``[in, r]`` /
-    ``[r, out]``; a no-op for the built-in plugins' forms), here in the loading thread, so that the
-    scheduler thread's slot write is a plain copy.
+    LoRA forms are left where they are: their tensors only feed the slot write, whose copy moves
+    and converts them anyway, and is a plain memcpy when A and B are transposes of contiguous
+    ``[in, r]`` / ``[r, out]`` (the stacks' layout, what the built-in plugins return). Touching
+    84 tensors here would cost more than that copy saves.
     """
     def mv(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=torch.float32).contiguous()
 
     if isinstance(form, LoraForm):
-        return LoraForm({m: (mv(a.T).T, mv(b.T).T) for m, (a, b) in form.deltas.items()})
+        return LoraForm({m: (a.detach(), b.detach()) for m, (a, b) in form.deltas.items()})
     if isinstance(form, BottleneckForm):
         if form.activation not in ACTIVATIONS:
             raise LimitExceeded(f"bottleneck activation {form.activation!r} is not one of {', '.join(ACTIVATIONS)}")
@@ -118,9 +119,9 @@ class SlotStack:
             slot = self._slot_of.get(adapter.key)
             if slot is None:
                 slot = self._free_slot(needed)
-                self._write(slot, adapter.form)
+                self._bind(slot, adapter.form, self._write(slot, adapter.form))
                 self._slot_of[adapter.key] = slot
-            if not any(f is adapter.form for f in self._bound[slot]):  # e.g. the same version reloaded
+            elif not any(f is adapter.form for f in self._bound[slot]):  # e.g. the same version reloaded
                 self._bind(slot, adapter.form)
             self._slot_of.move_to_end(adapter.key)
         return {key: self._slot_of[key] for key in needed}
@@ -157,14 +158,15 @@ class SlotStack:
                 self.set_parts(form, self._views(slot))
 
     def _views(self, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
-        return {name: tuple(_region(self.tensors[name][i], slot, shape) for i, shape in enumerate(shapes))
+        return {name: tuple(_region(self.tensors[name][i][slot], shape) for i, shape in enumerate(shapes))
                 for name, shapes in self._shapes[slot].items()}
 
-    def _bind(self, slot: int, form: Any) -> None:
-        self.set_parts(form, self._views(slot))
+    def _bind(self, slot: int, form: Any, views: dict[str, tuple[torch.Tensor, ...]] | None = None) -> None:
+        self.set_parts(form, views if views is not None else self._views(slot))
         self._bound[slot].append(form)
 
-    def _write(self, slot: int, form: Any) -> None:
+    def _write(self, slot: int, form: Any) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Copy the form into ``slot`` (padding the rest); returns the views it wrote, for binding."""
         self.writes += 1
         parts = self.parts_of(form)
         grow = {}
@@ -176,16 +178,21 @@ class SlotStack:
                 grow[name] = [list(t.shape) for t in ts]
         if grow:
             self._grow(grow)
-        for name, stack in self.tensors.items():
+        regions = {}
+        for name, stack in self.tensors.items():  # per tensor, no more than one index and one copy
+            part = parts.get(name)
             for i, t in enumerate(stack):
-                part = parts[name][i] if name in parts else None
-                if part is None or part.shape != t.shape[1:]:
-                    t[slot].fill_(self.pad)
+                region = t[slot]
+                if part is None or part[i].shape != region.shape:
+                    region.fill_(self.pad)
                 if part is not None:
-                    _region(t, slot, part.shape).copy_(part)
+                    region = _region(region, part[i].shape)
+                    region.copy_(part[i])
+                    regions.setdefault(name, []).append(region)
         self.meta[slot] = form
         self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}
         self._bound.pop(slot, None)
+        return {name: tuple(r) for name, r in regions.items()}
 
     def gather_slots(self, rows, kind: type, device) -> _Slots | None:
         """Per-row slots ``[B, K]`` of this kind (K = most adapters of the kind in one row)."""
@@ -202,10 +209,9 @@ class SlotStack:
         return _Slots(index.to(device), weight.to(device))
 
 
-def _region(stack: torch.Tensor, slot: int, shape: torch.Size) -> torch.Tensor:
-    """The part of ``stack[slot]`` that holds a tensor of ``shape`` (all of it, unless padded)."""
-    view = stack[slot]
-    return view if view.shape == shape else view[tuple(slice(0, n) for n in shape)]
+def _region(slot_view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The part of a slot that holds a tensor of ``shape`` (all of it, unless padded)."""
+    return slot_view if slot_view.shape == shape else slot_view[tuple(slice(0, n) for n in shape)]
 
 
 def _lora_parts(form: LoraForm) -> dict[str, tuple[torch.Tensor, ...]]:
