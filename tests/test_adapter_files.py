@@ -1,0 +1,285 @@
+"""Loading an adapter for serving: each file read once, its hash checked on those same bytes, the form
+built from them meanwhile (AdapterFiles, FileStore.read_version, AdapterCache, the LoRA form)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from registry_helpers import FINGERPRINT, make_adapter
+from safetensors.torch import load_file, save
+
+from adapterhub import AdapterFiles, Method
+from adapterhub.adapter_files import ReusableBuffer, parse_safetensors
+from adapterhub.errors import IntegrityError, PluginError
+from adapterhub.method import build_serving_form
+from adapterhub.registry import open_registry
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _corrupt(path: Path) -> None:
+    os.chmod(path, 0o644)  # blobs are stored read-only; disks rot anyway
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _blob(store, ref: str, name: str = WEIGHTS) -> Path:
+    return store.root / "blobs" / store.manifest(ref).files[name].sha256
+
+
+def _lora_dir(directory: Path, config: dict, *, size: int = 48, seed: int = 0) -> Path:
+    """A PEFT LoRA directory on two modules; ``config`` is merged into adapter_config.json."""
+    make_adapter(directory, seed=seed, size=size)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, rank in (("q_proj", 4), ("v_proj", 6)):
+        tensors[f"base_model.model.layers.0.self_attn.{module}.lora_A.weight"] = torch.from_numpy(
+            rng.standard_normal((rank, size), dtype=np.float32))
+        tensors[f"base_model.model.layers.0.self_attn.{module}.lora_B.weight"] = torch.from_numpy(
+            rng.standard_normal((size + 8, rank), dtype=np.float32))
+    (directory / WEIGHTS).write_bytes(save(tensors))
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+# -- safetensors as views ----------------------------------------------------------------------
+
+
+def test_parse_safetensors_equals_the_library_and_views_the_bytes():
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "half": torch.randn(4).half(), "bf": torch.randn(2, 2).bfloat16(),
+               "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "flags": torch.tensor([True, False]),
+               "cube": torch.randn(2, 3, 4).double()}
+    data = memoryview(bytearray(save(tensors, metadata={"format": "pt"})))
+    parsed = parse_safetensors(data, "x")
+    assert set(parsed) == set(tensors)
+    for key, tensor in tensors.items():
+        assert parsed[key].dtype == tensor.dtype and parsed[key].shape == tensor.shape and torch.equal(parsed[key], tensor), key
+    parsed["a"][0, 0] = 123.0  # a view, not a copy
+    assert parse_safetensors(data, "x")["a"][0, 0] == 123.0
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: d[:4], "shorter than its 8-byte header"),
+    (lambda d: (10**9).to_bytes(8, "little") + d[8:], "runs past the end"),
+    (lambda d: d[:8] + b"x" + d[9:], "not JSON"),
+    (lambda d: d + b"\0", "bytes after the last tensor"),
+    (lambda d: d[:-4], "runs past the end of the file"),
+    (lambda d: d.replace(b'"F32"', b'"X32"', 1), "unsupported"),
+    (lambda d: d.replace(b'"data_offsets":[0,60]', b'"data_offsets":[4,64]', 1), "do not follow the previous tensor"),
+])
+def test_malformed_safetensors_are_refused_with_the_reason(damage, why):
+    data = save({"a": torch.randn(3, 5), "b": torch.randn(2)})
+    assert b'"data_offsets":[0,60]' in data
+    with pytest.raises(IntegrityError, match=why):
+        parse_safetensors(memoryview(bytearray(damage(data))), "x")
+
+
+# -- the registry reads each file once and checks those bytes -----------------------------------
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_read_version_returns_the_files_and_checks_the_bytes_it_read(tmp_path, threaded):
+    store = open_registry(tmp_path / "registry")
+    store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # > 1 MB: the reused buffer
+    with ThreadPoolExecutor(1) as hasher:
+        read = store.read_version("t@1", hasher=hasher if threaded else None)
+        read.check()
+        for name in store.manifest("t@1").files:
+            assert bytes(read.data[name]) == (tmp_path / "a" / name).read_bytes(), name
+        del read
+        _corrupt(_blob(store, "t@1"))  # same size, one bit flipped
+        read = store.read_version("t@1", hasher=hasher if threaded else None)
+        with pytest.raises(IntegrityError, match="adapter_model.safetensors.*sha256"):
+            read.check()
+
+
+def test_read_version_refuses_a_file_of_another_size(tmp_path):
+    store = open_registry(tmp_path / "registry")
+    store.publish("t", make_adapter(tmp_path / "a"))
+    blob = _blob(store, "t@1")
+    os.chmod(blob, 0o644)
+    blob.write_bytes(blob.read_bytes() + b"more")
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        store.read_version("t@1")
+
+
+def test_reusable_buffer_is_reused_only_when_nothing_views_it():
+    pool = ReusableBuffer()
+    first = pool.take(1000)
+    address = first.obj.ctypes.data
+    assert pool.take(100).obj.ctypes.data != address, "handed out again while a view was alive"
+    del first
+    again = pool.take(1000)  # the second buffer is the one kept now; it is free again
+    kept = again.obj.ctypes.data
+    del again
+    assert pool.take(500).obj.ctypes.data == kept
+    assert pool.take(2000).nbytes == 2000  # too small: replaced
+
+
+def test_empty_uses_the_workspace_until_it_is_full():
+    pool = ReusableBuffer()
+    files = AdapterFiles({"f": memoryview(bytearray(1000))}, "/nowhere", workspace=pool.take)
+    a, b = files.empty(3, 5), files.empty(2, dtype=torch.int64)
+    base = pool.take.__self__._buffer.ctypes.data
+    assert a.data_ptr() == base and b.data_ptr() == base + 64 and b.dtype == torch.int64
+    big = files.empty(100, 100)  # more than the workspace holds: ordinary memory
+    assert not base <= big.data_ptr() < base + 1000
+    assert AdapterFiles.from_directory("/nowhere").empty(2, 2).shape == (2, 2)
+
+
+# -- the LoRA form: same tensors as before, in the stacks' layout --------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"r": 3, "lora_alpha": 7},  # alpha / r not a power of two: the float32 rounding must match
+    {"use_rslora": True, "lora_alpha": 5},
+    {"rank_pattern": {"v_proj": 6}, "alpha_pattern": {"v_proj": 11}},
+])
+def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
+    from adapterhub.manager import PluginManager
+
+    directory = _lora_dir(tmp_path / "a", config)
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    state = load_file(str(directory / WEIGHTS))
+    form = PluginManager(autoload=False).get_method("lora").serving_form(directory, None)
+    assert len(form.deltas) == 2
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        r = cfg.get("rank_pattern", {}).get(module.rsplit(".", 1)[-1], cfg["r"])
+        alpha = cfg.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], cfg["lora_alpha"])
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        A, B = form.deltas[module]
+        assert torch.equal(A, a) and torch.equal(B, state[key.replace("lora_A", "lora_B")].float() * scale), module
+        assert A.T.is_contiguous() and B.T.is_contiguous(), "not in the stacks' layout: the slot write would transpose"
+
+
+# -- the cache: publish only what passed its check -----------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path):
+    from adapterhub.serve.adapter_source import AdapterSource
+    from adapterhub.serve.cache import AdapterCache
+    from adapterhub.serve.rows import SUPPORTED_FORMS, prepare_form
+
+    store = open_registry(tmp_path / "registry")
+    store.publish("big", _lora_dir(tmp_path / "big", {}, size=70_000))
+    store.publish("small", _lora_dir(tmp_path / "small", {}, seed=1))
+    return AdapterCache(AdapterSource(tmp_path / "registry"), capacity=4, base_fingerprint=FINGERPRINT, base_config=None,
+                        prepare_form=lambda f: prepare_form(f, torch.device("cpu")), supported_forms=SUPPORTED_FORMS)
+
+
+@pytest.mark.parametrize("task", ["big", "small"])
+def test_cache_load_refuses_a_corrupted_blob_and_keeps_nothing(cache, task):
+    entry = cache.load(f"{task}@1")
+    expected = {m: (a.clone(), b.clone()) for m, (a, b) in entry.form.deltas.items()}
+    cache.unload(f"{task}@1")
+    _corrupt(_blob(cache.source.store, f"{task}@1"))
+    with pytest.raises(IntegrityError, match="sha256"):
+        cache.load(f"{task}@1")
+    assert [e.key for e in cache.snapshot()] == []
+    _corrupt(_blob(cache.source.store, f"{task}@1"))  # repaired: loads again, the same form
+    again = cache.load(f"{task}@1").form.deltas
+    assert all(torch.equal(again[m][0], a) and torch.equal(again[m][1], b) for m, (a, b) in expected.items())
+
+
+class _Plugin:
+    def __init__(self, method):
+        self.method = method
+
+    @__import__("adapterhub").hookimpl
+    def adapterhub_register_methods(self, register):
+        register(self.method)
+
+
+@pytest.fixture
+def register_method():
+    from adapterhub.manager import get_manager
+
+    names = []
+
+    def register(method):
+        get_manager().register(_Plugin(method), name=f"test-{method.name}")
+        names.append(f"test-{method.name}")
+
+    yield register
+    for name in names:
+        get_manager().unregister(name)
+
+
+def _publish_as(cache, task: str, method: str, tmp_path) -> str:
+    directory = _lora_dir(tmp_path / task, {})
+    meta = json.loads((directory / "adapterhub.json").read_text())
+    (directory / "adapterhub.json").write_text(json.dumps({**meta, "method": method}))
+    return cache.source.store.publish(task, directory).ref
+
+
+def test_a_form_built_from_corrupt_bytes_fails_as_an_integrity_error(cache, register_method, tmp_path):
+    class Fragile(Method):
+        name = "fragile"
+
+        def serving_form_from_files(self, files, base_config):
+            files.read_tensors()  # corrupt bytes may not even parse: the hash verdict must win
+            raise ValueError("these bytes make no sense")
+
+    register_method(Fragile())
+    ref = _publish_as(cache, "fragile", "fragile", tmp_path)
+    with pytest.raises(PluginError, match="these bytes make no sense"):
+        cache.load(ref)
+    _corrupt(_blob(cache.source.store, ref))
+    with pytest.raises(IntegrityError, match="sha256"):
+        cache.load(ref)
+
+
+def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, register_method, tmp_path):
+    calls = []
+
+    class ReadsTheDisk(Method):
+        name = "reads-disk"
+
+        def serving_form(self, directory, base_config):
+            calls.append(load_file(str(Path(directory) / WEIGHTS)))
+            return None
+
+    register_method(ReadsTheDisk())
+    ref = _publish_as(cache, "disk", "reads-disk", tmp_path)
+    assert cache.load(ref).form is None and len(calls) == 1
+    cache.unload(ref)
+    _corrupt(_blob(cache.source.store, ref))
+    with pytest.raises(IntegrityError):
+        cache.load(ref)
+    assert len(calls) == 1, "serving_form ran on a file that had not passed its hash check"
+
+
+def test_the_most_specific_serving_hook_is_called(tmp_path):
+    from adapterhub.plugins.lora import LoraMethod
+
+    class OwnForm(LoraMethod):  # a subclass written against serving_form only (as DoRA is)
+        name = "own-form"
+
+        def serving_form(self, directory, base_config):
+            return ("own", Path(directory))
+
+    class FromFiles(OwnForm):
+        def serving_form_from_files(self, files, base_config):
+            return "from files"
+
+    files = AdapterFiles.from_directory(_lora_dir(tmp_path / "a", {}))
+    from adapterhub.manager import PluginManager
+
+    assert build_serving_form(OwnForm(), files, None) == ("own", tmp_path / "a")
+    assert build_serving_form(FromFiles(), files, None) == "from files"
+    assert build_serving_form(PluginManager(autoload=False).get_method("dora"), files, None) is None
+    assert type(build_serving_form(LoraMethod(), files, None)).__name__ == "LoraForm"
