@@ -15,7 +15,9 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     """One row's next token from its last-position logits ``[vocab]``."""
     if temperature <= 0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    logits = logits.float().cpu()
+    # subtract the max first: a tiny temperature would otherwise turn logits into inf and probs into NaN
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token

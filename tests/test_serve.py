@@ -418,3 +418,13 @@ def test_graceful_shutdown_finishes_in_flight(server, client):
     assert (rest or [first])[-1].finish_reason in ("length", "eos")
     with pytest.raises(grpc.RpcError):
         client.generate("abc", max_new_tokens=2, timeout=5)
+
+
+@pytest.mark.parametrize("temperature", [1.4e-45, 1e-30, 1e-6])
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing(temperature):
+    """Found by the fuzz test: logits / 1.4e-45 overflow to inf, and softmax of inf is NaN."""
+    from adapterhub.serve.sampling import make_generator, next_token
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 5
+    for top_p in (1.0, 0.5):
+        assert next_token(logits, temperature, top_p, make_generator(7)) == int(logits.argmax())
