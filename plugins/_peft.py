@@ -116,16 +116,13 @@ def align_logits(model: Any) -> Any:
     return model
 
 
-def lora_form_from_state(state: dict[str, torch.Tensor], scaling: Callable[[str], float],
-                         empty: Callable[..., torch.Tensor] = torch.empty):
+def lora_form_from_state(state: dict[str, torch.Tensor], scaling: Callable[[str], float]):
     """A :class:`LoraForm` from a PEFT LoRA state dict (``...q_proj.lora_A.weight`` keys).
 
-    ``scaling(module)`` is a base module's alpha/r factor, folded into B. ``state`` may be views
-    of the file's bytes (:meth:`AdapterFiles.read_tensors`): each is read once, never written.
-    A and B come out as transposes of contiguous ``[in, r]`` / ``[r, out]``, the layout of the
+    ``scaling(module)`` is a base module's alpha/r factor, folded into B. A and B come out as transposes of contiguous ``[in, r]`` / ``[r, out]``, the layout of the
     server's stacks, so writing an adapter into its slot is a plain copy. Modules of one shape are
     transposed together, one ``torch.stack`` each (42 Linear layers have ~4 shapes): per module,
-    the same copies cost 3x more. ``empty`` allocates them (:meth:`AdapterFiles.empty`).
+    the same copies cost 3x more.
     """
     from adapterhub.serving_forms import LoraForm
 
@@ -137,8 +134,8 @@ def lora_form_from_state(state: dict[str, torch.Tensor], scaling: Callable[[str]
         groups[(a.shape, b.shape)].append((base_module_name(key.split(".lora_A.")[0]), a, b))
     deltas = {}
     for members in groups.values():
-        a_t = torch.stack([a.T.float() for _, a, _ in members], out=empty(len(members), *members[0][1].T.shape))
-        b_t = torch.stack([b.T.float() for _, _, b in members], out=empty(len(members), *members[0][2].T.shape))
+        a_t = torch.stack([a.T.float() for _, a, _ in members], out=torch.empty(len(members), *members[0][1].T.shape))
+        b_t = torch.stack([b.T.float() for _, _, b in members], out=torch.empty(len(members), *members[0][2].T.shape))
         b_t.mul_(torch.tensor([scaling(m) for m, _, _ in members]).view(-1, 1, 1))
         for (module, _, _), a, b in zip(members, a_t.transpose(1, 2).unbind(), b_t.transpose(1, 2).unbind()):
             deltas[module] = (a, b)

@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 import filelock
 
-from adapterhub.adapter_files import ReusableBuffer
 from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
 
 from . import fsutil
@@ -37,7 +36,6 @@ STALE_TEMP_SECONDS = 24 * 3600  # temp files of writers on other hosts count as 
 
 _VERSION_FILE_RE = re.compile(r"([1-9][0-9]*)\.json")
 _BLOB_RE = re.compile(r"[0-9a-f]{64}")
-_REUSED_MIN_BYTES = 1 << 20  # a file this big is read into the reused buffer
 
 
 class FileStore(AdapterStore):
@@ -58,7 +56,6 @@ class FileStore(AdapterStore):
         self.max_file_bytes = max_file_bytes
         self.lock_timeout = lock_timeout
         self.fsync = fsync
-        self._read_buffer = ReusableBuffer()  # for the big file of each read_version
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
@@ -248,9 +245,8 @@ class FileStore(AdapterStore):
         data, digests = {}, {name: hashlib.sha256() for name in manifest.files}
         for name, entry in manifest.files.items():
             path = snapshot / validate_file_name(name)
-            buffer = self._read_buffer.take(entry.size) if entry.size >= _REUSED_MIN_BYTES else None
             try:
-                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digests[name]: run(d.update, chunk), buffer)
+                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digests[name]: run(d.update, chunk))
             except FileNotFoundError:
                 data[name] = None
             if data[name] is None:  # missing, or another size than the manifest's

@@ -110,18 +110,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None,
-                 buffer: memoryview | None = None) -> memoryview | None:
+def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None) -> memoryview | None:
     """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
 
-    Read into ``buffer`` (``size`` bytes of it) when given, else into a new one, not zeroed first
-    (numpy.empty: zeroing would be one more pass before the first chunk could be hashed).
+    Read into a new buffer, not zeroed first (numpy.empty: zeroing would be one more pass before
+    the first chunk could be hashed).
     ``on_chunk`` sees each chunk as soon as it is read, e.g. to hash it in another thread while
     the rest is read.
     """
     import numpy
 
-    view = buffer[:size] if buffer is not None else memoryview(numpy.empty(size, dtype=numpy.uint8))
+    view = memoryview(numpy.empty(size, dtype=numpy.uint8))
     filled = 0
     with open(path, "rb", buffering=0) as f:
         while filled < size:

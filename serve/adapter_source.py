@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from adapterhub.adapter_files import AdapterFiles, ReusableBuffer
+from adapterhub.adapter_files import AdapterFiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,6 @@ class AdapterSource:
         # sha256 of what a load reads runs here, while the loading thread reads on and builds the
         # form (hashlib releases the GIL); one thread, so each file's chunks are hashed in order
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-sha256")
-        self._workspace = ReusableBuffer()  # AdapterFiles.empty: memory for the forms
 
     def resolve(self, ref: str) -> AdapterVersion:
         """Malformed -> InvalidReference; unknown task/version/tag -> NotFound (both from the registry)."""
@@ -64,7 +63,7 @@ class AdapterSource:
         manifest = version.manifest or self.store.manifest(version.ref)
         self._check_sizes(manifest)
         read = self.store.read_version(manifest, hasher=self._hasher)
-        return AdapterFiles(read.data, read.directory, check=read.check, workspace=self._workspace.take)
+        return AdapterFiles(read.data, read.directory, check=read.check)
 
     def materialize(self, version: AdapterVersion) -> Path:
         """A verified directory with the version's files; refused before any read when over ``max_bytes``."""

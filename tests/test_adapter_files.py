@@ -16,7 +16,6 @@ from registry_helpers import FINGERPRINT, make_adapter
 from safetensors.torch import load_file, save
 
 from adapterhub import AdapterFiles, Method
-from adapterhub.adapter_files import ReusableBuffer, parse_safetensors
 from adapterhub.errors import IntegrityError, PluginError
 from adapterhub.method import build_serving_form
 from adapterhub.registry import open_registry
@@ -51,36 +50,18 @@ def _lora_dir(directory: Path, config: dict, *, size: int = 48, seed: int = 0) -
     return directory
 
 
-# -- safetensors as views ----------------------------------------------------------------------
+# -- safetensors through the library ------------------------------------------------------------
 
 
-def test_parse_safetensors_equals_the_library_and_views_the_bytes():
-    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "half": torch.randn(4).half(), "bf": torch.randn(2, 2).bfloat16(),
-               "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "flags": torch.tensor([True, False]),
-               "cube": torch.randn(2, 3, 4).double()}
-    data = memoryview(bytearray(save(tensors, metadata={"format": "pt"})))
-    parsed = parse_safetensors(data, "x")
+def test_read_tensors_uses_the_library_and_returns_owned_copies():
+    tensors = {"a": torch.randn(3, 5), "half": torch.randn(4).half(), "flags": torch.tensor([True, False])}
+    data = memoryview(bytearray(save(tensors)))
+    parsed = AdapterFiles({WEIGHTS: data}, "/nowhere").read_tensors()
     assert set(parsed) == set(tensors)
     for key, tensor in tensors.items():
-        assert parsed[key].dtype == tensor.dtype and parsed[key].shape == tensor.shape and torch.equal(parsed[key], tensor), key
-    parsed["a"][0, 0] = 123.0  # a view, not a copy
-    assert parse_safetensors(data, "x")["a"][0, 0] == 123.0
-
-
-@pytest.mark.parametrize("damage, why", [
-    (lambda d: d[:4], "shorter than its 8-byte header"),
-    (lambda d: (10**9).to_bytes(8, "little") + d[8:], "runs past the end"),
-    (lambda d: d[:8] + b"x" + d[9:], "not JSON"),
-    (lambda d: d + b"\0", "bytes after the last tensor"),
-    (lambda d: d[:-4], "runs past the end of the file"),
-    (lambda d: d.replace(b'"F32"', b'"X32"', 1), "unsupported"),
-    (lambda d: d.replace(b'"data_offsets":[0,60]', b'"data_offsets":[4,64]', 1), "do not follow the previous tensor"),
-])
-def test_malformed_safetensors_are_refused_with_the_reason(damage, why):
-    data = save({"a": torch.randn(3, 5), "b": torch.randn(2)})
-    assert b'"data_offsets":[0,60]' in data
-    with pytest.raises(IntegrityError, match=why):
-        parse_safetensors(memoryview(bytearray(damage(data))), "x")
+        assert parsed[key].dtype == tensor.dtype and torch.equal(parsed[key], tensor), key
+    parsed["a"][0, 0] = 123.0  # a copy: the bytes being hashed are never written
+    assert AdapterFiles({WEIGHTS: data}, "/nowhere").read_tensors()["a"][0, 0] == tensors["a"][0, 0]
 
 
 # -- the registry reads each file once and checks those bytes -----------------------------------
@@ -89,7 +70,7 @@ def test_malformed_safetensors_are_refused_with_the_reason(damage, why):
 @pytest.mark.parametrize("threaded", [False, True])
 def test_read_version_returns_the_files_and_checks_the_bytes_it_read(tmp_path, threaded):
     store = open_registry(tmp_path / "registry")
-    store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # > 1 MB: the reused buffer
+    store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # > 1 MB: several chunks
     with ThreadPoolExecutor(1) as hasher:
         read = store.read_version("t@1", hasher=hasher if threaded else None)
         read.check()
@@ -110,30 +91,6 @@ def test_read_version_refuses_a_file_of_another_size(tmp_path):
     blob.write_bytes(blob.read_bytes() + b"more")
     with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
         store.read_version("t@1")
-
-
-def test_reusable_buffer_is_reused_only_when_nothing_views_it():
-    pool = ReusableBuffer()
-    first = pool.take(1000)
-    address = first.obj.ctypes.data
-    assert pool.take(100).obj.ctypes.data != address, "handed out again while a view was alive"
-    del first
-    again = pool.take(1000)  # the second buffer is the one kept now; it is free again
-    kept = again.obj.ctypes.data
-    del again
-    assert pool.take(500).obj.ctypes.data == kept
-    assert pool.take(2000).nbytes == 2000  # too small: replaced
-
-
-def test_empty_uses_the_workspace_until_it_is_full():
-    pool = ReusableBuffer()
-    files = AdapterFiles({"f": memoryview(bytearray(1000))}, "/nowhere", workspace=pool.take)
-    a, b = files.empty(3, 5), files.empty(2, dtype=torch.int64)
-    base = pool.take.__self__._buffer.ctypes.data
-    assert a.data_ptr() == base and b.data_ptr() == base + 64 and b.dtype == torch.int64
-    big = files.empty(100, 100)  # more than the workspace holds: ordinary memory
-    assert not base <= big.data_ptr() < base + 1000
-    assert AdapterFiles.from_directory("/nowhere").empty(2, 2).shape == (2, 2)
 
 
 # -- the LoRA form: same tensors as before, in the stacks' layout --------------------------------
