@@ -9,7 +9,6 @@ never reads the disk a second time, and nothing separates the bytes checked from
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -30,7 +29,7 @@ class AdapterFiles:
     :meth:`Method.serving_form` always got).
     """
 
-    def __init__(self, data: Mapping[str, memoryview], directory: str | Path, *, check: Callable[[], None] = lambda: None):
+    def __init__(self, data: Mapping[str, bytes], directory: str | Path, *, check: Callable[[], None] = lambda: None):
         self._data = dict(data)
         self._directory = Path(directory)
         self._check = check
@@ -60,8 +59,8 @@ class AdapterFiles:
             return sorted(p.name for p in self._directory.iterdir() if p.is_file())
         return sorted(self._data)
 
-    def read_bytes(self, name: str) -> memoryview:
-        """A file's bytes (``bytes(...)`` of it for a copy); NotFound naming the files there are."""
+    def read_bytes(self, name: str) -> bytes:
+        """A file's bytes; NotFound naming the files there are."""
         if name not in self._data and self._from_disk and (self._directory / name).is_file():
             self._data[name] = read_file(self._directory / name)
         try:
@@ -70,18 +69,15 @@ class AdapterFiles:
             raise NotFound(f"adapter {self._directory} has no file {name!r} (files: {', '.join(self.names())})") from None
 
     def read_json(self, name: str) -> Any:
-        return json.loads(bytes(self.read_bytes(name)))
+        return json.loads(self.read_bytes(name))
 
     def read_tensors(self, name: str = WEIGHTS_FILE) -> dict[str, "torch.Tensor"]:
         """The tensors of a safetensors file (``safetensors.torch.load`` of its bytes: copies)."""
         from safetensors.torch import load
 
-        return load(bytes(self.read_bytes(name)))
+        return load(self.read_bytes(name))
 
 
-def read_file(path: Path) -> memoryview:
+def read_file(path: Path) -> bytes:
     """A file's bytes (a plain adapter directory: nothing to check them against)."""
-    with open(path, "rb", buffering=0) as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(data)
-    return memoryview(data)
+    return Path(path).read_bytes()

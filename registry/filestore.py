@@ -230,23 +230,21 @@ class FileStore(AdapterStore):
         return snapshot
 
     def read_version(self, ref: RefLike, *, hasher: Executor | None = None) -> VersionRead:
-        """Each file of the snapshot read once, hashed chunk by chunk as it is read.
+        """Each file of the snapshot read once; ``check`` hashes those same bytes.
 
-        With ``hasher`` (a single-thread executor: its tasks run in order) the hashing runs there,
-        overlapping the rest of the read and whatever the caller does next. ``check`` also checks
-        the snapshot's names and described files (for code that reads the directory), in the
-        calling thread, while the hashing may still run.
+        With ``hasher`` (an executor) the hashing runs there (hashlib releases the GIL), overlapping
+        whatever the caller does with the bytes meanwhile. ``check`` also checks the snapshot's
+        names and described files (for code that reads the directory), in the calling thread.
         """
         manifest = self.manifest(ref)
         snapshot = self._snapshot_dir(manifest.task, manifest.version)
         if not snapshot.is_dir():
             self.materialize(manifest)  # built (and hashed) once
-        run = hasher.submit if hasher is not None else _run_now
-        data, digests = {}, {name: hashlib.sha256() for name in manifest.files}
+        data = {}
         for name, entry in manifest.files.items():
             path = snapshot / validate_file_name(name)
             try:
-                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digests[name]: run(d.update, chunk))
+                data[name] = fsutil.read_exactly(path, entry.size)
             except FileNotFoundError:
                 data[name] = None
             if data[name] is None:  # missing, or another size than the manifest's
@@ -255,10 +253,10 @@ class FileStore(AdapterStore):
 
         def compare() -> None:
             for name, entry in manifest.files.items():
-                if digests[name].hexdigest() != entry.sha256:
+                if hashlib.sha256(data[name]).hexdigest() != entry.sha256:
                     raise self._corrupt(manifest, name, snapshot / name)
 
-        compared = run(compare)
+        compared = (hasher.submit if hasher is not None else _run_now)(compare)
 
         def check() -> None:
             self._check_snapshot(manifest, snapshot, "size")

@@ -110,29 +110,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None) -> memoryview | None:
+def read_exactly(path: Path, size: int) -> bytes | None:
     """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
 
-    Read into a new buffer, not zeroed first (numpy.empty: zeroing would be one more pass before
-    the first chunk could be hashed).
-    ``on_chunk`` sees each chunk as soon as it is read, e.g. to hash it in another thread while
-    the rest is read.
+    One ``bytes`` object: ``safetensors.torch.load`` parses it as it is, with no further copy.
     """
-    import numpy
-
-    view = memoryview(numpy.empty(size, dtype=numpy.uint8))
-    filled = 0
     with open(path, "rb", buffering=0) as f:
-        while filled < size:
-            n = f.readinto(view[filled:filled + _CHUNK])
-            if not n:
-                return None
-            if on_chunk is not None:
-                on_chunk(view[filled:filled + n])
-            filled += n
-        if f.read(1):
+        data = f.read(size)
+        if len(data) != size or f.read(1):
             return None
-    return view
+    return data
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -43,7 +43,7 @@ class VersionRead:
 
     manifest: Manifest
     directory: Path
-    data: dict[str, memoryview]
+    data: dict[str, bytes]
     check: Callable[[], None]
 
 

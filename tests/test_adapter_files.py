@@ -55,7 +55,7 @@ def _lora_dir(directory: Path, config: dict, *, size: int = 48, seed: int = 0) -
 
 def test_read_tensors_uses_the_library_and_returns_owned_copies():
     tensors = {"a": torch.randn(3, 5), "half": torch.randn(4).half(), "flags": torch.tensor([True, False])}
-    data = memoryview(bytearray(save(tensors)))
+    data = save(tensors)
     parsed = AdapterFiles({WEIGHTS: data}, "/nowhere").read_tensors()
     assert set(parsed) == set(tensors)
     for key, tensor in tensors.items():
