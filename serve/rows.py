@@ -415,11 +415,20 @@ class RowHooks:
         self._pre_hooked: dict[str, Any] = {}
 
     def ensure(self, modules: set[str], input_modules: set[str] = frozenset()) -> None:
-        """Hook ``modules`` (base names) not hooked yet; call only between forward passes."""
-        for name in modules - set(self._hooked):
-            self._hooked[name] = self._module(name).register_forward_hook(self._make_hook(name))
-        for name in set(input_modules) - set(self._pre_hooked):
-            self._pre_hooked[name] = self._module(name).register_forward_pre_hook(self._make_pre_hook(name))
+        """Hook exactly ``modules`` (base names); call only between forward passes.
+
+        Hooks the plan does not need are removed, not left inert: a module with any forward hook
+        takes PyTorch's slow call path, about 2% of a batch-32 decode step over 42 modules.
+        """
+        self._sync(self._hooked, set(modules), lambda m, name: m.register_forward_hook(self._make_hook(name)))
+        self._sync(self._pre_hooked, set(input_modules),
+                   lambda m, name: m.register_forward_pre_hook(self._make_pre_hook(name)))
+
+    def _sync(self, hooked: dict[str, Any], wanted: set[str], register) -> None:
+        for name in set(hooked) - wanted:
+            hooked.pop(name).remove()
+        for name in wanted - set(hooked):
+            hooked[name] = register(self._module(name), name)
 
     def _module(self, name: str) -> torch.nn.Module:
         try:
