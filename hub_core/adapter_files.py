@@ -62,7 +62,7 @@ class AdapterFiles:
     def read_bytes(self, name: str) -> bytes:
         """A file's bytes; NotFound naming the files there are."""
         if name not in self._data and self._from_disk and (self._directory / name).is_file():
-            self._data[name] = read_file(self._directory / name)
+            self._data[name] = (self._directory / name).read_bytes()
         try:
             return self._data[name]
         except KeyError:
@@ -77,7 +77,3 @@ class AdapterFiles:
 
         return load(self.read_bytes(name))
 
-
-def read_file(path: Path) -> bytes:
-    """A file's bytes (a plain adapter directory: nothing to check them against)."""
-    return Path(path).read_bytes()

@@ -117,11 +117,9 @@ class AdapterStore(abc.ABC):
         default checks, then reads the checked directory again; backends override it to read each
         file once.
         """
-        from adapterhub.adapter_files import read_file
-
         manifest = self.manifest(ref)
         directory = self.materialize(manifest)
-        data = {name: read_file(directory / name) for name in manifest.files}
+        data = {name: (Path(directory) / name).read_bytes() for name in manifest.files}
         return VersionRead(manifest, directory, data, lambda: None)
 
     # -- maintenance -----------------------------------------------------------------------
