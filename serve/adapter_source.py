@@ -38,8 +38,8 @@ class AdapterSource:
 
         self.store = open_registry(registry)
         self.max_bytes = max_bytes
-        # sha256 of what a load reads runs here, while the loading thread reads on and builds the
-        # form (hashlib releases the GIL); one thread, so each file's chunks are hashed in order
+        # sha256 of what a load read runs here while the loading thread builds the form from the
+        # same bytes (hashlib releases the GIL, so the two use both cores)
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-sha256")
 
     def resolve(self, ref: str) -> AdapterVersion:
