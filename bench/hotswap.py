@@ -2,7 +2,8 @@
 
 1. Load time: ``engine.cache.load(ref)`` (registry resolve, snapshot, one read of every file, the
    sha256 check of those bytes and the method's serving form built from them (the two run at the
-   same time), move to the device) plus the stack-slot write on first use, vs a raw
+   same time), move to the device, the write into a stack slot meanwhile) plus what is left for the
+   first use to do (nothing, unless the slot was taken since), vs a raw
    ``safetensors.torch.load_file`` of the same ``adapter_model.safetensors`` (interleaved, medians).
    Target: <= 1.5x. The profile times the read, the hash and the form one at a time.
 2. In-flight latency: ``INFLIGHT`` rows stream tokens; meanwhile another thread loads ``SWAPS``

@@ -65,7 +65,11 @@ class AdapterCache:
         self.prepare_form = prepare_form
         self.supported_forms = supported_forms
         self.metrics = metrics
+        # the engine's resident stacks (admit/forget): a load writes its form into a stack slot
+        # itself, while the hash check still runs, instead of the scheduler doing it between steps
+        self.stacks: Any = None
         self._lock = threading.Lock()
+        self._holds: collections.Counter[str] = collections.Counter()  # key -> requests holding it
         self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()
         self._loading: dict[str, threading.Event] = {}
         self._load_errors: dict[str, BaseException] = {}
@@ -88,12 +92,20 @@ class AdapterCache:
         entry = self._get_or_load(version)
         with self._lock:
             entry.in_use += 1
+            self._holds[entry.key] += 1
         return entry
 
     def release(self, entry: LoadedAdapter) -> None:
         with self._lock:
             entry.in_use = max(0, entry.in_use - 1)
+            self._holds[entry.key] -= 1
+            if self._holds[entry.key] <= 0:
+                del self._holds[entry.key]
             self._evict_locked()
+
+    def in_use(self, key: str) -> bool:
+        """Whether any request holds version ``key`` (resident or not): its stack slot must stay."""
+        return key in self._holds
 
     def _get_or_load(self, version: AdapterVersion) -> LoadedAdapter:
         key = version.ref
@@ -132,27 +144,41 @@ class AdapterCache:
 
     def _load(self, version: AdapterVersion) -> LoadedAdapter:
         from adapterhub.manager import get_manager
-        from adapterhub.method import build_serving_form
 
         method = get_manager().get_method(version.method)
         files = self.source.read(version)  # each file read once; their sha256 checks run meanwhile
+        wrote = False
         try:
-            form = build_serving_form(method, files, self.base_config)
+            form = self._servable(version, self._form(method, files, version))
+            if form is not None and self.stacks is not None:
+                wrote = self.stacks.admit(version.ref, form)  # overlaps the hash check
+            files.check()
+        except BaseException:
+            if wrote:
+                self.stacks.forget(version.ref)
+            files.check()  # bad bytes: IntegrityError, over whatever error they caused; nothing is kept
+            raise
+        log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
+        return LoadedAdapter(version=version, method=method, directory=files.directory, form=form)
+
+    def _form(self, method: Any, files: Any, version: AdapterVersion) -> Any:
+        from adapterhub.method import build_serving_form
+
+        try:
+            return build_serving_form(method, files, self.base_config)
         except AdapterHubError:
             raise
         except Exception as exc:  # a plugin bug fails only the requests that use this adapter
             raise PluginError(
                 f"method plugin {method.name!r} ({getattr(method, 'origin', '?')}) failed to prepare adapter "
                 f"{version.ref} for serving: {type(exc).__name__}: {exc}; fix or update the plugin") from exc
-        finally:
-            files.check()  # a mismatch raises IntegrityError (over any error the bad bytes caused): nothing is kept
+
+    def _servable(self, version: AdapterVersion, form: Any) -> Any:
+        """The form as the engine takes it, or None (the slow path) for kinds it cannot stack."""
         if form is not None and not isinstance(form, self.supported_forms):
             log.warning("%s: serving form %s is not supported; using the slow path", version.ref, type(form).__name__)
-            form = None
-        if form is not None:
-            form = self.prepare_form(form)
-        log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
-        return LoadedAdapter(version=version, method=method, directory=files.directory, form=form)
+            return None
+        return self.prepare_form(form) if form is not None else None
 
     def _evict_locked(self, keep: str | None = None) -> None:
         while len(self._resident) > self.capacity:

@@ -220,7 +220,8 @@ class Engine:
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
         # deprecation wrapper on every forward; 4.x knows only the old one)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self.stacks = ResidentStacks(slots=max(8, cache.capacity))
+        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use)
+        cache.stacks = self.stacks  # loads write their slots themselves, off the scheduler thread
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -99,39 +100,63 @@ class SlotStack:
     tensor bytes once, not twice; a form whose slot is reused gets its own copy back first.
     """
 
-    def __init__(self, parts_of, set_parts, pad: float, slots: int = 8):
+    def __init__(self, parts_of, set_parts, pad: float, slots: int = 8, busy=lambda key: False):
         self.parts_of = parts_of  # form -> {name: (tensor, ...)}
         self.set_parts = set_parts  # (form, {name: (tensor, ...)}) -> None: rebinds the form's tensors
+        self.busy = busy  # key -> True while requests hold that adapter: its slot is never reused then
         self._bound: dict[int, list[Any]] = collections.defaultdict(list)  # slot -> forms viewing it
         self._shapes: dict[int, dict[str, list[torch.Size]]] = {}
         self.pad = pad  # value of empty slots and of padding (0; 1 for scales)
         self.capacity = max(1, slots)
+        # replaced, never changed in place, when a stack is added or grown: a plan built earlier
+        # keeps a consistent set for the step it serves
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.meta: dict[int, Any] = {}  # slot -> the form (e.g. for its activation)
         self._slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._lock = threading.RLock()  # the scheduler and loading threads both assign slots
         self.rebuilds = 0
         self.writes = 0
+
+    def admit(self, key: str, form: Any) -> bool:
+        """Write a just-loaded adapter into a slot now, in the loading thread (off the scheduler);
+        True when this wrote a slot (False: ``key`` already had one, now shared with ``form``).
+
+        Running rows keep reading their own slots meanwhile: the slot written is free or held by
+        an adapter no request uses, and growing replaces the stacks rather than changing them.
+        """
+        with self._lock:
+            known = key in self._slot_of
+            self.slots([_Admitted(key, form)])
+            return not known
+
+    def forget(self, key: str) -> None:
+        """Free ``key``'s slot (its files failed their hash check after the write)."""
+        with self._lock:
+            slot = self._slot_of.pop(key, None)
+            if slot is not None:
+                self._bound.pop(slot, None)
 
     def slots(self, adapters: Sequence[Any]) -> dict[str, int]:
         """Slot of each adapter (by key ``task@N``: versions are immutable), writing new ones in."""
         needed = {a.key for a in adapters}
-        for adapter in adapters:
-            slot = self._slot_of.get(adapter.key)
-            if slot is None:
-                slot = self._free_slot(needed)
-                self._bind(slot, adapter.form, self._write(slot, adapter.form))
-                self._slot_of[adapter.key] = slot
-            elif not any(f is adapter.form for f in self._bound[slot]):  # e.g. the same version reloaded
-                self._bind(slot, adapter.form)
-            self._slot_of.move_to_end(adapter.key)
-        return {key: self._slot_of[key] for key in needed}
+        with self._lock:
+            for adapter in adapters:
+                slot = self._slot_of.get(adapter.key)
+                if slot is None:
+                    slot = self._free_slot(needed)
+                    self._bind(slot, adapter.form, self._write(slot, adapter.form))
+                    self._slot_of[adapter.key] = slot
+                elif not any(f is adapter.form for f in self._bound[slot]):  # e.g. the same version reloaded
+                    self._bind(slot, adapter.form)
+                self._slot_of.move_to_end(adapter.key)
+            return {key: self._slot_of[key] for key in needed}
 
     def _free_slot(self, needed: set[str]) -> int:
         used = set(self._slot_of.values())
         free = next((s for s in range(1, self.capacity + 1) if s not in used), None)
         if free is not None:
             return free
-        victim = next((k for k in self._slot_of if k not in needed), None)
+        victim = next((k for k in self._slot_of if k not in needed and not self.busy(k)), None)
         if victim is not None:
             slot = self._slot_of.pop(victim)
             views = self._views(slot)
@@ -146,13 +171,15 @@ class SlotStack:
     def _grow(self, shapes: dict[str, list[list[int]]]) -> None:
         """Reallocate the named stacks at ``capacity + 1`` slots and at least ``shapes``, keeping contents."""
         self.rebuilds += 1
+        tensors = dict(self.tensors)
         for name, wanted in shapes.items():
             grown = []
             for t, shape in zip(self.tensors[name], wanted):
                 new = t.new_full((self.capacity + 1, *[max(a, b) for a, b in zip(t.shape[1:], shape)]), self.pad)
                 new[tuple(slice(0, n) for n in t.shape)] = t
                 grown.append(new)
-            self.tensors[name] = grown
+            tensors[name] = grown
+        self.tensors = tensors
         for slot, forms in self._bound.items():  # views of the old tensors would keep them alive
             for form in forms:
                 self.set_parts(form, self._views(slot))
@@ -173,22 +200,22 @@ class SlotStack:
         for name, ts in parts.items():
             old = self.tensors.get(name)
             if old is None:  # a module no resident adapter touched yet: a new all-pad stack
-                self.tensors[name] = [t.new_full((self.capacity + 1, *t.shape), self.pad) for t in ts]
+                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad) for t in ts]}
             elif any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
                 grow[name] = [list(t.shape) for t in ts]
         if grow:
             self._grow(grow)
-        regions = {}
-        for name, stack in self.tensors.items():  # per tensor, no more than one index and one copy
+        regions, sources = {}, []
+        for name, stack in self.tensors.items():  # per tensor, no more than one index; one copy call for all
             part = parts.get(name)
             for i, t in enumerate(stack):
                 region = t[slot]
                 if part is None or part[i].shape != region.shape:
                     region.fill_(self.pad)
                 if part is not None:
-                    region = _region(region, part[i].shape)
-                    region.copy_(part[i])
-                    regions.setdefault(name, []).append(region)
+                    regions.setdefault(name, []).append(_region(region, part[i].shape))
+                    sources.append(part[i])
+        torch._foreach_copy_([r for rs in regions.values() for r in rs], sources)
         self.meta[slot] = form
         self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}
         self._bound.pop(slot, None)
@@ -207,6 +234,12 @@ class SlotStack:
             for k, (e, w) in enumerate(row):
                 index[b, k], weight[b, k] = slot_of[e.key], w
         return _Slots(index.to(device), weight.to(device))
+
+
+@dataclasses.dataclass
+class _Admitted:
+    key: str
+    form: Any
 
 
 def _region(slot_view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -245,10 +278,20 @@ def _scale_parts(form: ScaleForm) -> dict[str, tuple[torch.Tensor, ...]]:
 class ResidentStacks:
     """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
 
-    def __init__(self, slots: int = 8):
-        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots)
-        self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots)
-        self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots)
+    def __init__(self, slots: int = 8, busy=lambda key: False):
+        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy)
+        self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy)
+        self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy)
+        self._by_form = {LoraForm: self.lora, BottleneckForm: self.bottleneck, ScaleForm: self.scale}
+
+    def admit(self, key: str, form: Any) -> bool:
+        """Give a just-loaded stackable form its slot now (see :meth:`SlotStack.admit`)."""
+        stack = self._by_form.get(type(form))
+        return stack is not None and stack.admit(key, form)
+
+    def forget(self, key: str) -> None:
+        for stack in self._by_form.values():
+            stack.forget(key)
 
     @property
     def rebuilds(self) -> int:
@@ -293,7 +336,7 @@ class BatchPlan:
         self.bottleneck_slots = stacks.bottleneck.gather_slots(rows, BottleneckForm, device)
         self.lora = stacks.lora.tensors if self.lora_slots is not None else {}
         self.bottleneck = stacks.bottleneck.tensors if self.bottleneck_slots is not None else {}
-        self.activations = {s: f.activation for s, f in stacks.bottleneck.meta.items()}
+        self.activations = {s: f.activation for s, f in dict(stacks.bottleneck.meta).items()}  # a copy: loads add slots
         scales = stacks.scale.tensors if self.scale_slots is not None else {}
         self.scales = {"out": {n[4:]: t[0] for n, t in scales.items() if n.startswith("out:")},
                        "in": {n[3:]: t[0] for n, t in scales.items() if n.startswith("in:")}}

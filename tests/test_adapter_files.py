@@ -240,3 +240,46 @@ def test_the_most_specific_serving_hook_is_called(tmp_path):
     assert build_serving_form(FromFiles(), files, None) == "from files"
     assert build_serving_form(PluginManager(autoload=False).get_method("dora"), files, None) is None
     assert type(build_serving_form(LoraMethod(), files, None)).__name__ == "LoraForm"
+
+
+def test_a_load_writes_its_stack_slot_and_a_failed_check_frees_it(cache):
+    """The loading thread writes the form into the engine's stacks while the hash runs; bytes that
+    fail the check leave no slot behind (a later load writes the repaired bytes afresh)."""
+    from adapterhub.serve.rows import ResidentStacks
+
+    cache.load("big@1")  # its snapshot exists: the next load's only check is the one beside the form
+    cache.unload("big@1")
+    cache.stacks = stacks = ResidentStacks(slots=2, busy=cache.in_use)
+    entry = cache.load("small@1")
+    slot = stacks.lora.slots([entry])["small@1"]
+    assert stacks.lora.writes == 1, "the first use wrote again: the load did not write the slot"
+    module, (a, _) = next(iter(entry.form.deltas.items()))
+    assert torch.equal(stacks.lora.tensors[module][0][slot, :, : a.shape[0]], a.T)
+    _corrupt(_blob(cache.source.store, "big@1"))
+    with pytest.raises(IntegrityError, match="sha256"):
+        cache.load("big@1")
+    assert stacks.lora.writes == 2, "the load did not write its slot before the check ended"
+    assert "big@1" not in stacks.lora._slot_of, "a slot kept for bytes that failed their check"
+    _corrupt(_blob(cache.source.store, "big@1"))  # repaired
+    cache.load("big@1")
+    assert stacks.lora.writes == 3 and "big@1" in stacks.lora._slot_of
+
+
+def test_a_load_never_takes_the_slot_of_an_adapter_a_request_holds():
+    from types import SimpleNamespace
+
+    from adapterhub.serve.rows import SlotStack, _lora_parts, _set_lora_parts
+    from adapterhub.serving_forms import LoraForm
+
+    def form(value):
+        return LoraForm({"m": (torch.full((2, 4), value), torch.full((3, 2), value))})
+
+    held = {"a@1"}
+    stack = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots=2, busy=held.__contains__)
+    stack.slots([SimpleNamespace(key="a@1", form=form(1.0)), SimpleNamespace(key="b@1", form=form(2.0))])
+    slot_of = dict(stack._slot_of)
+    assert stack.admit("c@1", form(3.0))  # full: takes the least recently used slot no request holds
+    assert stack._slot_of["c@1"] == slot_of["b@1"] and stack._slot_of["a@1"] == slot_of["a@1"]
+    held.add("c@1")
+    assert stack.admit("d@1", form(4.0)) and stack.rebuilds == 1, "every slot held: must grow, not reuse"
+    assert torch.equal(stack.tensors["m"][0][slot_of["a@1"]], torch.ones(4, 2))
