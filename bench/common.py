@@ -160,7 +160,8 @@ def free_port() -> int:
 class ServerProcess:
     """``adapterhub serve`` in a subprocess on 127.0.0.1 (so the load generator shares no GIL with it)."""
 
-    def __init__(self, base_dir: Path, registry_dir: Path, *, quantize: str, max_adapters: int, max_batch: int = 32):
+    def __init__(self, base_dir: Path, registry_dir: Path, *, quantize: str, max_adapters: int, max_batch: int = 32,
+                 lora_dtype: str = "float16"):
         import subprocess
         import sys
 
@@ -170,7 +171,7 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
         cmd = [sys.executable, "-m", "adapterhub.cli", "serve", "--base", str(base_dir), "--registry", str(registry_dir),
                "--quantize", quantize, "--port", str(self.port), "--max-adapters", str(max_adapters),
-               "--max-batch", str(max_batch), "--max-queue", "4096", "--max-new-tokens", "64"]
+               "--max-batch", str(max_batch), "--max-queue", "4096", "--max-new-tokens", "64", "--lora-dtype", lora_dtype]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
         deadline = time.monotonic() + 180

@@ -1,6 +1,7 @@
 """(a) Mixed-batch decode throughput vs the number of distinct adapters in one batch.
 
-Side by side, in one process, on the same fp32 (unquantized) small base and the same prompts:
+Side by side, in one process, on the same fp32 (unquantized) small base and the same prompts
+(the engine keeps its resident LoRA weights in float16, its default ``--lora-dtype``; PEFT's are fp32):
 adapterhub's engine (in-process, no gRPC, submitted as the unary ``Generate`` RPC does), PEFT's
 mixed batch (``generate(adapter_names=...)``), PEFT one request at a time (``set_adapter`` +
 ``generate``), and the base model alone (``model.generate``). Greedy, 32 new tokens for every row
@@ -184,7 +185,7 @@ def main() -> dict:
     peft_model.eval()
     run_engine(engine, prompts(8), [None] * 8)  # warm-up
 
-    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "precision": "fp32 (unquantized)", "by_batch": {}}
+    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "precision": "fp32 (unquantized) base; engine LoRA stacks float16 (default)", "by_batch": {}}
     for batch in BATCHES:
         results["by_batch"][batch] = series(batch, [n for n in NS if n <= batch], engine, peft_model, plain, tok)
     add_one_at_a_time(results)

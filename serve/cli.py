@@ -24,6 +24,8 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--max-adapters", type=int, default=8, help="adapters kept resident (LRU; pinned never evicted)")
     serve.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--lora-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                       help="precision of resident LoRA weights (half: half the memory and bandwidth per adapter)")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
     serve.add_argument("--max-adapters-per-request", type=int, default=4)
     serve.add_argument("--token-env", default=None,
@@ -84,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
         max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
     server.wait(args.grace)

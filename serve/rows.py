@@ -100,10 +100,13 @@ class SlotStack:
     tensor bytes once, not twice; a form whose slot is reused gets its own copy back first.
     """
 
-    def __init__(self, parts_of, set_parts, pad: float, slots: int = 8, busy=lambda key: False):
+    def __init__(self, parts_of, set_parts, pad: float, slots: int = 8, busy=lambda key: False,
+                 dtype: torch.dtype | None = None):
         self.parts_of = parts_of  # form -> {name: (tensor, ...)}
         self.set_parts = set_parts  # (form, {name: (tensor, ...)}) -> None: rebinds the form's tensors
         self.busy = busy  # key -> True while requests hold that adapter: its slot is never reused then
+        self.dtype = dtype  # of the stacks (None: the forms' own); the slot write converts
+        self._dense: tuple[int, dict[str, tuple[torch.Tensor, ...]]] | None = None  # see dense()
         self._bound: dict[int, list[Any]] = collections.defaultdict(list)  # slot -> forms viewing it
         self._shapes: dict[int, dict[str, list[torch.Size]]] = {}
         self.pad = pad  # value of empty slots and of padding (0; 1 for scales)
@@ -180,9 +183,19 @@ class SlotStack:
                 grown.append(new)
             tensors[name] = grown
         self.tensors = tensors
+        self._dense = None
         for slot, forms in self._bound.items():  # views of the old tensors would keep them alive
             for form in forms:
                 self.set_parts(form, self._views(slot))
+
+    def dense(self, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        """``slot``'s tensors of every stack as float32 (kept for the last slot asked): the
+        one-adapter batch path multiplies by them with plain BLAS, which has no fast half precision
+        on CPUs; converting per step would cost as much as the matmuls."""
+        with self._lock:
+            if self._dense is None or self._dense[0] != slot:
+                self._dense = (slot, {name: tuple(t[slot].float() for t in ts) for name, ts in self.tensors.items()})
+            return self._dense[1]
 
     def _views(self, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
         return {name: tuple(_region(self.tensors[name][i][slot], shape) for i, shape in enumerate(shapes))
@@ -200,7 +213,8 @@ class SlotStack:
         for name, ts in parts.items():
             old = self.tensors.get(name)
             if old is None:  # a module no resident adapter touched yet: a new all-pad stack
-                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad) for t in ts]}
+                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad, dtype=self.dtype or t.dtype)
+                                                       for t in ts]}
             elif any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
                 grow[name] = [list(t.shape) for t in ts]
         if grow:
@@ -217,6 +231,8 @@ class SlotStack:
                     sources.append(part[i])
         torch._foreach_copy_([r for rs in regions.values() for r in rs], sources)
         self.meta[slot] = form
+        if self._dense is not None and self._dense[0] == slot:
+            self._dense = None
         self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}
         self._bound.pop(slot, None)
         return {name: tuple(r) for name, r in regions.items()}
@@ -278,8 +294,8 @@ def _scale_parts(form: ScaleForm) -> dict[str, tuple[torch.Tensor, ...]]:
 class ResidentStacks:
     """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
 
-    def __init__(self, slots: int = 8, busy=lambda key: False):
-        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy)
+    def __init__(self, slots: int = 8, busy=lambda key: False, lora_dtype: torch.dtype | None = None):
+        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy, lora_dtype)
         self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy)
         self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy)
         self._by_form = {LoraForm: self.lora, BottleneckForm: self.bottleneck, ScaleForm: self.scale}
@@ -345,6 +361,7 @@ class BatchPlan:
         self.prefix_lengths = [sum(e.form.keys.shape[2] for e, _ in row if isinstance(e.form, PrefixForm)) for row in rows]
         self._bags: dict[tuple, Any] = {}  # per-step index and weight tensors, shared by modules
         self.shared_lora_slot = _shared_slot(self.lora_slots)
+        self.shared_lora = stacks.lora.dense(self.shared_lora_slot) if self.shared_lora_slot is not None else {}
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -374,20 +391,18 @@ class BatchPlan:
         position, or two plain matmuls when every row has the same one adapter."""
         At, Bt = self.lora[module]
         width, rank, out = At.shape[1], At.shape[2], Bt.shape[2]
-        flat = x.reshape(-1, width)
-        if flat.dtype != At.dtype:
-            flat = flat.to(At.dtype)
         if self.shared_lora_slot is not None:  # BLAS beats gathering when there is nothing to gather
-            h = torch.mm(flat, At[self.shared_lora_slot])
-            b = Bt[self.shared_lora_slot]
+            a, b = self.shared_lora[module]
+            h = torch.mm(x.reshape(-1, width).to(a.dtype), a)
             return torch.mm(h, b) if into is None else into.addmm_(h, b)
+        flat = x.reshape(-1, width).to(At.dtype)
         tokens = flat.shape[0] // self.lora_slots.index.shape[0]
         for k in range(self.lora_slots.index.shape[1]):  # slot positions (adapters composed in one request), not adapters
             a, b = self._bag(k, tokens, width), self._bag(k, tokens, rank)
             h = _bag_matmul(flat, At.view(-1, rank), a.index, a.offsets)
             weight = self._row_weights(k, tokens)
             if weight is not None:
-                h = h * weight
+                h = h.mul_(weight)  # in the stacks' dtype
             y = _bag_matmul(h, Bt.view(-1, out), b.index, b.offsets)
             into = y if into is None else into.add_(y)
         return into
@@ -396,7 +411,7 @@ class BatchPlan:
         if module in self.scales["out"]:
             out = self._scale(self.scales["out"][module], out)
         if module in self.lora:
-            if out.dtype == self.lora[module][0].dtype and out.is_contiguous():  # this forward's own tensor
+            if out.dtype == torch.promote_types(out.dtype, self.lora[module][0].dtype) and out.is_contiguous():  # this forward's own tensor
                 self._lora_delta(module, x, into=out.view(-1, out.shape[-1]))
             else:
                 out = out + self._lora_delta(module, x).to(out.dtype).view(out.shape)

@@ -51,6 +51,20 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    lora_dtype: str = "float16"  # of the resident LoRA stacks: float16, bfloat16 or float32
+
+
+LORA_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def lora_dtype(name: str) -> Any:
+    import torch
+
+    if name not in LORA_DTYPES:
+        from adapterhub.errors import ConfigError
+
+        raise ConfigError(f"--lora-dtype {name!r}: use one of {', '.join(LORA_DTYPES)}")
+    return getattr(torch, name)
 
 
 class AdapterServer:
@@ -60,12 +74,14 @@ class AdapterServer:
         from adapterhub.base import load_base
 
         self.options = options
+        dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
-                                    metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue)
+                                    metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
+                                    lora_dtype=dtype)
         interceptors: list[grpc.ServerInterceptor] = []
         if options.token or options.admin_token:
             interceptors.append(BearerTokenInterceptor(options.token, admin_token=options.admin_token))

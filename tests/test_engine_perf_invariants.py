@@ -188,32 +188,50 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
 
 
-def test_shared_adapter_fast_path_equals_the_gathered_path(engine):
-    """Rows of one adapter give the same logits whether the batch takes the dense path (every row
-    the same adapter) or the gathered one (mixed with another adapter)."""
+def _logits_with(engine, refs, stacks):
+    """Logits of one short prompt per row, row i with adapter refs[i], through ``stacks``."""
     from adapterhub.serve.rows import BatchPlan
 
-    def logits(refs):
-        entries = [[(engine.cache.acquire(r), 1.0)] for r in refs]
-        try:
-            plan = BatchPlan(entries, engine.stacks, engine.device)
-            engine.hooks.ensure(plan.modules, plan.input_modules)
-            engine.hooks.plan = plan
-            dense = plan.shared_lora_slot is not None
-            with torch.inference_mode():
-                out = engine.model(input_ids=torch.tensor([[72, 105, 33]] * len(refs))).logits
-            return out, dense
-        finally:
-            engine.hooks.plan = None
-            for row in entries:
-                for entry, _ in row:
-                    engine.cache.release(entry)
+    entries = [[(engine.cache.acquire(r), 1.0)] if r else [] for r in refs]
+    try:
+        plan = BatchPlan(entries, stacks, engine.device)
+        engine.hooks.ensure(plan.modules, plan.input_modules)
+        engine.hooks.plan = plan
+        with torch.inference_mode():
+            out = engine.model(input_ids=torch.tensor([[72, 105, 33]] * len(refs))).logits
+        return out, plan.shared_lora_slot is not None
+    finally:
+        engine.hooks.plan = None
+        for row in entries:
+            for entry, _ in row:
+                engine.cache.release(entry)
 
-    shared, dense = logits(["t6@1"] * 2)
-    mixed, gathered = logits(["t6@1", "t6@1", "t7@1"])
+
+def test_shared_adapter_fast_path_equals_the_gathered_path(engine):
+    """Rows of one adapter give the same logits whether the batch takes the dense path (every row
+    the same adapter) or the gathered one (mixed with another adapter): exactly, in float32."""
+    from adapterhub.serve.rows import ResidentStacks
+
+    stacks = ResidentStacks(lora_dtype=torch.float32)
+    shared, dense = _logits_with(engine, ["t6@1"] * 2, stacks)
+    mixed, gathered = _logits_with(engine, ["t6@1", "t6@1", "t7@1"], stacks)
     assert dense and not gathered
     torch.testing.assert_close(shared, mixed[:2], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[2], mixed[0], atol=1e-3), "t7 should change the output differently from t6"
+
+
+def test_half_precision_stacks_keep_each_adapters_effect_within_one_percent(engine):
+    from adapterhub.serve.rows import ResidentStacks
+
+    refs = ["t6@1", "t7@1", None, "t6@1"]
+    base, _ = _logits_with(engine, [None] * len(refs), ResidentStacks())
+    exact, _ = _logits_with(engine, refs, ResidentStacks(lora_dtype=torch.float32))
+    assert engine.stacks.lora.dtype == torch.float16, "the engine's default is half precision"
+    half, _ = _logits_with(engine, refs, engine.stacks)
+    effect = (exact - base).norm()
+    assert effect > 1.0, "the adapters change nothing: the comparison would be empty"
+    assert (half - exact).norm() < 0.01 * effect, f"half precision moved logits by {(half - exact).norm() / effect:.2%} of the effect"
+    assert torch.equal(half[2], base[2]), "a row without adapter must not see the stacks at all"
 
 
 def test_unary_requests_skip_per_token_events_and_match_streamed_ones(engine):
