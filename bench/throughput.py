@@ -184,6 +184,7 @@ def main() -> dict:
         peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
     peft_model.eval()
     run_engine(engine, prompts(8), [None] * 8)  # warm-up
+    common.freeze_heap()
 
     results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "precision": "fp32 (unquantized) base; engine LoRA stacks float16 (default)", "by_batch": {}}
     for batch in BATCHES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -82,6 +83,8 @@ class AdapterServer:
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
                                     lora_dtype=dtype)
+        gc.collect()
+        gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
         interceptors: list[grpc.ServerInterceptor] = []
         if options.token or options.admin_token:
             interceptors.append(BearerTokenInterceptor(options.token, admin_token=options.admin_token))
