@@ -19,9 +19,8 @@ class LoraForm:
     """Low-rank deltas on Linear layers: ``y = base(x) + (x @ A.T) @ B.T``.
 
     ``B`` already includes the method's scaling (alpha / r and any learned singular values), so the
-    server needs no method-specific arithmetic. Covers LoRA, QLoRA, LoRA+, AdaLoRA. The server's
-    stacks hold ``A.T`` and ``B.T``: when A and B are transposes of contiguous tensors
-    (``torch.empty(in, r).T``), writing them into a stack slot is one plain copy each.
+    server needs no method-specific arithmetic. Covers LoRA, QLoRA, LoRA+, AdaLoRA. Any layout
+    will do: the server writes ``A.T`` and ``B.T`` into its stacks with one copy each, as it loads.
     """
 
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])

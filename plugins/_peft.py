@@ -8,7 +8,6 @@ needs: no merging, and logits that line up with ``input_ids`` like every other m
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,27 +118,17 @@ def align_logits(model: Any) -> Any:
 def lora_form_from_state(state: dict[str, torch.Tensor], scaling: Callable[[str], float]):
     """A :class:`LoraForm` from a PEFT LoRA state dict (``...q_proj.lora_A.weight`` keys).
 
-    ``scaling(module)`` is a base module's alpha/r factor, folded into B. A and B come out as transposes of contiguous ``[in, r]`` / ``[r, out]``, the layout of the
-    server's stacks, so writing an adapter into its slot is a plain copy. Modules of one shape are
-    transposed together, one ``torch.stack`` each (42 Linear layers have ~4 shapes): per module,
-    the same copies cost 3x more.
+    ``scaling(module)`` is a base module's alpha/r factor, folded into B with one multiply over
+    every module. A and B keep the file's layout: the server's slot write, a converting copy into
+    its half-precision stacks anyway, transposes them on the way (1.0 ms for the small base's 84
+    tensors, against 1.4 ms for transposing here and 0.4 ms for the copy).
     """
     from adapterhub.serving_forms import LoraForm
 
-    groups: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = collections.defaultdict(list)
-    for key, a in state.items():
-        if ".lora_A." not in key:
-            continue
-        b = state[key.replace(".lora_A.", ".lora_B.")]
-        groups[(a.shape, b.shape)].append((base_module_name(key.split(".lora_A.")[0]), a, b))
-    deltas = {}
-    for members in groups.values():
-        a_t = torch.stack([a.T.float() for _, a, _ in members], out=torch.empty(len(members), *members[0][1].T.shape))
-        b_t = torch.stack([b.T.float() for _, _, b in members], out=torch.empty(len(members), *members[0][2].T.shape))
-        b_t.mul_(torch.tensor([scaling(m) for m, _, _ in members]).view(-1, 1, 1))
-        for (module, _, _), a, b in zip(members, a_t.transpose(1, 2).unbind(), b_t.transpose(1, 2).unbind()):
-            deltas[module] = (a, b)
-    return LoraForm(deltas=deltas)
+    pairs = [(base_module_name(key.split(".lora_A.")[0]), a, state[key.replace(".lora_A.", ".lora_B.")])
+             for key, a in state.items() if ".lora_A." in key]
+    scaled = torch._foreach_mul([b.float() for _, _, b in pairs], [scaling(m) for m, _, _ in pairs]) if pairs else []
+    return LoraForm(deltas={m: (a.float(), b) for (m, a, _), b in zip(pairs, scaled)})
 
 
 def base_module_name(peft_key: str) -> str:

@@ -233,8 +233,8 @@ class FileStore(AdapterStore):
         """Each file of the snapshot read once; ``check`` hashes those same bytes.
 
         With ``hasher`` (an executor) the hashing runs there (hashlib releases the GIL), overlapping
-        whatever the caller does with the bytes meanwhile. ``check`` also checks the snapshot's
-        names and described files (for code that reads the directory), in the calling thread.
+        whatever the caller does with the bytes meanwhile, and so does the check of the snapshot's
+        names and described files (for code that reads the directory); ``check`` waits for both.
         """
         manifest = self.manifest(ref)
         snapshot = self._snapshot_dir(manifest.task, manifest.version)
@@ -255,11 +255,11 @@ class FileStore(AdapterStore):
             for name, entry in manifest.files.items():
                 if hashlib.sha256(data[name]).hexdigest() != entry.sha256:
                     raise self._corrupt(manifest, name, snapshot / name)
+            self._check_snapshot(manifest, snapshot, "size")
 
         compared = (hasher.submit if hasher is not None else _run_now)(compare)
 
         def check() -> None:
-            self._check_snapshot(manifest, snapshot, "size")
             compared.result()
 
         return VersionRead(manifest, snapshot, data, check)

@@ -43,10 +43,8 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 def prepare_form(form: Any, device: torch.device) -> Any:
     """Move a form's tensors to the model's device (float32), once, when the adapter loads.
 
-    LoRA forms are left where they are: their tensors only feed the slot write, whose copy moves
-    and converts them anyway, and is a plain memcpy when A and B are transposes of contiguous
-    ``[in, r]`` / ``[r, out]`` (the stacks' layout, what the built-in plugins return). Touching
-    84 tensors here would cost more than that copy saves.
+    LoRA forms are left where they are: their tensors only feed the slot write, whose one copy
+    moves, converts and transposes them anyway (touching 84 tensors here would cost more).
     """
     def mv(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=torch.float32).contiguous()

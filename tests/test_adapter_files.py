@@ -119,7 +119,6 @@ def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         A, B = form.deltas[module]
         assert torch.equal(A, a) and torch.equal(B, state[key.replace("lora_A", "lora_B")].float() * scale), module
-        assert A.T.is_contiguous() and B.T.is_contiguous(), "not in the stacks' layout: the slot write would transpose"
 
 
 # -- the cache: publish only what passed its check -----------------------------------------------
