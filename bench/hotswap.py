@@ -80,7 +80,9 @@ def main() -> dict:
     from adapterhub.base import load_base
     from adapterhub.serve.adapter_source import AdapterSource
     from adapterhub.serve.engine import Engine
+    from adapterhub.serve.malloc import limit_arenas
 
+    limit_arenas()  # as `adapterhub serve` does, before any thread starts
     common.threads()
     base_dir = common.small_base()
     total = 4 + LOADS + 2 * SWAPS

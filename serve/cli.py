@@ -65,6 +65,7 @@ def add_serve_parsers(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from .malloc import limit_arenas
     from .server import AdapterServer, ServerOptions
 
     token = None
@@ -80,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     logging.getLogger("adapterhub").setLevel(logging.INFO)
+    limit_arenas()  # before the server's threads start: adapter loads must not grow it for good
     options = ServerOptions(
         base=args.base, registry=args.registry, quantize=args.quantize, host=args.host, port=args.port,
         max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
