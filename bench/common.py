@@ -174,7 +174,7 @@ class ServerProcess:
     """``adapterhub serve`` in a subprocess on 127.0.0.1 (so the load generator shares no GIL with it)."""
 
     def __init__(self, base_dir: Path, registry_dir: Path, *, quantize: str, max_adapters: int, max_batch: int = 32,
-                 lora_dtype: str = "float16"):
+                 lora_dtype: str = "auto"):
         import subprocess
         import sys
 

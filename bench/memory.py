@@ -3,8 +3,8 @@
 Real ``adapterhub serve`` subprocesses; RSS from ``/proc/PID/status`` after one warm-up request.
 Per-adapter cost: load ``ADAPTERS`` adapters (admin Load) and send one request through each (so
 each takes its slot in the engine's stacks), then (RSS after - RSS before) / ADAPTERS, against the
-adapter's tensor bytes as served (A and B in the server's ``--lora-dtype``, float16 by default:
-half the file's float32 bytes). Target: within 10%. What the first adapter costs beyond its share
+adapter's tensor bytes as served (A and B in the server's ``--lora-dtype``: by default the base's
+compute dtype, float32 here). Target: within 10%. What the first adapter costs beyond its share
 (the stacks are allocated for every slot at once, plus first-use buffers) is reported apart: with
 ``ADAPTERS`` = the cache size it is amortized the way a full server amortizes it.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import common
 
 ADAPTERS = 128
-LORA_DTYPE = "float16"  # the server's default
+LORA_DTYPE = "float32"  # the server's default (auto: the base's compute dtype, float32 here)
 
 
 def tensor_elements(directory) -> int:

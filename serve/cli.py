@@ -24,8 +24,9 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--max-adapters", type=int, default=8, help="adapters kept resident (LRU; pinned never evicted)")
     serve.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    serve.add_argument("--lora-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
-                       help="precision of resident LoRA weights (half: half the memory and bandwidth per adapter)")
+    serve.add_argument("--lora-dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                       help="precision of resident LoRA weights: auto = the base's compute dtype; float16 halves "
+                            "each adapter's memory and the bytes a mixed batch reads per step")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
     serve.add_argument("--max-adapters-per-request", type=int, default=4)
     serve.add_argument("--token-env", default=None,

@@ -201,7 +201,7 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class Engine:
     def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
                  max_queue: int = 256, metrics: Any = None, admission_window: float = 0.005,
-                 admission_gap: float = 0.001, lora_dtype: torch.dtype = torch.float16):
+                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -220,9 +220,10 @@ class Engine:
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
         # deprecation wrapper on every forward; 4.x knows only the old one)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        # LoRA stacks in half precision by default: a mixed batch reads every adapter's A and B
-        # each step, so their bytes bound it (see README, Serving); the delta's error is ~5e-4
-        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=lora_dtype)
+        # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
+        # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
+        self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
+        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=self.lora_dtype)
         cache.stacks = self.stacks  # loads write their slots themselves, off the scheduler thread
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()

@@ -52,20 +52,21 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
-    lora_dtype: str = "float16"  # of the resident LoRA stacks: float16, bfloat16 or float32
+    lora_dtype: str = "auto"  # of the resident LoRA stacks: auto (the base's compute dtype), float16, bfloat16, float32
 
 
-LORA_DTYPES = ("float16", "bfloat16", "float32")
+LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def lora_dtype(name: str) -> Any:
+    """The torch dtype for ``--lora-dtype`` (None for auto: the engine takes the base's)."""
     import torch
 
     if name not in LORA_DTYPES:
         from adapterhub.errors import ConfigError
 
         raise ConfigError(f"--lora-dtype {name!r}: use one of {', '.join(LORA_DTYPES)}")
-    return getattr(torch, name)
+    return None if name == "auto" else getattr(torch, name)
 
 
 class AdapterServer:

@@ -226,8 +226,8 @@ def test_half_precision_stacks_keep_each_adapters_effect_within_one_percent(engi
     refs = ["t6@1", "t7@1", None, "t6@1"]
     base, _ = _logits_with(engine, [None] * len(refs), ResidentStacks())
     exact, _ = _logits_with(engine, refs, ResidentStacks(lora_dtype=torch.float32))
-    assert engine.stacks.lora.dtype == torch.float16, "the engine's default is half precision"
-    half, _ = _logits_with(engine, refs, engine.stacks)
+    assert engine.stacks.lora.dtype == torch.float32, "the default follows the base's compute dtype"
+    half, _ = _logits_with(engine, refs, ResidentStacks(lora_dtype=torch.float16))
     effect = (exact - base).norm()
     assert effect > 1.0, "the adapters change nothing: the comparison would be empty"
     assert (half - exact).norm() < 0.01 * effect, f"half precision moved logits by {(half - exact).norm() / effect:.2%} of the effect"
