@@ -358,6 +358,23 @@ def test_queue_full_and_auth(world, tiny_base_dir):
         srv.stop(grace=1)
 
 
+def test_lora_dtype_option_sets_the_stacks_and_a_bad_one_fails_before_the_base_loads(world, tiny_base_dir):
+    from adapterhub.errors import ConfigError
+    from adapterhub.serve.server import AdapterServer, ServerOptions
+
+    with pytest.raises(ConfigError, match="--lora-dtype 'half'.*float16"):
+        AdapterServer(ServerOptions(base=str(tiny_base_dir / "missing"), lora_dtype="half"))
+    srv = AdapterServer(ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), port=0,
+                                      quantize="none", lora_dtype="float16")).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as client:
+            assert client.generate("abc", adapters=["senti@1"], max_new_tokens=2).completion_tokens == 2
+        assert srv.engine.stacks.lora.dtype == torch.float16
+        assert {t.dtype for ts in srv.engine.stacks.lora.tensors.values() for t in ts} == {torch.float16}
+    finally:
+        srv.stop(grace=1)
+
+
 # -- admin, health, reflection, metrics, CLI ------------------------------------------------------
 
 
