@@ -227,7 +227,8 @@ class SlotStack:
                 if part is not None:
                     regions.setdefault(name, []).append(_region(region, part[i].shape))
                     sources.append(part[i])
-        torch._foreach_copy_([r for rs in regions.values() for r in rs], sources)
+        if sources:
+            torch._foreach_copy_([r for rs in regions.values() for r in rs], sources)
         self.meta[slot] = form
         if self._dense is not None and self._dense[0] == slot:
             self._dense = None

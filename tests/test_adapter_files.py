@@ -282,3 +282,11 @@ def test_a_load_never_takes_the_slot_of_an_adapter_a_request_holds():
     held.add("c@1")
     assert stack.admit("d@1", form(4.0)) and stack.rebuilds == 1, "every slot held: must grow, not reuse"
     assert torch.equal(stack.tensors["m"][0][slot_of["a@1"]], torch.ones(4, 2))
+
+
+def test_an_empty_lora_form_takes_a_slot_without_failing():
+    from adapterhub.serve.rows import ResidentStacks
+    from adapterhub.serving_forms import LoraForm
+
+    stacks = ResidentStacks(slots=2)
+    assert stacks.admit("empty@1", LoraForm({})) and stacks.lora.writes == 1
