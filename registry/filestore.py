@@ -258,11 +258,7 @@ class FileStore(AdapterStore):
             self._check_snapshot(manifest, snapshot, "size")
 
         compared = (hasher.submit if hasher is not None else _run_now)(compare)
-
-        def check() -> None:
-            compared.result()
-
-        return VersionRead(manifest, snapshot, data, check)
+        return VersionRead(manifest, snapshot, data, compared.result)
 
     def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
         described = manifest.described_files()
