@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -35,8 +36,8 @@ class LoadedAdapter:
     pinned: bool = False
     in_use: int = 0
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # read per row per step: computed once
         return self.version.ref
 
     @property

@@ -5,12 +5,13 @@ slot per resident adapter, slot 0 = "none", written once when an adapter is firs
 only to grow). Each step the engine builds a cheap :class:`BatchPlan` (per-row slot indices):
 
 * LoRA (``LoraForm``): stacks ``A.T [S, in, R]``, ``B.T [S, R, out]`` (ranks zero-padded); a
-  forward hook adds ``w * (x @ A.T) @ B.T`` per row with two fused gather-matmuls (weighted
-  ``embedding_bag`` over the row's slot: Punica's BGMV idea - each row reads its adapter's weights
-  in place, nothing is copied per row), per slot position of a request, never a loop over adapters.
-  (``grouped_mm`` was tried: its CPU version loops over every slot in C++ and was 3-4x slower.)
-  When every row of the batch uses the same single adapter, two plain matmuls replace the
-  gathers: BLAS is 2-4x faster than ``embedding_bag`` when there is nothing to gather.
+  forward hook adds ``w * (x @ A.T) @ B.T`` per row, in place, per slot position of a request
+  (never a loop over adapters). On the CPU that is the C kernel of :mod:`.bgmv` (Punica's BGMV
+  idea: each token reads its adapter's weights in place, tokens sharing an adapter read it once,
+  rows without one are skipped); elsewhere, or without the extension, two fused gather-matmuls
+  (weighted ``embedding_bag`` over the row's slot). (``grouped_mm`` was tried: its CPU version
+  loops over every slot in C++ and was 3-4x slower.) When every row of the batch uses the same
+  single adapter, two plain matmuls: BLAS is fastest when there is nothing to gather.
 * Bottleneck (``BottleneckForm``): stacked the same way, gathered per row and applied after the
   module in the request's order (a loop over slot positions, not adapters).
 * Scale (``ScaleForm``, IA3): per-row scale vectors gathered from a stack whose slot 0 is all
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 
 from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import BottleneckForm, LoraForm, PrefixForm, ScaleForm
+
+from . import bgmv
 
 SUPPORTED_FORMS = (LoraForm, BottleneckForm, PrefixForm, ScaleForm)
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -243,11 +246,10 @@ class SlotStack:
         if width == 0:
             return None
         slot_of = self.slots(list({e.key: e for r in per_row for e, _ in r}.values()))
-        index = torch.zeros(len(rows), width, dtype=torch.long)
-        weight = torch.zeros(len(rows), width)
-        for b, row in enumerate(per_row):
-            for k, (e, w) in enumerate(row):
-                index[b, k], weight[b, k] = slot_of[e.key], w
+        pad = [(0, 0.0)] * width  # lists first, one tensor each: per-element writes cost ~2 ms at 128 rows
+        cells = [[(slot_of[e.key], w) for e, w in row] + pad[len(row):] for row in per_row]
+        index = torch.tensor([[c[0] for c in row] for row in cells], dtype=torch.long)
+        weight = torch.tensor([[c[1] for c in row] for row in cells], dtype=torch.float32)
         return _Slots(index.to(device), weight.to(device))
 
 
@@ -361,6 +363,7 @@ class BatchPlan:
         self._bags: dict[tuple, Any] = {}  # per-step index and weight tensors, shared by modules
         self.shared_lora_slot = _shared_slot(self.lora_slots)
         self.shared_lora = stacks.lora.dense(self.shared_lora_slot) if self.shared_lora_slot is not None else {}
+        self.lora_kernel = bgmv.available(device)  # else embedding_bag (no C extension, or not the CPU)
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -384,18 +387,33 @@ class BatchPlan:
             self._bags[key] = None if bool((w == 1).all()) else w.repeat_interleave(tokens)[:, None]
         return self._bags[key]
 
+    def _kernel_tokens(self, k: int, tokens: int, num_slots: int) -> bgmv.Tokens:
+        """Slot and weight of every token for slot position ``k`` (checked once per step, shared by modules)."""
+        key = ("kernel", k, tokens, num_slots)
+        if key not in self._bags:
+            weight = self._row_weights(k, tokens)
+            self._bags[key] = bgmv.Tokens(self.lora_slots.index[:, k].repeat_interleave(tokens),
+                                          None if weight is None else weight.flatten(), num_slots)
+        return self._bags[key]
+
     def _lora_delta(self, module: str, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T`` as ``[B * T, out]``, added to ``into``
-        (a 2-D float tensor, changed in place) when given: two fused gather-matmuls per slot
-        position, or two plain matmuls when every row has the same one adapter."""
+        (a 2-D float tensor, changed in place) when given: the C kernel (or two fused
+        gather-matmuls) per slot position, or two plain matmuls when every row has the same one adapter."""
         At, Bt = self.lora[module]
         width, rank, out = At.shape[1], At.shape[2], Bt.shape[2]
         if self.shared_lora_slot is not None:  # BLAS beats gathering when there is nothing to gather
             a, b = self.shared_lora[module]
             h = torch.mm(x.reshape(-1, width).to(a.dtype), a)
             return torch.mm(h, b) if into is None else into.addmm_(h, b)
+        tokens = x.numel() // width // self.lora_slots.index.shape[0]
+        if self.lora_kernel and bgmv.supports(At.dtype, rank):
+            flat = x.reshape(-1, width).float().contiguous()
+            target = into if into is not None and into.dtype == torch.float32 else flat.new_zeros(flat.shape[0], out)
+            for k in range(self.lora_slots.index.shape[1]):
+                bgmv.lora_add(flat, At, Bt, self._kernel_tokens(k, tokens, At.shape[0]), target)
+            return target if target is into or into is None else into.add_(target.to(into.dtype))
         flat = x.reshape(-1, width).to(At.dtype)
-        tokens = flat.shape[0] // self.lora_slots.index.shape[0]
         for k in range(self.lora_slots.index.shape[1]):  # slot positions (adapters composed in one request), not adapters
             a, b = self._bag(k, tokens, width), self._bag(k, tokens, rank)
             h = _bag_matmul(flat, At.view(-1, rank), a.index, a.offsets)

@@ -106,8 +106,20 @@ def _count_matmuls(fn) -> int:
                 Count.calls += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        fn()
+    from adapterhub.serve import bgmv
+
+    real = bgmv.lora_add
+
+    def kernel(*args, **kwargs):  # the C kernel is a gathered matmul too, outside torch's function modes
+        Count.calls += 1
+        return real(*args, **kwargs)
+
+    bgmv.lora_add = kernel
+    try:
+        with Count():
+            fn()
+    finally:
+        bgmv.lora_add = real
     return Count.calls
 
 

@@ -1,0 +1,263 @@
+/* Gathered LoRA for a batch whose rows use different adapters (Punica's BGMV, on the CPU).
+
+   y[t] += w[t] * (x[t] @ A[slot[t]]) @ B[slot[t]]   for every token t, in place,
+
+   with the stacks A [S, in, r] and B [S, r, out] (the engine's layout: A and B transposed) in
+   float32, bfloat16 or float16, and x, y, w in float32. Tokens are visited in `order` (sorted by
+   slot), and up to GROUP consecutive tokens with the same slot and weight share one pass over
+   their adapter: decode rows that share an adapter, or a prompt's tokens in a prefill, read its
+   weights once. With many distinct adapters a step is bound by streaming their bytes from
+   memory, so the pass is fused (x @ A, then the product with B, with only r floats in between)
+   and prefetches ahead of its loads.
+
+   Plain C with GCC/Clang vector extensions and no PyTorch headers, so it builds without torch
+   in the build environment. On x86-64 each kernel is compiled for the baseline ISA, x86-64-v3
+   (AVX2, FMA, F16C) and x86-64-v4 (AVX-512), and the best the CPU has is picked at import.
+   The caller (serve/bgmv.py) checks every shape, dtype and index; this file trusts them. The GIL
+   is released while it runs. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86 1
+#include <immintrin.h>
+#endif
+
+#define GROUP 4
+#define MAX_RANK 1024
+/* prefetch distances, measured on an AMD EPYC (Zen 4) core: A rows ahead, B elements ahead */
+#define AHEAD_A 64
+#define AHEAD_B 256
+#define PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#define INLINE static inline __attribute__((always_inline))
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { PORTABLE = 0, V3 = 1, V4 = 2 };
+static const char *ISA_NAMES[] = {"portable", "x86-64-v3", "x86-64-v4"};
+
+INLINE float one_f32(const float *p) { return *p; }
+INLINE float one_bf16(const uint16_t *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
+INLINE float one_f16(const uint16_t *p) { /* as load_f16 below, one value */
+    uint32_t h = *p, sign = (h & 0x8000) << 16, em = h & 0x7fff, bits;
+    if (em < 0x400) { float f = (float)em * 0x1p-24f; memcpy(&bits, &f, 4); }
+    else bits = ((em << 13) + ((127 - 15) << 23)) | (em >= 0x7c00 ? 0x7f800000 : 0);
+    bits |= sign;
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+/* Vectors of L floats (as many as one register holds: 4 SSE, 8 AVX2, 16 AVX-512) and their
+   loads. bfloat16 is the top half of a float32; float16 without F16C moves the fields of normals
+   and converts subnormals as an integer times 2^-24, keeping inf and nan (exact for all 65536
+   values; the tests check every one). */
+#define VECTORS(L)                                                                                     \
+typedef float vf##L __attribute__((vector_size(4 * L)));                                              \
+typedef uint16_t vu16_##L __attribute__((vector_size(2 * L)));                                        \
+typedef uint32_t vu32_##L __attribute__((vector_size(4 * L)));                                        \
+typedef int32_t vi32_##L __attribute__((vector_size(4 * L)));                                         \
+INLINE vf##L load_f32_##L(const float *p) { vf##L v; memcpy(&v, p, sizeof v); return v; }             \
+INLINE void store_f32_##L(float *p, vf##L v) { memcpy(p, &v, sizeof v); }                             \
+INLINE vf##L load_bf16_##L(const uint16_t *p) {                                                        \
+    vu16_##L u; memcpy(&u, p, sizeof u);                                                               \
+    vu32_##L w = __builtin_convertvector(u, vu32_##L) << 16;                                           \
+    vf##L f; memcpy(&f, &w, sizeof f); return f;                                                       \
+}                                                                                                      \
+INLINE vf##L load_f16_##L(const uint16_t *p) {                                                         \
+    vu16_##L u; memcpy(&u, p, sizeof u);                                                               \
+    vu32_##L h = __builtin_convertvector(u, vu32_##L);                                                 \
+    vu32_##L sign = (h & 0x8000) << 16, em = h & 0x7fff;                                               \
+    vu32_##L normal = ((em << 13) + ((127 - 15) << 23)) | ((vu32_##L)(em >= 0x7c00) & 0x7f800000);     \
+    vf##L sub = __builtin_convertvector((vi32_##L)em, vf##L) * 0x1p-24f;                               \
+    vu32_##L sub_bits; memcpy(&sub_bits, &sub, sizeof sub);                                            \
+    vu32_##L tiny = (vu32_##L)(em < 0x400);                                                            \
+    vu32_##L bits = (sub_bits & tiny) | (normal & ~tiny) | sign;                                       \
+    vf##L f; memcpy(&f, &bits, sizeof f); return f;                                                    \
+}
+
+VECTORS(4)
+VECTORS(8)
+VECTORS(16)
+
+#ifdef X86
+#define TARGET_V3 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_V4 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+static inline __attribute__((always_inline)) TARGET_V3 vf8 load_f16c_8(const uint16_t *p) {
+    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    vf8 f; memcpy(&f, &v, sizeof f); return f;
+}
+static inline __attribute__((always_inline)) TARGET_V4 vf16 load_f16c_16(const uint16_t *p) {
+    __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    vf16 f; memcpy(&f, &v, sizeof f); return f;
+}
+#endif
+
+/* One group of G tokens (rows `tok` of x and y) sharing the adapter (a, b); G is a constant at
+   every call, so the accumulators stay in registers. */
+#define GROUP_KERNEL(NAME, T, L, U, LOAD, ONE, TARGET)                                                    \
+static inline __attribute__((always_inline)) TARGET void NAME##_group(                                \
+        const float *x, const T *a, const T *b, const int64_t *tok, const int G, float wt, float *y,  \
+        int64_t in, int64_t r, int64_t out, int64_t ldy) {                                             \
+    float h[GROUP][MAX_RANK];                                                                          \
+    const float *xs[GROUP];                                                                            \
+    for (int k = 0; k < G; k++) xs[k] = x + tok[k] * in;                                               \
+    int64_t r0 = 0;                                                                                    \
+    /* U and C accumulator chains per token (FMA latency, not throughput, would bound a lone token); \
+       U is fixed per kernel, so a token's sums never depend on the tokens it is grouped with */      \
+    const int C = G == 1 ? 4 : G == 2 ? 2 : 1;                                                         \
+    for (; r0 + L <= r; r0 += L) { /* h = x @ A, L rank columns at a time, U rows of A per pass */    \
+        vf##L acc[GROUP][4];                                                                           \
+        for (int k = 0; k < G; k++) for (int u = 0; u < U; u++) acc[k][u] = (vf##L){0};                \
+        int64_t i = 0;                                                                                 \
+        for (; i + U <= in; i += U) {                                                                  \
+            for (int u = 0; u < U; u++) {                                                              \
+                const T *row = a + (i + u) * r + r0;                                                   \
+                PREFETCH(row + AHEAD_A * r);                                                           \
+                vf##L v = LOAD(row);                                                                   \
+                for (int k = 0; k < G; k++) acc[k][u] += xs[k][i + u] * v;                             \
+            }                                                                                          \
+        }                                                                                              \
+        for (; i < in; i++) {                                                                          \
+            vf##L v = LOAD(a + i * r + r0);                                                            \
+            for (int k = 0; k < G; k++) acc[k][0] += xs[k][i] * v;                                     \
+        }                                                                                              \
+        for (int k = 0; k < G; k++) {                                                                  \
+            for (int u = 1; u < U; u++) acc[k][0] += acc[k][u];                                        \
+            store_f32_##L(h[k] + r0, acc[k][0] * wt);                                                  \
+        }                                                                                              \
+    }                                                                                                  \
+    for (; r0 < r; r0++) /* the rest of a rank that is not a multiple of L */                          \
+        for (int k = 0; k < G; k++) {                                                                  \
+            float s = 0;                                                                               \
+            for (int64_t i = 0; i < in; i++) s += xs[k][i] * ONE(a + i * r + r0);                     \
+            h[k][r0] = s * wt;                                                                         \
+        }                                                                                              \
+    int64_t o = 0;                                                                                     \
+    for (; o + C * L <= out; o += C * L) { /* y += h @ B, C * L outputs at a time */                   \
+        vf##L acc[GROUP][4];                                                                           \
+        for (int k = 0; k < G; k++) for (int c = 0; c < C; c++) acc[k][c] = load_f32_##L(y + tok[k] * ldy + o + c * L); \
+        for (int64_t j = 0; j < r; j++) {                                                              \
+            const T *row = b + j * out + o;                                                            \
+            PREFETCH(row + AHEAD_B);                                                                   \
+            for (int c = 0; c < C; c++) {                                                              \
+                vf##L v = LOAD(row + c * L);                                                           \
+                for (int k = 0; k < G; k++) acc[k][c] += h[k][j] * v;                                  \
+            }                                                                                          \
+        }                                                                                              \
+        for (int k = 0; k < G; k++) for (int c = 0; c < C; c++) store_f32_##L(y + tok[k] * ldy + o + c * L, acc[k][c]); \
+    }                                                                                                  \
+    for (; o + L <= out; o += L) {                                                                     \
+        vf##L acc[GROUP];                                                                              \
+        for (int k = 0; k < G; k++) acc[k] = load_f32_##L(y + tok[k] * ldy + o);                       \
+        for (int64_t j = 0; j < r; j++) {                                                              \
+            vf##L v = LOAD(b + j * out + o);                                                           \
+            for (int k = 0; k < G; k++) acc[k] += h[k][j] * v;                                         \
+        }                                                                                              \
+        for (int k = 0; k < G; k++) store_f32_##L(y + tok[k] * ldy + o, acc[k]);                       \
+    }                                                                                                  \
+    for (; o < out; o++)                                                                               \
+        for (int k = 0; k < G; k++) {                                                                  \
+            float s = y[tok[k] * ldy + o];                                                             \
+            for (int64_t j = 0; j < r; j++) s += h[k][j] * ONE(b + j * out + o);                       \
+            y[tok[k] * ldy + o] = s;                                                                   \
+        }                                                                                              \
+}                                                                                                      \
+                                                                                                       \
+static TARGET void NAME(const float *x, const void *A_, const void *B_, const int64_t *slot,          \
+                        const float *w, const int64_t *order, float *y, int64_t n, int64_t in,         \
+                        int64_t r, int64_t out, int64_t ldy) {                                         \
+    const T *A = A_, *B = B_;                                                                          \
+    for (int64_t t = 0; t < n;) {                                                                      \
+        int64_t first = order[t], s = slot[first];                                                     \
+        float wt = w ? w[first] : 1.0f;                                                                \
+        int g = 1;                                                                                     \
+        while (g < GROUP && t + g < n && slot[order[t + g]] == s && (!w || w[order[t + g]] == wt)) g++; \
+        const T *a = A + s * in * r, *b = B + s * r * out;                                             \
+        switch (g) {                                                                                   \
+        case 1: NAME##_group(x, a, b, order + t, 1, wt, y, in, r, out, ldy); break;                    \
+        case 2: NAME##_group(x, a, b, order + t, 2, wt, y, in, r, out, ldy); break;                    \
+        case 3: NAME##_group(x, a, b, order + t, 3, wt, y, in, r, out, ldy); break;                    \
+        default: NAME##_group(x, a, b, order + t, 4, wt, y, in, r, out, ldy);                          \
+        }                                                                                              \
+        t += g;                                                                                        \
+    }                                                                                                  \
+}
+
+typedef void (*kernel_fn)(const float *, const void *, const void *, const int64_t *, const float *,
+                          const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+/* name, stack element, lanes, chains over A's rows, vector load, scalar load, instruction set
+   (16 registers for SSE and AVX2: 2 chains x 4 tokens; AVX-512 has 32: 4 x 4) */
+GROUP_KERNEL(lora_f32, float, 4, 2, load_f32_4, one_f32, )
+GROUP_KERNEL(lora_bf16, uint16_t, 4, 2, load_bf16_4, one_bf16, )
+GROUP_KERNEL(lora_f16, uint16_t, 4, 2, load_f16_4, one_f16, )
+#ifdef X86
+GROUP_KERNEL(lora_f32_v3, float, 8, 2, load_f32_8, one_f32, TARGET_V3)
+GROUP_KERNEL(lora_bf16_v3, uint16_t, 8, 2, load_bf16_8, one_bf16, TARGET_V3)
+GROUP_KERNEL(lora_f16_v3, uint16_t, 8, 2, load_f16c_8, one_f16, TARGET_V3)
+GROUP_KERNEL(lora_f32_v4, float, 16, 4, load_f32_16, one_f32, TARGET_V4)
+GROUP_KERNEL(lora_bf16_v4, uint16_t, 16, 4, load_bf16_16, one_bf16, TARGET_V4)
+GROUP_KERNEL(lora_f16_v4, uint16_t, 16, 4, load_f16c_16, one_f16, TARGET_V4)
+static const kernel_fn KERNELS[3][3] = {
+    {lora_f32, lora_bf16, lora_f16}, {lora_f32_v3, lora_bf16_v3, lora_f16_v3}, {lora_f32_v4, lora_bf16_v4, lora_f16_v4}};
+#else
+static const kernel_fn KERNELS[1][3] = {{lora_f32, lora_bf16, lora_f16}};
+#endif
+
+static int best_isa(void) {
+#ifdef X86
+    __builtin_cpu_init();
+    int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return v4 ? V4 : v3 ? V3 : PORTABLE;
+#else
+    return PORTABLE;
+#endif
+}
+
+static int BEST;
+
+static PyObject *lora_add(PyObject *self, PyObject *args) {
+    unsigned long long x, a, b, slot, w, order, y;
+    long long n, in, r, out, ldy;
+    int dtype, isa = -1;
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLLLLi|i", &x, &a, &b, &slot, &w, &order, &y, &n, &in, &r, &out, &ldy,
+                          &dtype, &isa))
+        return NULL;
+    if (isa < 0) isa = BEST;
+    if (isa > BEST || dtype < F32 || dtype > F16 || r > MAX_RANK || n < 0 || in < 0 || r < 0 || out < 0) {
+        PyErr_Format(PyExc_ValueError, "lora_add: isa %d (this CPU has up to %d), dtype %d, rank %lld (at most %d)",
+                     isa, BEST, dtype, r, MAX_RANK);
+        return NULL;
+    }
+    kernel_fn fn = KERNELS[isa][dtype];
+    Py_BEGIN_ALLOW_THREADS
+    fn((const float *)(uintptr_t)x, (const void *)(uintptr_t)a, (const void *)(uintptr_t)b,
+       (const int64_t *)(uintptr_t)slot, w ? (const float *)(uintptr_t)w : NULL, (const int64_t *)(uintptr_t)order,
+       (float *)(uintptr_t)y, n, in, r, out, ldy);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"lora_add", lora_add, METH_VARARGS,
+     "lora_add(x, A, B, slot, w, order, y, n, in, r, out, ldy, dtype[, isa]): y[t] += w[t] (x[t] A[slot[t]]) "
+     "B[slot[t]] for t in order (data pointers; serve/bgmv.py checks them)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_bgmv", .m_doc = "Gathered LoRA matmuls for mixed batches.", .m_size = -1,
+    .m_methods = methods};
+
+PyMODINIT_FUNC PyInit__bgmv(void) {
+    BEST = best_isa();
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *names = PyTuple_New(BEST + 1);
+    for (int i = 0; i <= BEST; i++) PyTuple_SET_ITEM(names, i, PyUnicode_FromString(ISA_NAMES[i]));
+    if (PyModule_AddObject(m, "ISAS", names) < 0) { Py_DECREF(names); Py_DECREF(m); return NULL; }
+    return m;
+}

@@ -1,0 +1,110 @@
+"""The C kernel for LoRA over a mixed batch (serve/_bgmv.c via serve/bgmv.py): exact against a
+float64 reference on every instruction set this CPU runs, and refusing what it cannot take."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from adapterhub.serve import bgmv
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_the_kernel_is_built_here():
+    """The install builds it (a C compiler is on every dev and CI machine): a silent fallback to
+    embedding_bag would pass every other test and lose the speed."""
+    assert bgmv.available("cpu"), "adapterhub.serve._bgmv was not built; `make venv` needs a C compiler"
+    assert bgmv.isas()[0] == "portable"
+    assert bgmv.describe("cpu").startswith("C kernel")
+    assert not bgmv.available("meta") and "meta" in bgmv.describe("meta")
+
+
+def _reference(x, A, B, slots, weights, y0):
+    delta = torch.einsum("ti,tir,tro->to", x.double(), A[slots].double(), B[slots].double())
+    w = torch.ones(len(slots), dtype=torch.float64) if weights is None else weights.double()
+    use = (slots > 0).double()  # slot 0 is "no adapter": skipped, whatever it holds
+    return y0.double() + (w * use)[:, None] * delta
+
+
+@pytest.mark.parametrize("isa", bgmv.isas())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width,rank,out,tokens", [(512, 16, 1408, 9), (37, 5, 19, 11), (64, 24, 40, 16), (3, 33, 17, 5)])
+def test_matches_float64_reference(isa, dtype, width, rank, out, tokens):
+    gen = torch.Generator().manual_seed(width * rank + out)
+    A = torch.randn(6, width, rank, generator=gen).to(dtype)
+    B = torch.randn(6, rank, out, generator=gen).to(dtype)
+    A[0], B[0] = 1.0, 1.0  # slot 0 must not be read into the result
+    x = torch.randn(tokens, width, generator=gen)
+    slots = torch.randint(0, 6, (tokens,), generator=gen)
+    slots[:4] = 3  # a group of tokens sharing one adapter
+    for weights in (None, torch.rand(tokens, generator=gen) + 0.5):
+        y = torch.randn(tokens, out, generator=gen)
+        expected = _reference(x, A, B, slots, weights, y)
+        bgmv.lora_add(x, A, B, bgmv.Tokens(slots, weights, 6), y, isa=isa, threads=1)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_strided_output_rows_and_worker_threads_give_the_same_result():
+    gen = torch.Generator().manual_seed(7)
+    A, B = torch.randn(9, 64, 16, generator=gen), torch.randn(9, 16, 48, generator=gen)
+    x, slots = torch.randn(64, 64, generator=gen), torch.randint(1, 9, (64,), generator=gen)
+    tokens = bgmv.Tokens(slots, None, 9)
+    wide = torch.zeros(64, 100)
+    bgmv.lora_add(x, A, B, tokens, wide[:, 10:58], threads=1)  # a view with row stride 100
+    assert not wide[:, :10].any() and not wide[:, 58:].any(), "wrote outside the view"
+    split = torch.zeros(64, 48)
+    bgmv.lora_add(x, A, B, tokens, split, threads=4)
+    assert torch.equal(split, wide[:, 10:58]), "splitting tokens over threads changed the result"
+
+
+@pytest.mark.parametrize("isa", bgmv.isas())
+def test_every_finite_float16_value_converts_exactly(isa):
+    """The portable float16 conversion moves bit fields by hand: each of the 63,488 finite values
+    (subnormals included) must come out as torch's conversion gives it."""
+    values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = torch.where(values.isfinite(), values, torch.zeros_like(values)).reshape(1, 4096, 16)
+    A, B = torch.cat([torch.zeros_like(finite), finite]), torch.eye(16, dtype=torch.float16).expand(2, 16, 16).contiguous()
+    x = torch.eye(4096)  # token i reads row i of A: h = A[i]; y = h @ I
+    y = torch.zeros(4096, 16)
+    bgmv.lora_add(x, A, B, bgmv.Tokens(torch.ones(4096, dtype=torch.long), None, 2), y, isa=isa, threads=1)
+    assert torch.equal(y, finite[0].float())
+
+
+def test_tokens_skip_unadapted_rows_and_keep_a_prompt_together():
+    slots = torch.tensor([2, 2, 0, 1, 1, 2, 0])
+    tokens = bgmv.Tokens(slots, torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]), 3)
+    assert tokens.order.tolist() == [4, 0, 1, 5], "slot-0 and weight-0 tokens need no work; the rest sorted by slot"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("slot out of range", "slots outside [0, 4)"),
+    ("negative slot", "slots outside [0, 4)"),
+    ("wrong width", "do not fit"),
+    ("float64 stacks", "do not fit"),
+    ("non-contiguous stack", "do not fit"),
+    ("half-precision x", "do not fit"),
+    ("rank over the limit", "do not fit"),
+])
+def test_bad_inputs_are_refused_before_the_c_code(case, message):
+    A, B = torch.randn(4, 8, 4), torch.randn(4, 4, 8)
+    x, y, slots = torch.randn(3, 8), torch.zeros(3, 8), torch.tensor([1, 2, 3])
+    if case == "slot out of range":
+        slots = torch.tensor([1, 2, 4])
+    elif case == "negative slot":
+        slots = torch.tensor([1, -1, 3])
+    elif case == "wrong width":
+        x = torch.randn(3, 9)
+    elif case == "float64 stacks":
+        A, B = A.double(), B.double()
+    elif case == "non-contiguous stack":
+        A = torch.randn(4, 4, 8).transpose(1, 2)
+    elif case == "half-precision x":
+        x = x.half()
+    elif case == "rank over the limit":
+        A, B = torch.randn(4, 8, bgmv.MAX_RANK + 1), torch.randn(4, bgmv.MAX_RANK + 1, 8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bgmv.lora_add(x, A, B, bgmv.Tokens(slots, None, 4), y)
+    assert not y.any(), "a refused call must write nothing"
