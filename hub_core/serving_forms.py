@@ -16,14 +16,18 @@ import torch
 
 @dataclasses.dataclass
 class LoraForm:
-    """Low-rank deltas on Linear layers: ``y = base(x) + (x @ A.T) @ B.T``.
+    """Low-rank deltas on Linear layers: ``y = base(x) + (x @ A.T) @ (scales[m] * B).T``.
 
-    ``B`` already includes the method's scaling (alpha / r and any learned singular values), so the
-    server needs no method-specific arithmetic. Covers LoRA, QLoRA, LoRA+, AdaLoRA. Any layout
-    will do: the server writes ``A.T`` and ``B.T`` into its stacks with one copy each, as it loads.
+    ``B`` times ``scales.get(module, 1)`` includes the method's scaling (alpha / r and any learned
+    singular values), so the server needs no method-specific arithmetic. A plain factor belongs in
+    ``scales``: the server multiplies while it writes ``A.T`` and ``B.T`` into its stacks (one
+    pass over each tensor, as it loads), where scaling B first would be a pass of its own. Covers
+    LoRA, QLoRA, LoRA+, AdaLoRA. Any layout will do; float32 ``A`` and ``B`` as the file holds them
+    (contiguous) take the fastest write.
     """
 
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
+    scales: dict[str, float] = dataclasses.field(default_factory=dict)  # module -> factor on B (missing: 1)
 
 
 @dataclasses.dataclass

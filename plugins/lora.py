@@ -79,7 +79,7 @@ def peft_lora_form(files: AdapterFiles) -> Any:
         ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
         return ma / root(mr)
 
-    return lora_form_from_state(files.read_tensors("adapter_model.safetensors"), scaling)
+    return lora_form_from_state(files.tensor_views("adapter_model.safetensors"), scaling)
 
 
 @adapterhub.hookimpl

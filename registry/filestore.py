@@ -232,33 +232,40 @@ class FileStore(AdapterStore):
     def read_version(self, ref: RefLike, *, hasher: Executor | None = None) -> VersionRead:
         """Each file of the snapshot read once; ``check`` hashes those same bytes.
 
-        With ``hasher`` (an executor) the hashing runs there (hashlib releases the GIL), overlapping
-        whatever the caller does with the bytes meanwhile, and so does the check of the snapshot's
-        names and described files (for code that reads the directory); ``check`` waits for both.
+        With ``hasher`` (a single-thread executor) the hashing runs there (hashlib releases the
+        GIL), chunk by chunk as the read brings them in, overlapping the rest of the read and
+        whatever the caller does with the bytes meanwhile. The snapshot's names and described
+        files are checked by ``check_directory``, for code that reads the directory itself.
         """
         manifest = self.manifest(ref)
         snapshot = self._snapshot_dir(manifest.task, manifest.version)
         if not snapshot.is_dir():
             self.materialize(manifest)  # built (and hashed) once
-        data = {}
+        submit = hasher.submit if hasher is not None else _run_now
+        data, digests, pending = {}, {}, []
         for name, entry in manifest.files.items():
             path = snapshot / validate_file_name(name)
+            digest = digests[name] = hashlib.sha256()
             try:
-                data[name] = fsutil.read_exactly(path, entry.size)
+                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digest: pending.append(submit(d.update, chunk)))
             except FileNotFoundError:
                 data[name] = None
             if data[name] is None:  # missing, or another size than the manifest's
+                for future in pending:
+                    future.exception()  # let the hasher finish with the buffers first
                 self._check_snapshot(manifest, snapshot, "size")  # names what is wrong
                 raise self._corrupt(manifest, name, path)
 
         def compare() -> None:
+            for future in pending:
+                future.result()
             for name, entry in manifest.files.items():
-                if hashlib.sha256(data[name]).hexdigest() != entry.sha256:
+                if digests[name].hexdigest() != entry.sha256:
                     raise self._corrupt(manifest, name, snapshot / name)
-            self._check_snapshot(manifest, snapshot, "size")
 
-        compared = (hasher.submit if hasher is not None else _run_now)(compare)
-        return VersionRead(manifest, snapshot, data, compared.result)
+        compared = submit(compare)
+        return VersionRead(manifest, snapshot, data, compared.result,
+                           check_directory=lambda: self._check_snapshot(manifest, snapshot, "size"))
 
     def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
         described = manifest.described_files()

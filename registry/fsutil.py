@@ -110,14 +110,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_exactly(path: Path, size: int) -> bytes | None:
+def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None) -> bytearray | None:
     """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
 
-    One ``bytes`` object: ``safetensors.torch.load`` parses it as it is, with no further copy.
+    One writable ``bytearray``, read in chunks; ``on_chunk`` sees each chunk as soon as it is in
+    (the server hashes them meanwhile, so hashing overlaps the rest of the read).
     """
+    data = bytearray(size)
+    view = memoryview(data)
     with open(path, "rb", buffering=0) as f:
-        data = f.read(size)
-        if len(data) != size or f.read(1):
+        done = 0
+        while done < size:
+            got = f.readinto(view[done:done + _CHUNK])
+            if not got:
+                return None
+            if on_chunk is not None:
+                on_chunk(view[done:done + got])
+            done += got
+        if f.read(1):
             return None
     return data
 

@@ -45,6 +45,8 @@ class VersionRead:
     directory: Path
     data: dict[str, bytes]
     check: Callable[[], None]
+    # for code that reads ``directory`` itself: its names and sizes still match the manifest
+    check_directory: Callable[[], None] = lambda: None
 
 
 class AdapterStore(abc.ABC):

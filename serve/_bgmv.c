@@ -205,6 +205,45 @@ static const kernel_fn KERNELS[3][3] = {
 static const kernel_fn KERNELS[1][3] = {{lora_f32, lora_bf16, lora_f16}};
 #endif
 
+/* The slot write of a LoRA adapter: float32 `src [rows, cols]` (a file's A [r, in] or B [out, r])
+   times `scale` into `dst [cols, rows]` (row stride `stride`) of the stack's dtype, transposed in 16 x 16 blocks
+   that stay in L1 (PyTorch's strided copy of these skinny matrices is ~3x slower). bfloat16 and
+   float16 round to nearest even, as PyTorch's conversions do. */
+INLINE uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* nan stays a quiet nan */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+INLINE uint16_t to_f16(float f) { _Float16 h = (_Float16)f; uint16_t u; memcpy(&u, &h, 2); return u; }
+INLINE float to_f32(float f) { return f; }
+
+#define TRANSPOSE(NAME, T, CONVERT, TARGET)                                                            \
+static TARGET void NAME(const float *src, void *dst_, int64_t rows, int64_t cols, int64_t stride, float scale) { \
+    T *dst = dst_;                                                                                     \
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {                                                        \
+        int64_t ni = rows - i0 < 16 ? rows - i0 : 16;                                                  \
+        for (int64_t j0 = 0; j0 < cols; j0 += 16) {                                                    \
+            int64_t nj = cols - j0 < 16 ? cols - j0 : 16;                                              \
+            for (int64_t j = j0; j < j0 + nj; j++)                                                     \
+                for (int64_t i = i0; i < i0 + ni; i++) dst[j * stride + i] = CONVERT(src[i * cols + j] * scale); \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
+typedef void (*transpose_fn)(const float *, void *, int64_t, int64_t, int64_t, float);
+
+TRANSPOSE(transpose_f32, float, to_f32, )
+TRANSPOSE(transpose_bf16, uint16_t, to_bf16, )
+TRANSPOSE(transpose_f16, uint16_t, to_f16, )
+#ifdef X86
+TRANSPOSE(transpose_f16_v3, uint16_t, to_f16, TARGET_V3) /* F16C converts instead of a libgcc call */
+static const transpose_fn TRANSPOSES[3][3] = {{transpose_f32, transpose_bf16, transpose_f16},
+                                              {transpose_f32, transpose_bf16, transpose_f16_v3},
+                                              {transpose_f32, transpose_bf16, transpose_f16_v3}};
+#else
+static const transpose_fn TRANSPOSES[1][3] = {{transpose_f32, transpose_bf16, transpose_f16}};
+#endif
+
 static int best_isa(void) {
 #ifdef X86
     __builtin_cpu_init();
@@ -220,6 +259,7 @@ static int best_isa(void) {
 static int BEST;
 
 static PyObject *lora_add(PyObject *self, PyObject *args) {
+    (void)self;
     unsigned long long x, a, b, slot, w, order, y;
     long long n, in, r, out, ldy;
     int dtype, isa = -1;
@@ -241,10 +281,46 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+typedef struct { unsigned long long src, dst; long long rows, cols, stride; float scale; } transpose_job;
+
+static PyObject *transpose_into(PyObject *self, PyObject *args) {
+    PyObject *items, *seq;
+    int dtype, isa = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oi|i", &items, &dtype, &isa)) return NULL;
+    if (isa < 0) isa = BEST;
+    if (isa > BEST || dtype < F32 || dtype > F16) {
+        PyErr_Format(PyExc_ValueError, "transpose_into: isa %d (this CPU has up to %d), dtype %d", isa, BEST, dtype);
+        return NULL;
+    }
+    if (!(seq = PySequence_Fast(items, "transpose_into: jobs must be a sequence"))) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    transpose_job *jobs = PyMem_Malloc(sizeof(transpose_job) * (n ? n : 1));
+    if (!jobs) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        transpose_job *j = &jobs[k];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "KKLLLf", &j->src, &j->dst, &j->rows, &j->cols, &j->stride, &j->scale)) {
+            PyMem_Free(jobs); Py_DECREF(seq); return NULL;
+        }
+    }
+    transpose_fn fn = TRANSPOSES[isa][dtype];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < n; k++)
+        fn((const float *)(uintptr_t)jobs[k].src, (void *)(uintptr_t)jobs[k].dst, jobs[k].rows, jobs[k].cols, jobs[k].stride,
+           jobs[k].scale);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"lora_add", lora_add, METH_VARARGS,
      "lora_add(x, A, B, slot, w, order, y, n, in, r, out, ldy, dtype[, isa]): y[t] += w[t] (x[t] A[slot[t]]) "
      "B[slot[t]] for t in order (data pointers; serve/bgmv.py checks them)"},
+    {"transpose_into", transpose_into, METH_VARARGS,
+     "transpose_into(jobs, dtype[, isa]): for each (src, dst, rows, cols, stride, scale), dst[j * stride + i] = "
+     "scale * src[i * cols + j] from float32 to dtype (data pointers; serve/bgmv.py checks them)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -63,7 +63,7 @@ class AdapterSource:
         manifest = version.manifest or self.store.manifest(version.ref)
         self._check_sizes(manifest)
         read = self.store.read_version(manifest, hasher=self._hasher)
-        return AdapterFiles(read.data, read.directory, check=read.check)
+        return AdapterFiles(read.data, read.directory, check=read.check, check_directory=read.check_directory)
 
     def materialize(self, version: AdapterVersion) -> Path:
         """A verified directory with the version's files; refused before any read when over ``max_bytes``."""

@@ -53,7 +53,7 @@ def prepare_form(form: Any, device: torch.device) -> Any:
         return t.detach().to(device=device, dtype=torch.float32).contiguous()
 
     if isinstance(form, LoraForm):
-        return LoraForm({m: (a.detach(), b.detach()) for m, (a, b) in form.deltas.items()})
+        return LoraForm({m: (a.detach(), b.detach()) for m, (a, b) in form.deltas.items()}, dict(form.scales))
     if isinstance(form, BottleneckForm):
         if form.activation not in ACTIVATIONS:
             raise LimitExceeded(f"bottleneck activation {form.activation!r} is not one of {', '.join(ACTIVATIONS)}")
@@ -102,11 +102,13 @@ class SlotStack:
     """
 
     def __init__(self, parts_of, set_parts, pad: float, slots: int = 8, busy=lambda key: False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, copy=None, factors_of=lambda form: {}):
         self.parts_of = parts_of  # form -> {name: (tensor, ...)}
         self.set_parts = set_parts  # (form, {name: (tensor, ...)}) -> None: rebinds the form's tensors
         self.busy = busy  # key -> True while requests hold that adapter: its slot is never reused then
         self.dtype = dtype  # of the stacks (None: the forms' own); the slot write converts
+        self.copy = copy or _copy_scaled  # (regions, sources, factors) -> None: the slot write's one copy call
+        self.factors_of = factors_of  # form -> {name: (factor per tensor)}: written times that (missing: 1)
         self._dense: tuple[int, dict[str, tuple[torch.Tensor, ...]]] | None = None  # see dense()
         self._bound: dict[int, list[Any]] = collections.defaultdict(list)  # slot -> forms viewing it
         self._shapes: dict[int, dict[str, list[torch.Size]]] = {}
@@ -207,37 +209,55 @@ class SlotStack:
         self._bound[slot].append(form)
 
     def _write(self, slot: int, form: Any) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Copy the form into ``slot`` (padding the rest); returns the views it wrote, for binding."""
+        """Copy the form into ``slot`` (padding the rest); returns the views it wrote, for binding.
+
+        On a hot-swap's path: per tensor no more than one index and one shape check, one copy call
+        for all of them.
+        """
         self.writes += 1
         parts = self.parts_of(form)
-        grow = {}
-        for name, ts in parts.items():
-            old = self.tensors.get(name)
-            if old is None:  # a module no resident adapter touched yet: a new all-pad stack
-                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad, dtype=self.dtype or t.dtype)
-                                                       for t in ts]}
-            elif any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
-                grow[name] = [list(t.shape) for t in ts]
-        if grow:
-            self._grow(grow)
-        regions, sources = {}, []
-        for name, stack in self.tensors.items():  # per tensor, no more than one index; one copy call for all
+        self._make_room(parts)
+        scaled = self.factors_of(form)
+        regions, targets, sources, factors = {}, [], [], []
+        for name, stack in self.tensors.items():
             part = parts.get(name)
-            for i, t in enumerate(stack):
+            if part is None:  # a module this adapter does not touch
+                for t in stack:
+                    t[slot].fill_(self.pad)
+                continue
+            wrote = []
+            for t, source in zip(stack, part):
                 region = t[slot]
-                if part is None or part[i].shape != region.shape:
+                if source.shape != region.shape:  # a smaller rank or width than the stack's: pad the rest
                     region.fill_(self.pad)
-                if part is not None:
-                    regions.setdefault(name, []).append(_region(region, part[i].shape))
-                    sources.append(part[i])
+                    region = _region(region, source.shape)
+                wrote.append(region)
+            regions[name] = tuple(wrote)
+            targets += wrote
+            sources += part
+            factors += scaled.get(name) or [1.0] * len(part)
         if sources:
-            torch._foreach_copy_([r for rs in regions.values() for r in rs], sources)
+            self.copy(targets, sources, factors)
         self.meta[slot] = form
         if self._dense is not None and self._dense[0] == slot:
             self._dense = None
         self._shapes[slot] = {name: [t.shape for t in ts] for name, ts in parts.items()}
         self._bound.pop(slot, None)
-        return {name: tuple(r) for name, r in regions.items()}
+        return regions
+
+    def _make_room(self, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        """New all-pad stacks for modules no resident adapter touched yet; grow those too small."""
+        grow = {}
+        for name, ts in parts.items():
+            old = self.tensors.get(name)
+            if old is None:
+                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad, dtype=self.dtype or t.dtype)
+                                                       for t in ts]}
+            elif [t.shape for t in ts] != [o.shape[1:] for o in old] and \
+                    any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
+                grow[name] = [list(t.shape) for t in ts]
+        if grow:
+            self._grow(grow)
 
     def gather_slots(self, rows, kind: type, device) -> _Slots | None:
         """Per-row slots ``[B, K]`` of this kind (K = most adapters of the kind in one row)."""
@@ -264,13 +284,29 @@ def _region(slot_view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return slot_view if slot_view.shape == shape else slot_view[tuple(slice(0, n) for n in shape)]
 
 
+def _copy_scaled(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:
+    """``regions[i] = factors[i] * sources[i]``, multiplied in the source's precision and rounded
+    once into the stack's (as the C path does)."""
+    scaled = [i for i, f in enumerate(factors) if f != 1.0]
+    if scaled:
+        sources = list(sources)
+        for i, t in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], [factors[i] for i in scaled])):
+            sources[i] = t
+    torch._foreach_copy_(regions, sources)
+
+
 def _lora_parts(form: LoraForm) -> dict[str, tuple[torch.Tensor, ...]]:
     # stored transposed, (A.T [in, r], B.T [r, out]): the layout of x @ W in a grouped matmul
     return {m: (a.T, b.T) for m, (a, b) in form.deltas.items()}
 
 
+def _lora_factors(form: LoraForm) -> dict[str, tuple[float, ...]]:
+    return {m: (1.0, s) for m, s in form.scales.items()}
+
+
 def _set_lora_parts(form: LoraForm, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
     form.deltas = {m: (at.T, bt.T) for m, (at, bt) in parts.items()}
+    form.scales = {}  # the slot holds B already scaled
 
 
 def _set_bottleneck_parts(form: BottleneckForm, parts: dict[str, tuple[torch.Tensor, ...]]) -> None:
@@ -296,7 +332,8 @@ class ResidentStacks:
     """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
 
     def __init__(self, slots: int = 8, busy=lambda key: False, lora_dtype: torch.dtype | None = None):
-        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy, lora_dtype)
+        self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy, lora_dtype,
+                              copy=bgmv.copy_transposed if bgmv.available() else None, factors_of=_lora_factors)
         self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy)
         self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy)
         self._by_form = {LoraForm: self.lora, BottleneckForm: self.bottleneck, ScaleForm: self.scale}

@@ -64,6 +64,36 @@ def test_read_tensors_uses_the_library_and_returns_owned_copies():
     assert AdapterFiles({WEIGHTS: data}, "/nowhere").read_tensors()["a"][0, 0] == tensors["a"][0, 0]
 
 
+def test_tensor_views_equal_the_library_and_view_the_bytes_read():
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "half": torch.randn(4).half(), "bf": torch.randn(2, 2).bfloat16(),
+               "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "flags": torch.tensor([True, False]),
+               "cube": torch.randn(2, 3, 4).double()}
+    files = AdapterFiles({WEIGHTS: bytearray(save(tensors, metadata={"format": "pt"}))}, "/nowhere")
+    views = files.tensor_views()
+    assert set(views) == set(tensors)
+    for key, tensor in tensors.items():
+        assert views[key].dtype == tensor.dtype and views[key].shape == tensor.shape and torch.equal(views[key], tensor), key
+    assert views["a"].data_ptr() == files.tensor_views()["a"].data_ptr(), "a view of the bytes read, not a copy"
+    assert torch.equal(AdapterFiles({WEIGHTS: save(tensors)}, "/nowhere").tensor_views()["cube"], tensors["cube"]), \
+        "read-only bytes are taken too (copied once into a writable buffer)"
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: d[:4], "shorter than its 8-byte header"),
+    (lambda d: (10**9).to_bytes(8, "little") + d[8:], "runs past the end"),
+    (lambda d: d[:8] + b"x" + d[9:], "not JSON"),
+    (lambda d: d + b"\0", "bytes after the last tensor"),
+    (lambda d: d[:-4], "runs past the end of the file"),
+    (lambda d: d.replace(b'"F32"', b'"X32"', 1), "unsupported"),
+    (lambda d: d.replace(b'"data_offsets":[0,60]', b'"data_offsets":[4,64]', 1), "do not follow the previous tensor"),
+])
+def test_malformed_safetensors_are_refused_with_the_reason(damage, why):
+    data = save({"a": torch.randn(3, 5), "b": torch.randn(2)})
+    assert b'"data_offsets":[0,60]' in data
+    with pytest.raises(IntegrityError, match=why):
+        AdapterFiles({WEIGHTS: bytearray(damage(data))}, "/some/adapter").tensor_views()
+
+
 # -- the registry reads each file once and checks those bytes -----------------------------------
 
 
@@ -81,6 +111,38 @@ def test_read_version_returns_the_files_and_checks_the_bytes_it_read(tmp_path, t
         read = store.read_version("t@1", hasher=hasher if threaded else None)
         with pytest.raises(IntegrityError, match="adapter_model.safetensors.*sha256"):
             read.check()
+
+
+@pytest.mark.parametrize("where", [0, 1 << 20, (1 << 20) + 5, -1])  # first chunk, chunk edges, last byte
+def test_every_chunk_of_a_file_is_hashed(tmp_path, where):
+    store = open_registry(tmp_path / "registry")
+    store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # ~3 chunks of 1 MiB
+    store.materialize("t@1")  # the snapshot the server reads (a hard link to the blob)
+    blob = _blob(store, "t@1")
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[where] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with ThreadPoolExecutor(1) as hasher:
+        read = store.read_version("t@1", hasher=hasher)
+        with pytest.raises(IntegrityError, match="sha256"):
+            read.check()
+
+
+def test_a_changed_snapshot_is_refused_to_directory_readers_only(tmp_path):
+    """Forms built from the bytes read need only those bytes' hashes; code that reads the snapshot
+    directory itself (``AdapterFiles.directory``) gets its names and sizes checked first."""
+    from adapterhub.serve.adapter_source import AdapterSource
+
+    store = open_registry(tmp_path / "registry")
+    store.publish("t", make_adapter(tmp_path / "a"))
+    source = AdapterSource(tmp_path / "registry")
+    files = source.read(source.resolve("t@1"))
+    stray = files._directory / "stray.bin"
+    stray.write_bytes(b"not in the manifest")
+    files.check()  # the bytes are fine
+    with pytest.raises(IntegrityError, match="stray.bin"):
+        files.directory
 
 
 def test_read_version_refuses_a_file_of_another_size(tmp_path):
@@ -118,7 +180,8 @@ def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
         alpha = cfg.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], cfg["lora_alpha"])
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         A, B = form.deltas[module]
-        assert torch.equal(A, a) and torch.equal(B, state[key.replace("lora_A", "lora_B")].float() * scale), module
+        assert torch.equal(A, a) and torch.equal(B, state[key.replace("lora_A", "lora_B")]), module
+        assert form.scales[module] == scale, module  # applied by the slot write, tested in test_bgmv.py
 
 
 # -- the cache: publish only what passed its check -----------------------------------------------

@@ -108,3 +108,35 @@ def test_bad_inputs_are_refused_before_the_c_code(case, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         bgmv.lora_add(x, A, B, bgmv.Tokens(slots, None, 4), y)
     assert not y.any(), "a refused call must write nothing"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_lora_slot_write_is_the_scaled_transpose_rounded_once(dtype):
+    """The slot write transposes the file's A and B into the stacks, B times its scale, converting
+    once: exactly what ``(scale * B).T.to(dtype)`` gives, by the C path and by PyTorch's path alike."""
+    from types import SimpleNamespace
+
+    from adapterhub.serve.rows import ResidentStacks, _copy_scaled
+    from adapterhub.serving_forms import LoraForm
+
+    gen = torch.Generator().manual_seed(3)
+    deltas = {"m": (torch.randn(5, 40, generator=gen), torch.randn(24, 5, generator=gen)),
+              "n": (torch.randn(3, 24, generator=gen), torch.randn(40, 3, generator=gen))}
+    scales = {"m": 7 / 5, "n": 0.3}
+    results = []
+    for c_path in (True, False):
+        stacks = ResidentStacks(slots=2, lora_dtype=dtype)
+        if not c_path:
+            stacks.lora.copy = _copy_scaled
+        form = LoraForm({m: (a.clone(), b.clone()) for m, (a, b) in deltas.items()}, dict(scales))
+        slot = stacks.lora.slots([SimpleNamespace(key="x@1", form=form)])["x@1"]
+        for m, (a, b) in deltas.items():
+            At, Bt = stacks.lora.tensors[m]
+            rank = a.shape[0]
+            assert torch.equal(At[slot, :, :rank], a.T.to(dtype)), (m, c_path)
+            assert torch.equal(Bt[slot, :rank], (b * scales[m]).T.to(dtype)), (m, c_path)
+            assert not At[slot, :, rank:].any(), "rank padding must stay zero"
+        assert form.scales == {} and torch.equal(form.deltas["m"][1], (deltas["m"][1] * scales["m"]).to(dtype)), \
+            "the form now views its slot, which holds B scaled"
+        results.append(stacks.lora.tensors)
+    assert all(torch.equal(x, y) for m in deltas for x, y in zip(results[0][m], results[1][m]))

@@ -74,8 +74,9 @@ def apply_form_by_hand(base, form, batch) -> torch.Tensor:
     try:
         if isinstance(form, LoraForm):
             for name, (a, b) in form.deltas.items():
+                b = b.float() * form.scales.get(name, 1.0)
                 handles.append(modules[name].register_forward_hook(
-                    lambda m, args, out, a=a, b=b: out + (args[0].float() @ a.T @ b.T).to(out.dtype)))
+                    lambda m, args, out, a=a.float(), b=b: out + (args[0].float() @ a.T @ b.T).to(out.dtype)))
         elif isinstance(form, ScaleForm):
             for name, s in form.input_scales.items():
                 handles.append(modules[name].register_forward_pre_hook(lambda m, args, s=s: (args[0] * s,)))
