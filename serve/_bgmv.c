@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -79,6 +80,16 @@ INLINE vf##L load_f16_##L(const uint16_t *p) {                                  
 VECTORS(4)
 VECTORS(8)
 VECTORS(16)
+
+/* horizontal sums as a tree of halves (a fixed order, fewer steps than lane by lane) */
+INLINE float hsum_4(vf4 v) {
+    vf4 h = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+    return h[0] + h[1];
+}
+INLINE float hsum_8(vf8 v) { return hsum_4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7)); }
+INLINE float hsum_16(vf16 v) {
+    return hsum_8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
 
 #ifdef X86
 #define TARGET_V3 __attribute__((target("avx2,fma,f16c")))
@@ -281,6 +292,124 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Attention of one new token per row (a decode step) over its cached keys and values:
+
+   out[b, h] = softmax_t(scale * q[b, h] . k[b, h / G, t], t where mask[b, t]) @ v[b, h / G, t]
+
+   with G query heads per key/value head (GQA), keys and values read in place from the cache's
+   strided buffers, float32 throughout. PyTorch's scaled_dot_product_attention spends most of a
+   decode step's attention on per-(row, head) dispatch of tiny matrix products; this is one pass
+   over the cache (its bytes bound it). exp is a degree-6 polynomial after range reduction, within
+   2 ulp of expf, applied to max-subtracted scores; masked positions weigh exactly 0. */
+#define ATTENTION(NAME, L, TARGET)                                                                     \
+INLINE TARGET vf##L NAME##_exp(vf##L x) { /* x <= 0 here (max subtracted) */                        \
+    vi32_##L low = (vi32_##L)(x < -87.0f), xb, floor_b;                                                \
+    vf##L floor = (vf##L){0} - 87.0f;                                                                  \
+    memcpy(&xb, &x, sizeof x); memcpy(&floor_b, &floor, sizeof floor);                                 \
+    xb = (xb & ~low) | (floor_b & low);                                                                \
+    memcpy(&x, &xb, sizeof x);                                                                         \
+    vf##L t = x * 1.44269504088896341f;                                                                \
+    vf##L n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */                     \
+    vf##L r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;                               \
+    vf##L p = (vf##L){0} + 1.0f / 720;                                                                 \
+    p = p * r + 1.0f / 120; p = p * r + 1.0f / 24; p = p * r + 1.0f / 6; p = p * r + 0.5f;            \
+    p = p * r + 1.0f; p = p * r + 1.0f;                                                                \
+    vi32_##L e = (__builtin_convertvector(n, vi32_##L) + 127) << 23;                                   \
+    vf##L two; memcpy(&two, &e, sizeof two);                                                           \
+    return p * two;                                                                                    \
+}                                                                                                      \
+                                                                                                       \
+static TARGET void NAME(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, \
+                        float *scores, int64_t B, int64_t H, int64_t KV, int64_t T, int64_t D,         \
+                        const int64_t *st, float scale) {                                              \
+    /* st: q (b, h), k (b, kv, t), v (b, kv, t), mask (b), out (b, h) strides in elements */          \
+    int64_t G = H / KV;                                                                                \
+    for (int64_t b = 0; b < B; b++)                                                                    \
+        for (int64_t h = 0; h < H; h++) {                                                              \
+            const float *qh = q + b * st[0] + h * st[1];                                               \
+            const float *kb = k + b * st[2] + (h / G) * st[3], *vb = v + b * st[5] + (h / G) * st[6];  \
+            const uint8_t *mb = mask ? mask + b * st[8] : NULL;                                        \
+            float best = -INFINITY;                                                                    \
+            for (int64_t t = 0; t < T; t++) {                                                          \
+                if (mb && !mb[t]) { scores[t] = -INFINITY; continue; }                                 \
+                const float *kt = kb + t * st[4];                                                      \
+                vf##L acc = {0};                                                                       \
+                int64_t d = 0;                                                                         \
+                for (; d + L <= D; d += L) acc += load_f32_##L(qh + d) * load_f32_##L(kt + d);         \
+                float s = hsum_##L(acc);                                                               \
+                for (; d < D; d++) s += qh[d] * kt[d];                                                 \
+                s *= scale;                                                                            \
+                scores[t] = s;                                                                         \
+                best = s > best ? s : best;                                                            \
+            }                                                                                          \
+            float total = 0;                                                                           \
+            int64_t t = 0;                                                                             \
+            for (; t + L <= T; t += L) {                                                               \
+                vf##L x = load_f32_##L(scores + t) - best;                                             \
+                vf##L e = NAME##_exp(x);                                                               \
+                for (int l = 0; l < L; l++) { float w = scores[t + l] == -INFINITY ? 0 : e[l]; scores[t + l] = w; total += w; } \
+            }                                                                                          \
+            for (; t < T; t++) {                                                                       \
+                vf##L x = {0}; x[0] = scores[t] - best;                                                \
+                float w = scores[t] == -INFINITY ? 0 : NAME##_exp(x)[0];                               \
+                scores[t] = w; total += w;                                                             \
+            }                                                                                          \
+            float inv = total > 0 ? 1.0f / total : 0.0f;                                               \
+            float *oh = out + b * st[9] + h * st[10];                                                  \
+            int64_t d = 0;                                                                             \
+            for (; d + L <= D; d += L) {                                                               \
+                vf##L acc = {0};                                                                       \
+                for (int64_t t2 = 0; t2 < T; t2++)                                                     \
+                    if (scores[t2] != 0) acc += scores[t2] * load_f32_##L(vb + t2 * st[7] + d);        \
+                store_f32_##L(oh + d, acc * inv);                                                      \
+            }                                                                                          \
+            for (; d < D; d++) {                                                                       \
+                float a = 0;                                                                           \
+                for (int64_t t2 = 0; t2 < T; t2++) a += scores[t2] * vb[t2 * st[7] + d];               \
+                oh[d] = a * inv;                                                                       \
+            }                                                                                          \
+        }                                                                                              \
+}
+
+typedef void (*attention_fn)(const float *, const float *, const float *, const uint8_t *, float *, float *,
+                             int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t *, float);
+ATTENTION(attention, 4, )
+#ifdef X86
+ATTENTION(attention_v3, 8, TARGET_V3)
+ATTENTION(attention_v4, 16, TARGET_V4)
+static const attention_fn ATTENTIONS[3] = {attention, attention_v3, attention_v4};
+#else
+static const attention_fn ATTENTIONS[1] = {attention};
+#endif
+
+static PyObject *decode_attention(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, mask, out;
+    long long B, H, KV, T, D;
+    long long st[11];
+    float scale;
+    int isa = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLL(LLLLLLLLLLL)f|i", &q, &k, &v, &mask, &out, &B, &H, &KV, &T, &D, &st[0], &st[1],
+                          &st[2], &st[3], &st[4], &st[5], &st[6], &st[7], &st[8], &st[9], &st[10], &scale, &isa))
+        return NULL;
+    if (isa < 0) isa = BEST;
+    if (isa > BEST || KV <= 0 || H % KV || B < 0 || T < 0 || D < 0) {
+        PyErr_Format(PyExc_ValueError, "decode_attention: isa %d (this CPU has up to %d), heads %lld / %lld", isa, BEST, H, KV);
+        return NULL;
+    }
+    float *scores = PyMem_RawMalloc(sizeof(float) * (T ? T : 1));
+    if (!scores) return PyErr_NoMemory();
+    int64_t strides[11];
+    for (int i = 0; i < 11; i++) strides[i] = st[i];
+    attention_fn fn = ATTENTIONS[isa];
+    Py_BEGIN_ALLOW_THREADS
+    fn((const float *)(uintptr_t)q, (const float *)(uintptr_t)k, (const float *)(uintptr_t)v,
+       mask ? (const uint8_t *)(uintptr_t)mask : NULL, (float *)(uintptr_t)out, scores, B, H, KV, T, D, strides, scale);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scores);
+    Py_RETURN_NONE;
+}
+
 typedef struct { unsigned long long src, dst; long long rows, cols, stride; float scale; } transpose_job;
 
 static PyObject *transpose_into(PyObject *self, PyObject *args) {
@@ -318,6 +447,9 @@ static PyMethodDef methods[] = {
     {"lora_add", lora_add, METH_VARARGS,
      "lora_add(x, A, B, slot, w, order, y, n, in, r, out, ldy, dtype[, isa]): y[t] += w[t] (x[t] A[slot[t]]) "
      "B[slot[t]] for t in order (data pointers; serve/bgmv.py checks them)"},
+    {"decode_attention", decode_attention, METH_VARARGS,
+     "decode_attention(q, k, v, mask, out, B, H, KV, T, D, strides, scale[, isa]): one query token per row over its "
+     "cached keys and values (data pointers; serve/attention.py checks them)"},
     {"transpose_into", transpose_into, METH_VARARGS,
      "transpose_into(jobs, dtype[, isa]): for each (src, dst, rows, cols, stride, scale), dst[j * stride + i] = "
      "scale * src[i * cols + j] from float32 to dtype (data pointers; serve/bgmv.py checks them)"},

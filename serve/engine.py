@@ -36,6 +36,7 @@ import torch
 from adapterhub.data import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
 
+from . import attention
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
@@ -217,6 +218,7 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.num_layers = self.model.config.num_hidden_layers
         self.hooks = RowHooks(self.model)
+        self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
         # deprecation wrapper on every forward; 4.x knows only the old one)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
