@@ -1,9 +1,9 @@
 """(b) Hot-swap cost: loading an adapter into a live engine, and what it costs requests in flight.
 
 1. Load time: ``engine.cache.load(ref)`` (registry resolve, snapshot, one read of every file, the
-   sha256 check of those bytes and the method's serving form built from them (the two run at the
-   same time), move to the device, the write into a stack slot meanwhile) plus what is left for the
-   first use to do (nothing, unless the slot was taken since), vs a raw
+   sha256 of those bytes chunk by chunk as the read brings them in, on another thread, while the
+   method's serving form is built from views of them and written into a stack slot) plus what is
+   left for the first use to do (nothing, unless the slot was taken since), vs a raw
    ``safetensors.torch.load_file`` of the same ``adapter_model.safetensors`` (interleaved, medians).
    Target: <= 1.5x. The profile times the read, the hash and the form one at a time.
 2. In-flight latency: ``INFLIGHT`` rows stream tokens; meanwhile another thread loads ``SWAPS``
