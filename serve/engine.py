@@ -36,7 +36,7 @@ import torch
 from adapterhub.data import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
 
-from . import attention
+from . import attention, bgmv
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
@@ -219,6 +219,8 @@ class Engine:
         self.num_layers = self.model.config.num_hidden_layers
         self.hooks = RowHooks(self.model)
         self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
+        log.info("mixed-batch LoRA: %s; decode attention: %s", bgmv.describe(self.device),
+                 "C kernel" if self.fast_attention else self.model.config._attn_implementation)
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
         # deprecation wrapper on every forward; 4.x knows only the old one)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
