@@ -43,7 +43,7 @@ class VersionRead:
 
     manifest: Manifest
     directory: Path
-    data: dict[str, bytes]
+    data: dict[str, bytes | bytearray]
     check: Callable[[], None]
     # for code that reads ``directory`` itself: its names and sizes still match the manifest
     check_directory: Callable[[], None] = lambda: None

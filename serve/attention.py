@@ -79,9 +79,11 @@ def _fits(query, key, value, mask, dropout, kwargs) -> bool:
     if query.dim() != 4 or query.shape[2] != 1 or dropout or any(kwargs.get(k) is not None for k in _UNSUPPORTED):
         return False
     batch, heads, _, dim = query.shape
-    if (key.dim() != 4 or key.shape != value.shape or key.shape[0] != batch or key.shape[3] != dim
-            or heads % key.shape[1] or heads // key.shape[1] > MAX_GROUP or not all(t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1
-                                               for t in (query, key, value))):
+    if key.dim() != 4 or key.shape != value.shape or key.shape[0] != batch or key.shape[3] != dim:
+        return False
+    if heads % key.shape[1] or heads // key.shape[1] > MAX_GROUP:
+        return False
+    if not all(t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1 for t in (query, key, value)):
         return False
     return mask is None or (mask.dtype == torch.bool and mask.is_cpu and mask.dim() == 4 and mask.shape[0] in (1, batch)
                             and mask.shape[1:] == (1, 1, key.shape[2]) and mask.stride(-1) == 1)

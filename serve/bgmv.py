@@ -104,28 +104,26 @@ def lora_add(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, 
         future.result()
 
 
-def copy_transposed(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:
-    """``regions[i] = factors[i] * sources[i]``, the transposed float32 sources done by the C
-    extension (a LoRA slot write: the file's ``A [r, in]`` and ``B [out, r]`` into the stacks'
-    ``[in, r]`` and ``[r, out]`` with B's scaling, ~3x faster than PyTorch's strided copy of such
-    skinny matrices and a multiply of its own); anything else by PyTorch."""
-    from .rows import _copy_scaled
-
+def copy_transposed(regions: list[torch.Tensor], sources: list[torch.Tensor],
+                    factors: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """``regions[i] = factors[i] * sources[i]`` for the transposed float32 sources (a LoRA slot
+    write: the file's ``A [r, in]`` and ``B [out, r]`` into the stacks' ``[in, r]`` and ``[r, out]``
+    with B's scaling, ~3x faster than PyTorch's strided copy of such skinny matrices and a multiply
+    of its own). Returns the ``(regions, sources, factors)`` it did not take, for PyTorch."""
     jobs: dict[torch.dtype, list[tuple[int, int, int, int, int, float]]] = {}
-    rest = ([], [], [])
+    rest: tuple[list, list, list] = ([], [], [])
     f32 = torch.float32
     for dst, src, factor in zip(regions, sources, factors):
         shape, into = src.shape, dst.stride()  # a transposed view of a contiguous [cols, rows] tensor has strides (1, cols)
-        if (len(shape) == 2 and src.dtype == f32 and src.stride() == (1, shape[0]) and dst.dtype in DTYPES
-                and dst.shape == shape and into[1] == 1 and src.is_cpu and dst.is_cpu):
+        if (_bgmv is not None and len(shape) == 2 and src.dtype == f32 and src.stride() == (1, shape[0])
+                and dst.dtype in DTYPES and dst.shape == shape and into[1] == 1 and src.is_cpu and dst.is_cpu):
             jobs.setdefault(dst.dtype, []).append((src.data_ptr(), dst.data_ptr(), shape[1], shape[0], into[0], factor))
         else:
             for bucket, item in zip(rest, (dst, src, factor)):
                 bucket.append(item)
     for dtype, batch in jobs.items():
         _bgmv.transpose_into(batch, DTYPES[dtype])
-    if rest[0]:
-        _copy_scaled(*rest)
+    return rest
 
 
 def _workers(n: int) -> concurrent.futures.ThreadPoolExecutor:

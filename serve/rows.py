@@ -297,6 +297,13 @@ def _copy_scaled(regions: list[torch.Tensor], sources: list[torch.Tensor], facto
     torch._foreach_copy_(regions, sources)
 
 
+def _copy_lora(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:
+    """The LoRA slot write: the C extension's transposing copy where it applies, PyTorch for the rest."""
+    rest = bgmv.copy_transposed(regions, sources, factors)
+    if rest[0]:
+        _copy_scaled(*rest)
+
+
 def _lora_parts(form: LoraForm) -> dict[str, tuple[torch.Tensor, ...]]:
     # stored transposed, (A.T [in, r], B.T [r, out]): the layout of x @ W in a grouped matmul
     return {m: (a.T, b.T) for m, (a, b) in form.deltas.items()}
@@ -335,7 +342,7 @@ class ResidentStacks:
 
     def __init__(self, slots: int = 8, busy=lambda key: False, lora_dtype: torch.dtype | None = None):
         self.lora = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots, busy, lora_dtype,
-                              copy=bgmv.copy_transposed if bgmv.available() else None, factors_of=_lora_factors)
+                              copy=_copy_lora, factors_of=_lora_factors)
         self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy)
         self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy)
         self._by_form = {LoraForm: self.lora, BottleneckForm: self.bottleneck, ScaleForm: self.scale}
