@@ -8,7 +8,11 @@ never reads the disk a second time, and nothing separates the bytes checked from
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import struct
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -100,17 +104,21 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+@functools.cache
+def _torch_dtypes() -> dict[str, tuple["torch.dtype", int]]:
+    import torch
+
+    return {name: (getattr(torch, dtype), getattr(torch, dtype).itemsize) for name, dtype in _DTYPES.items()}
+
+
 def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
     """The tensors of a safetensors file held in ``data``, as views of it.
 
     The format: an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
     data_offsets}}`` (and ``__metadata__``), then the tensors' bytes back to back. Anything else
-    is an IntegrityError naming the file and what is wrong.
+    is an IntegrityError naming the file and what is wrong. On a hot-swap's path: one pass over
+    the entries, a view each (84 for a rank-16 LoRA on every linear layer of a 6-layer model).
     """
-    import math
-    import struct
-    import sys
-
     import torch
 
     from .errors import IntegrityError
@@ -132,25 +140,48 @@ def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
-    entries = []
-    for key, info in header.items():
-        try:
-            dtype, shape = getattr(torch, _DTYPES[info["dtype"]]), [int(n) for n in info["shape"]]
-            begin, stop = (int(n) for n in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {key!r} has a malformed or unsupported entry {str(info)[:200]}") from None
-        entries.append((begin, stop, key, dtype, shape))
+    dtypes = _torch_dtypes()
+    try:
+        entries = sorted((info["data_offsets"], key, info["dtype"], info["shape"]) for key, info in header.items())
+    except (KeyError, TypeError):
+        raise bad("an entry is not {dtype, shape, data_offsets}") from None
     start = end = 8 + size
     tensors = {}
-    for begin, stop, key, dtype, shape in sorted(entries, key=lambda e: e[:2]):
-        count = math.prod(shape)
-        if start + begin != end or stop - begin != count * dtype.itemsize or min(shape, default=0) < 0:
+    bases: dict[Any, Any] = {}  # dtype -> the data section as one flat tensor of it (None: unaligned)
+    for offsets, key, dtype_name, shape in entries:
+        try:
+            dtype, itemsize = dtypes[dtype_name]
+            begin, stop = offsets
+            count = math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {key!r} has a malformed or unsupported entry {str(header[key])[:200]}") from None
+        if (start + begin != end or stop - begin != count * itemsize or type(begin) is not int or type(stop) is not int
+                or not all(type(n) is int and n >= 0 for n in shape)):
             raise bad(f"tensor {key!r}: bytes {begin}..{stop} do not follow the previous tensor or fit its shape")
         end = start + stop
         if end > len(data):
             raise bad(f"tensor {key!r} runs past the end of the file")
-        tensors[key] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).view(shape) if count
-                        else torch.empty(shape, dtype=dtype))
+        tensors[key] = _view(data, bases, start, begin, dtype, itemsize, shape, count)
     if end != len(data):
         raise bad(f"{len(data) - end} bytes after the last tensor")
     return tensors
+
+
+def _view(data: bytearray, bases: dict, start: int, begin: int, dtype, itemsize: int, shape: list[int], count: int):
+    """A tensor of ``shape`` over ``data[start + begin:]``: a strided view of one flat tensor per
+    dtype (one call, a third of ``frombuffer(...).view(shape)``), or that pair where unaligned."""
+    import torch
+
+    if not count:
+        return torch.empty(shape, dtype=dtype)
+    base = bases.get(dtype, False)
+    if base is False:
+        aligned = start % itemsize == 0 and (len(data) - start) % itemsize == 0
+        base = bases[dtype] = torch.frombuffer(data, dtype=dtype, offset=start) if aligned else None
+    if base is None or begin % itemsize:
+        return torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).view(shape)
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return base.as_strided(shape, strides[::-1], begin // itemsize)
