@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +25,7 @@ from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, Limi
 
 from . import fsutil
 from .adapterdir import adapter_files, read_metadata
+from .hashing import ShaWhileReading
 from .manifest import FileEntry, Manifest, Metadata, software_versions, utc_now
 from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
 from .store import AdapterStore, Problem, RefLike, VersionRead
@@ -230,41 +231,38 @@ class FileStore(AdapterStore):
         return snapshot
 
     def read_version(self, ref: RefLike, *, hasher: Executor | None = None) -> VersionRead:
-        """Each file of the snapshot read once; ``check`` hashes those same bytes.
+        """Each file of the snapshot read once; ``check`` compares the sha256 of those same bytes.
 
-        With ``hasher`` (a single-thread executor) the hashing runs there (hashlib releases the
-        GIL), chunk by chunk as the read brings them in, overlapping the rest of the read and
-        whatever the caller does with the bytes meanwhile. The snapshot's names and described
-        files are checked by ``check_directory``, for code that reads the directory itself.
+        With ``hasher`` (a single-thread executor) the hashing runs there while the read goes on
+        and while the caller works on the bytes (see :mod:`.hashing` for how it keeps off the
+        caller's GIL). The snapshot's names and described files are checked by
+        ``check_directory``, for code that reads the directory itself.
         """
         manifest = self.manifest(ref)
         snapshot = self._snapshot_dir(manifest.task, manifest.version)
         if not snapshot.is_dir():
             self.materialize(manifest)  # built (and hashed) once
-        submit = hasher.submit if hasher is not None else _run_now
-        data, digests, pending = {}, {}, []
+        data, digests = {}, {}
         for name, entry in manifest.files.items():
             path = snapshot / validate_file_name(name)
-            digest = digests[name] = hashlib.sha256()
+            sha = ShaWhileReading(hasher, entry.size)
             try:
-                data[name] = fsutil.read_exactly(path, entry.size, lambda chunk, d=digest: pending.append(submit(d.update, chunk)))
+                data[name] = fsutil.read_exactly(path, entry.size, sha.advanced)
             except FileNotFoundError:
                 data[name] = None
+            digests[name] = sha.finish()
             if data[name] is None:  # missing, or another size than the manifest's
-                for future in pending:
+                for future in digests.values():
                     future.exception()  # let the hasher finish with the buffers first
                 self._check_snapshot(manifest, snapshot, "size")  # names what is wrong
                 raise self._corrupt(manifest, name, path)
 
-        def compare() -> None:
-            for future in pending:
-                future.result()
+        def check() -> None:
             for name, entry in manifest.files.items():
-                if digests[name].hexdigest() != entry.sha256:
+                if digests[name].result() != entry.sha256:
                     raise self._corrupt(manifest, name, snapshot / name)
 
-        compared = submit(compare)
-        return VersionRead(manifest, snapshot, data, compared.result,
+        return VersionRead(manifest, snapshot, data, check,
                            check_directory=lambda: self._check_snapshot(manifest, snapshot, "size"))
 
     def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
@@ -568,13 +566,3 @@ class FileStore(AdapterStore):
                         if fsutil.is_stale_temp(path, stale_after=stale_after):
                             remove(path, "temp_removed")
         return report
-
-
-def _run_now(fn, *args) -> Future:
-    """``Executor.submit`` without a thread: runs ``fn`` at once, result or exception in a Future."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as exc:
-        future.set_exception(exc)
-    return future

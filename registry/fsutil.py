@@ -20,6 +20,7 @@ from typing import Callable
 TEMP_SUFFIX = ".incomplete"
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 _CHUNK = 1 << 20
+_READ_SLICE = 256 << 10  # read_exactly's pieces: a hasher can start on the first one early
 
 
 def temp_path(final: Path) -> Path:
@@ -110,23 +111,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_exactly(path: Path, size: int, on_chunk: Callable[[memoryview], None] | None = None) -> bytearray | None:
+def read_exactly(path: Path, size: int, progress: Callable[[memoryview, int], None] | None = None) -> bytearray | None:
     """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
 
-    One writable ``bytearray``, read in chunks; ``on_chunk`` sees each chunk as soon as it is in
-    (the server hashes them meanwhile, so hashing overlaps the rest of the read).
+    One writable ``bytearray``, read in slices; ``progress(view, end)`` hears each time more is in
+    (``view[:end]``), so the server hashes what has been read while the rest comes in.
     """
     data = bytearray(size)
     view = memoryview(data)
     with open(path, "rb", buffering=0) as f:
         done = 0
         while done < size:
-            got = f.readinto(view[done:done + _CHUNK])
+            got = f.readinto(view[done:done + _READ_SLICE])
             if not got:
                 return None
-            if on_chunk is not None:
-                on_chunk(view[done:done + got])
             done += got
+            if progress is not None:
+                progress(view, done)
         if f.read(1):
             return None
     return data
