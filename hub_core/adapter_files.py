@@ -8,6 +8,7 @@ never reads the disk a second time, and nothing separates the bytes checked from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -58,6 +59,20 @@ class AdapterFiles:
             self._directory_checked = True
         return self._directory
 
+    def directory_later(self) -> Callable[[], Path]:
+        """:attr:`directory` as a call for later that holds none of the bytes read (what a cache
+        keeps: checking the directory costs a listing and two JSON renderings, which a load whose
+        form came from the bytes does not need)."""
+        self.check()
+        directory, check_directory = self._directory, (lambda: None) if self._directory_checked else self._check_directory
+
+        @functools.cache
+        def checked() -> Path:
+            check_directory()
+            return directory
+
+        return checked
+
     def check(self) -> None:
         """Wait for the hash checks; IntegrityError naming the file when one did not match."""
         if not self._checked:
@@ -87,16 +102,15 @@ class AdapterFiles:
 
         return load(bytes(self.read_bytes(name)))
 
-    def tensor_views(self, name: str = WEIGHTS_FILE) -> dict[str, "torch.Tensor"]:
-        """The tensors of a safetensors file as views of the bytes read (no copy), for a form that
-        copies each tensor once anyway, straight into its final layout (the server's LoRA load:
-        ``safetensors.torch.load`` copies every tensor first, about a third of that load's time).
-        The views keep the file's bytes alive; copy what you keep."""
+    def tensor_views(self, name: str = WEIGHTS_FILE) -> "TensorViews":
+        """The tensors of a safetensors file as views of the bytes read (no copy), each made when
+        first asked for, for a form that copies each tensor once anyway, straight into its final
+        layout (the server's LoRA load: ``safetensors.torch.load`` copies every tensor first, about
+        a third of that load's time). The views keep the file's bytes alive; copy what you keep."""
         data = self.read_bytes(name)
         if not isinstance(data, bytearray):  # read-only bytes: frombuffer needs a writable buffer
             data = self._data[name] = bytearray(data)
-        return parse_safetensors(data, str(self._directory / name))
-
+        return TensorViews(data, str(self._directory / name))
 
 
 # safetensors dtype names (the format's spec) -> torch dtype names
@@ -111,16 +125,81 @@ def _torch_dtypes() -> dict[str, tuple["torch.dtype", int]]:
     return {name: (getattr(torch, dtype), getattr(torch, dtype).itemsize) for name, dtype in _DTYPES.items()}
 
 
-def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
-    """The tensors of a safetensors file held in ``data``, as views of it.
+@dataclasses.dataclass(frozen=True)
+class RawTensor:
+    """Where a tensor's bytes lie in memory, for C code that reads them in place (row-major)."""
+
+    address: int
+    dtype: "torch.dtype"
+    shape: tuple[int, ...]
+
+
+class TensorViews(Mapping[str, "torch.Tensor"]):
+    """The tensors of a safetensors file held in ``data``: views of it, each made when first asked
+    for, or :meth:`raw` (where its bytes lie) for code that needs no tensor at all.
 
     The format: an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
     data_offsets}}`` (and ``__metadata__``), then the tensors' bytes back to back. Anything else
-    is an IntegrityError naming the file and what is wrong. On a hot-swap's path: one pass over
-    the entries, a view each (84 for a rank-16 LoRA on every linear layer of a 6-layer model).
+    is an IntegrityError naming the file and what is wrong, raised here, before any byte is read
+    through an entry. On a hot-swap's path: one pass over the entries, no tensor made (84 views of
+    a rank-16 LoRA on every linear layer of a 6-layer model cost as much as the rest of its load).
     """
-    import torch
 
+    def __init__(self, data: bytearray, where: str):
+        import torch
+
+        self._data = data
+        self._entries = _index(data, where)  # name -> (dtype, itemsize, shape, start, count)
+        self._views: dict[str, torch.Tensor] = {}
+        self._bases: dict[Any, Any] = {}  # dtype -> the buffer as one flat tensor of it (None: unaligned)
+        self._bytes = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self._view(*self._entries[name])
+        return view
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:  # without making the view
+        return name in self._entries
+
+    def raw(self, name: str) -> RawTensor:
+        dtype, _, shape, start, _ = self._entries[name]
+        return RawTensor(self._bytes.data_ptr() + start, dtype, shape)
+
+    def _view(self, dtype, itemsize: int, shape: tuple[int, ...], start: int, count: int) -> "torch.Tensor":
+        """A strided view of one flat tensor per dtype (one call, a third of ``frombuffer(...).view(shape)``),
+        or that pair where unaligned."""
+        import torch
+
+        if not count:
+            return torch.empty(shape, dtype=dtype)
+        base = self._bases.get(dtype, False)
+        if base is False:
+            base = self._bases[dtype] = (torch.frombuffer(self._data, dtype=dtype) if len(self._data) % itemsize == 0
+                                         else None)
+        if base is None or start % itemsize:
+            return torch.frombuffer(self._data, dtype=dtype, count=count, offset=start).view(shape)
+        strides, step = [], 1
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        return base.as_strided(shape, strides[::-1], start // itemsize)
+
+
+def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
+    """Every tensor of a safetensors file held in ``data``, as views of it (see :class:`TensorViews`)."""
+    return dict(TensorViews(data, where))
+
+
+def _index(data: bytearray, where: str) -> dict[str, tuple]:
+    """Name -> (dtype, itemsize, shape, first byte, element count) of each tensor, every entry checked."""
     from .errors import IntegrityError
 
     def bad(why: str) -> IntegrityError:
@@ -146,8 +225,7 @@ def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
     except (KeyError, TypeError):
         raise bad("an entry is not {dtype, shape, data_offsets}") from None
     start = end = 8 + size
-    tensors = {}
-    bases: dict[Any, Any] = {}  # dtype -> the data section as one flat tensor of it (None: unaligned)
+    index = {}
     for offsets, key, dtype_name, shape in entries:
         try:
             dtype, itemsize = dtypes[dtype_name]
@@ -161,27 +239,7 @@ def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
         end = start + stop
         if end > len(data):
             raise bad(f"tensor {key!r} runs past the end of the file")
-        tensors[key] = _view(data, bases, start, begin, dtype, itemsize, shape, count)
+        index[key] = (dtype, itemsize, tuple(shape), start + begin, count)
     if end != len(data):
         raise bad(f"{len(data) - end} bytes after the last tensor")
-    return tensors
-
-
-def _view(data: bytearray, bases: dict, start: int, begin: int, dtype, itemsize: int, shape: list[int], count: int):
-    """A tensor of ``shape`` over ``data[start + begin:]``: a strided view of one flat tensor per
-    dtype (one call, a third of ``frombuffer(...).view(shape)``), or that pair where unaligned."""
-    import torch
-
-    if not count:
-        return torch.empty(shape, dtype=dtype)
-    base = bases.get(dtype, False)
-    if base is False:
-        aligned = start % itemsize == 0 and (len(data) - start) % itemsize == 0
-        base = bases[dtype] = torch.frombuffer(data, dtype=dtype, offset=start) if aligned else None
-    if base is None or begin % itemsize:
-        return torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).view(shape)
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return base.as_strided(shape, strides[::-1], begin // itemsize)
+    return index

@@ -9,7 +9,7 @@ are those of the *base* model (``model.layers.0.self_attn.q_proj``), never of a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Iterator, Mapping, Union
 
 import torch
 
@@ -26,8 +26,44 @@ class LoraForm:
     (contiguous) take the fastest write.
     """
 
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
+    deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
     scales: dict[str, float] = dataclasses.field(default_factory=dict)  # module -> factor on B (missing: 1)
+
+
+class LoraDeltas(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """The ``deltas`` of a LoRA state dict: module -> (A, B), the pair looked up when asked for.
+
+    Over :meth:`AdapterFiles.tensor_views` (a file's bytes), :meth:`raw` says where each pair lies
+    in them: the server's slot write reads them in place and no tensor is ever made (making the 84
+    views of a rank-16 LoRA on every linear layer of a small model costs more than the rest of
+    its load).
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], keys: dict[str, tuple[str, str]]):
+        missing = [key for pair in keys.values() for key in pair if key not in state]
+        if missing:
+            raise KeyError(f"LoRA state has no tensor {missing[0]!r}")
+        self._state, self._keys = state, keys
+
+    def __getitem__(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self._keys[module]
+        return self._state[a], self._state[b]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def in_file(self) -> bool:
+        """Whether the pairs lie in a file's bytes (then :meth:`raw` works and nothing needs a gradient)."""
+        return hasattr(self._state, "raw")
+
+    def raw(self, module: str):
+        """(A, B) as :class:`~adapterhub.adapter_files.RawTensor` (needs :attr:`in_file`)."""
+        a, b = self._keys[module]
+        return self._state.raw(a), self._state.raw(b)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ needs: no merging, and logits that line up with ``input_ids`` like every other m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -115,22 +115,23 @@ def align_logits(model: Any) -> Any:
     return model
 
 
-def lora_form_from_state(state: dict[str, torch.Tensor], scaling: Callable[[str], float]):
+def lora_form_from_state(state: Mapping[str, torch.Tensor], scaling: Callable[[str], float]):
     """A :class:`LoraForm` from a PEFT LoRA state dict (``...q_proj.lora_A.weight`` keys).
 
     ``scaling(module)`` is a base module's alpha/r factor, left to the server's slot write (its
     transposing copy multiplies on the way, so B is not read and written once more here). A and B
-    keep the file's layout and dtype: the write converts too.
+    keep the file's layout and dtype: the write converts too. The state is only indexed here, not
+    read: over a file's tensor views, the slot write reads the bytes in place (:class:`LoraDeltas`).
     """
-    from adapterhub.serving_forms import LoraForm
+    from adapterhub.serving_forms import LoraDeltas, LoraForm
 
-    deltas, scales = {}, {}
-    for key, a in state.items():
+    keys, scales = {}, {}
+    for key in state:
         if ".lora_A." in key:
             module = base_module_name(key.split(".lora_A.")[0])
-            deltas[module] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+            keys[module] = (key, key.replace(".lora_A.", ".lora_B."))
             scales[module] = float(scaling(module))
-    return LoraForm(deltas=deltas, scales=scales)
+    return LoraForm(deltas=LoraDeltas(state, keys), scales=scales)
 
 
 def base_module_name(peft_key: str) -> str:

@@ -75,6 +75,8 @@ def peft_lora_form(files: AdapterFiles) -> Any:
     root = math.sqrt if cfg.get("use_rslora") else (lambda rank: rank)
 
     def scaling(module: str) -> float:
+        if not rank_pattern and not alpha_pattern:  # the usual case, asked for 42 modules per load
+            return alpha / root(r)
         mr = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
         ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
         return ma / root(mr)

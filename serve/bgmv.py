@@ -126,6 +126,13 @@ def copy_transposed(regions: list[torch.Tensor], sources: list[torch.Tensor],
     return rest
 
 
+def transpose_raw(jobs: list[tuple[int, int, int, int, int, float]], dtype: torch.dtype) -> None:
+    """:func:`copy_transposed` for callers that computed the addresses themselves: each job
+    ``(source, target, rows, cols, target row stride, factor)``, float32 ``[rows, cols]`` source,
+    target elements of ``dtype``. Unchecked: the caller vouches for every address and extent."""
+    _bgmv.transpose_into(jobs, DTYPES[dtype])
+
+
 def _workers(n: int) -> concurrent.futures.ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
