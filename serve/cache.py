@@ -31,10 +31,16 @@ class LoadedAdapter:
 
     version: AdapterVersion
     method: Any
-    directory: Path
+    checked_directory: Callable[[], Path] = dataclasses.field(repr=False)  # see AdapterFiles.directory_later
     form: Any
     pinned: bool = False
     in_use: int = 0
+
+    @property
+    def directory(self) -> Path:
+        """Where its files lie, checked against the manifest when first asked for (the slow path
+        reads them there; a load with a serving form never does, and skips the check)."""
+        return self.checked_directory()
 
     @functools.cached_property
     def key(self) -> str:  # read per row per step: computed once
@@ -160,7 +166,7 @@ class AdapterCache:
             files.check()  # bad bytes: IntegrityError, over whatever error they caused; nothing is kept
             raise
         log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
-        return LoadedAdapter(version=version, method=method, directory=files.directory, form=form)
+        return LoadedAdapter(version=version, method=method, checked_directory=files.directory_later(), form=form)
 
     def _form(self, method: Any, files: Any, version: AdapterVersion) -> Any:
         from adapterhub.method import build_serving_form
