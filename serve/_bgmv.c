@@ -248,9 +248,72 @@ TRANSPOSE(transpose_bf16, uint16_t, to_bf16, )
 TRANSPOSE(transpose_f16, uint16_t, to_f16, )
 #ifdef X86
 TRANSPOSE(transpose_f16_v3, uint16_t, to_f16, TARGET_V3) /* F16C converts instead of a libgcc call */
+
+/* AVX-512: each 16 x 16 block is loaded as 16 rows (masked at the edges), transposed in registers
+   (four rounds of unpacks and lane shuffles) and stored as 16 rows of the target, converted on
+   the way (bfloat16: round to nearest even, nan kept quiet, as to_bf16). Whole aligned rows are
+   stored non-temporally: a slot being written is cold, and a plain store would first read every
+   line it writes (0.95 -> 0.41 ms for a 3.6 MB adapter into a 400 MB stack). */
+#define PD(v) _mm512_castps_pd(v)
+#define PS(v) _mm512_castpd_ps(v)
+INLINE TARGET_V4 void transpose_16x16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) { t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]); }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = PS(_mm512_unpacklo_pd(PD(t[i]), PD(t[i + 2])));     r[i + 1] = PS(_mm512_unpackhi_pd(PD(t[i]), PD(t[i + 2])));
+        r[i + 2] = PS(_mm512_unpacklo_pd(PD(t[i + 1]), PD(t[i + 3]))); r[i + 3] = PS(_mm512_unpackhi_pd(PD(t[i + 1]), PD(t[i + 3])));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+INLINE TARGET_V4 void store_row_f32(void *dst, __mmask16 m, __m512 v) {
+    if (m == 0xffff && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
+    else _mm512_mask_storeu_ps(dst, m, v);
+}
+INLINE TARGET_V4 void store_row_16(void *dst, __mmask16 m, __m256i v) {
+    if (m == 0xffff && ((uintptr_t)dst & 31) == 0) _mm256_stream_si256(dst, v);
+    else _mm256_mask_storeu_epi16(dst, m, v);
+}
+INLINE TARGET_V4 void store_row_f16(void *dst, __mmask16 m, __m512 v) {
+    store_row_16(dst, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+INLINE TARGET_V4 void store_row_bf16(void *dst, __mmask16 m, __m512 v) {
+    __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                         _mm512_and_si512(high, _mm512_set1_epi32(1)))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+    store_row_16(dst, m, _mm512_cvtepi32_epi16(rounded));
+}
+#define TRANSPOSE_V4(NAME, T, STORE)                                                                   \
+static TARGET_V4 void NAME(const float *src, void *dst_, int64_t rows, int64_t cols, int64_t stride, float scale) { \
+    T *dst = dst_;                                                                                     \
+    __m512 r[16], k = _mm512_set1_ps(scale);                                                           \
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {                                                        \
+        int ni = rows - i0 < 16 ? (int)(rows - i0) : 16;                                               \
+        for (int64_t j0 = 0; j0 < cols; j0 += 16) {                                                    \
+            int nj = cols - j0 < 16 ? (int)(cols - j0) : 16;                                           \
+            __mmask16 in = (__mmask16)((1u << nj) - 1), out = (__mmask16)((1u << ni) - 1);             \
+            for (int i = 0; i < 16; i++)                                                               \
+                r[i] = i < ni ? _mm512_mul_ps(_mm512_maskz_loadu_ps(in, src + (i0 + i) * cols + j0), k) : _mm512_setzero_ps(); \
+            transpose_16x16(r);                                                                        \
+            for (int j = 0; j < nj; j++) STORE(dst + (j0 + j) * stride + i0, out, r[j]);               \
+        }                                                                                              \
+    }                                                                                                  \
+}
+TRANSPOSE_V4(transpose_f32_v4, float, store_row_f32)
+TRANSPOSE_V4(transpose_bf16_v4, uint16_t, store_row_bf16)
+TRANSPOSE_V4(transpose_f16_v4, uint16_t, store_row_f16)
 static const transpose_fn TRANSPOSES[3][3] = {{transpose_f32, transpose_bf16, transpose_f16},
                                               {transpose_f32, transpose_bf16, transpose_f16_v3},
-                                              {transpose_f32, transpose_bf16, transpose_f16_v3}};
+                                              {transpose_f32_v4, transpose_bf16_v4, transpose_f16_v4}};
 #else
 static const transpose_fn TRANSPOSES[1][3] = {{transpose_f32, transpose_bf16, transpose_f16}};
 #endif
@@ -437,6 +500,9 @@ static PyObject *transpose_into(PyObject *self, PyObject *args) {
     for (Py_ssize_t k = 0; k < n; k++)
         fn((const float *)(uintptr_t)jobs[k].src, (void *)(uintptr_t)jobs[k].dst, jobs[k].rows, jobs[k].cols, jobs[k].stride,
            jobs[k].scale);
+#ifdef X86
+    _mm_sfence(); /* the non-temporal stores are seen before the slot is used */
+#endif
     Py_END_ALLOW_THREADS
     PyMem_Free(jobs);
     Py_DECREF(seq);

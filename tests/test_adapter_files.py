@@ -113,7 +113,28 @@ def test_read_version_returns_the_files_and_checks_the_bytes_it_read(tmp_path, t
             read.check()
 
 
-@pytest.mark.parametrize("where", [0, 1 << 20, (1 << 20) + 5, -1])  # first chunk, chunk edges, last byte
+@pytest.mark.parametrize("size", [0, 1, 256 << 10, (256 << 10) + 1, 5 * (256 << 10) + 7])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_sha_while_reading_equals_hashlib_whatever_the_pieces(size, threaded):
+    """The hasher follows the read piece by piece (slices while it goes on, the rest in one update
+    once it is over): the digest is that of the bytes, however the read was cut."""
+    import hashlib
+    import random
+
+    from adapterhub.registry.hashing import ShaWhileReading
+
+    data = bytearray(random.Random(size).randbytes(size))
+    view = memoryview(data)
+    with ThreadPoolExecutor(1) as hasher:
+        sha = ShaWhileReading(hasher if threaded else None, size)
+        done, pieces = 0, random.Random(1)
+        while done < size:
+            done = min(size, done + pieces.randint(1, 300_000))
+            sha.advanced(view, done)
+        assert sha.finish().result() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("where", [0, (256 << 10) - 1, 256 << 10, 1 << 20, (1 << 20) + 5, -1])  # slice edges, last byte
 def test_every_chunk_of_a_file_is_hashed(tmp_path, where):
     store = open_registry(tmp_path / "registry")
     store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # ~3 chunks of 1 MiB
@@ -143,6 +164,19 @@ def test_a_changed_snapshot_is_refused_to_directory_readers_only(tmp_path):
     files.check()  # the bytes are fine
     with pytest.raises(IntegrityError, match="stray.bin"):
         files.directory
+
+
+def test_a_cached_adapter_checks_its_directory_when_the_slow_path_reads_it(cache):
+    """A load with a serving form never reads the snapshot directory, so it does not list it;
+    whoever asks for ``entry.directory`` later (the slow path) gets it checked then."""
+    entry = cache.load("small@1")
+    snapshot = cache.source.store.materialize("small@1", verify="size")
+    os.chmod(snapshot, 0o755)
+    (snapshot / "stray.bin").write_bytes(b"not in the manifest")
+    with pytest.raises(IntegrityError, match="stray.bin"):
+        entry.directory
+    (snapshot / "stray.bin").unlink()
+    assert entry.directory == snapshot
 
 
 def test_read_version_refuses_a_file_of_another_size(tmp_path):
@@ -182,6 +216,46 @@ def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
         A, B = form.deltas[module]
         assert torch.equal(A, a) and torch.equal(B, state[key.replace("lora_A", "lora_B")]), module
         assert form.scales[module] == scale, module  # applied by the slot write, tested in test_bgmv.py
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_lora_read_from_its_file_goes_to_its_slot_without_a_tensor_made(tmp_path, dtype, monkeypatch):
+    """Once the stacks have its modules and shapes, a LoRA form over a file's bytes is written
+    from the bytes (one C call, no view made), bit for bit what the tensor path writes; a form of
+    other shapes takes the tensor path. Either way the form then reads its slot."""
+    from types import SimpleNamespace
+
+    from adapterhub.adapter_files import TensorViews
+    from adapterhub.manager import PluginManager
+    from adapterhub.serve import bgmv
+    from adapterhub.serve.rows import ResidentStacks
+    from adapterhub.serving_forms import LoraForm
+
+    lora = PluginManager(autoload=False).get_method("lora")
+    made, raw_jobs = [], []
+    view, transpose_raw = TensorViews._view, bgmv.transpose_raw
+    monkeypatch.setattr(TensorViews, "_view", lambda self, *entry: made.append(entry) or view(self, *entry))
+    monkeypatch.setattr(bgmv, "transpose_raw", lambda jobs, dt: raw_jobs.append(len(jobs)) or transpose_raw(jobs, dt))
+    from_file, from_tensors = ResidentStacks(slots=2, lora_dtype=dtype), ResidentStacks(slots=2, lora_dtype=dtype)
+    for i, size in enumerate([48, 48, 48, 40]):  # the last is narrower than the stacks: padded, by the tensor path
+        directory = _lora_dir(tmp_path / f"a{i}", {}, size=size, seed=i)
+        form = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
+        made.clear()
+        from_file.lora.slots([SimpleNamespace(key=f"a{i}@1", form=form)])
+        assert bool(made) == (i in (0, 3)), f"adapter {i}: {len(made)} views made"
+        state = load_file(str(directory / WEIGHTS))
+        copies = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
+        copies = LoraForm({m: (a.clone(), b.clone()) for m, (a, b) in copies.deltas.items()}, dict(copies.scales))
+        from_tensors.lora.slots([SimpleNamespace(key=f"a{i}@1", form=copies)])
+        for key, tensor in state.items():
+            module = key.split(".lora_")[0].removeprefix("base_model.model.")
+            a, b = form.deltas[module]
+            expected = tensor.to(dtype) if ".lora_A." in key else (tensor * 2.0).to(dtype)  # alpha / r = 8 / 4
+            assert torch.equal(a if ".lora_A." in key else b, expected), (i, key)
+    assert raw_jobs == [4, 4], "the second and third adapters: 2 modules x (A, B), one call each"
+    assert from_file.lora.rebuilds == from_tensors.lora.rebuilds
+    for module, stacked in from_file.lora.tensors.items():
+        assert all(torch.equal(x, y) for x, y in zip(stacked, from_tensors.lora.tensors[module])), module
 
 
 # -- the cache: publish only what passed its check -----------------------------------------------

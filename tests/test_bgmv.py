@@ -140,3 +140,30 @@ def test_a_lora_slot_write_is_the_scaled_transpose_rounded_once(dtype):
             "the form now views its slot, which holds B scaled"
         results.append(stacks.lora.tensors)
     assert all(torch.equal(x, y) for m in deltas for x, y in zip(results[0][m], results[1][m]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(16, 512), (512, 16), (3, 5), (17, 33), (1, 1), (40, 7)])
+def test_every_instruction_set_writes_the_same_slot_bits(dtype, rows, cols):
+    """The slot write's transposing copy (AVX-512 in registers, or plain C blocks) rounds alike on
+    every instruction set, edges, nan, inf, subnormals and overflow included, and touches nothing
+    outside its region."""
+    from adapterhub.serve import _bgmv
+
+    gen = torch.Generator().manual_seed(rows * 1000 + cols)
+    src = torch.randn(rows, cols, generator=gen) * 10
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, 65520.0, -0.0, 3.0e38])
+    src.view(-1)[::5] = special[torch.arange(src.view(-1)[::5].numel()) % len(special)]
+    written = []
+    for isa in bgmv.isas():
+        dst = torch.full((cols + 2, rows + 3), 7, dtype=dtype)
+        _bgmv.transpose_into([(src.data_ptr(), dst.data_ptr(), rows, cols, rows + 3, 0.37)], bgmv.DTYPES[dtype],
+                             bgmv.isas().index(isa))
+        assert (dst[cols:] == 7).all() and (dst[:, rows:] == 7).all(), f"{isa} wrote outside its region"
+        written.append(dst[:cols, :rows])
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for isa, got in zip(bgmv.isas(), written):
+        assert torch.equal(got.view(bits), written[0].view(bits)), isa
+    expected = (src * 0.37).T.to(dtype)
+    assert torch.equal(written[-1][~expected.isnan()], expected[~expected.isnan()])
+    assert written[-1][expected.isnan()].isnan().all()
