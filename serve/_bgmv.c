@@ -355,6 +355,134 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A worker thread for lora_add_async: the gathers of a mixed batch are bound by memory, the base
+   layer's matrix product by arithmetic, so with a core to spare the engine queues a module's
+   LoRA here before the base layer runs and waits for it after. Jobs run one at a time, in the
+   order queued; tickets count them. The worker spins a little before it sleeps (a job follows
+   within microseconds while a forward pass runs), and is restarted in a forked child. */
+#include <pthread.h>
+#include <time.h>
+
+typedef struct {
+    kernel_fn fn;
+    const float *x; const void *a, *b; const int64_t *slot; const float *w; const int64_t *order; float *y;
+    int64_t n, in, r, out, ldy;
+} lora_job;
+
+#define QUEUE 64
+#define SPIN_NS 100000 /* how long a thread spins for its condition before it sleeps */
+#ifdef X86
+#define RELAX() __builtin_ia32_pause()
+#else
+#define RELAX() ((void)0)
+#endif
+static lora_job queue_[QUEUE];
+static uint64_t queued, taken, finished; /* changed under mu; queued and finished also read without it */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
+static int worker_running;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* spin until *counter >= at least, for at most SPIN_NS; whether it got there */
+static int spin_until(const uint64_t *counter, uint64_t at_least) {
+    int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
+        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= at_least) return 1;
+        if (i % 64 == 0 && now_ns() > until) return 0;
+        RELAX();
+    }
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    for (;;) {
+        spin_until(&queued, taken + 1);
+        pthread_mutex_lock(&mu);
+        while (queued == taken) pthread_cond_wait(&job_ready, &mu);
+        lora_job job = queue_[taken % QUEUE];
+        taken++;
+        pthread_mutex_unlock(&mu);
+        job.fn(job.x, job.a, job.b, job.slot, job.w, job.order, job.y, job.n, job.in, job.r, job.out, job.ldy);
+        pthread_mutex_lock(&mu);
+        __atomic_store_n(&finished, finished + 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&job_done);
+        pthread_mutex_unlock(&mu);
+    }
+    return NULL;
+}
+
+static void forked_child(void) { /* the child has no worker; whatever the parent queued is not its own */
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&job_ready, NULL);
+    pthread_cond_init(&job_done, NULL);
+    queued = taken = finished = 0;
+    worker_running = 0;
+}
+
+static PyObject *lora_add_async(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, a, b, slot, w, order, y;
+    long long n, in, r, out, ldy;
+    int dtype, isa = -1;
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLLLLi|i", &x, &a, &b, &slot, &w, &order, &y, &n, &in, &r, &out, &ldy,
+                          &dtype, &isa))
+        return NULL;
+    if (isa < 0) isa = BEST;
+    if (isa > BEST || dtype < F32 || dtype > F16 || r > MAX_RANK || n < 0 || in < 0 || r < 0 || out < 0) {
+        PyErr_Format(PyExc_ValueError, "lora_add_async: isa %d (this CPU has up to %d), dtype %d, rank %lld (at most %d)",
+                     isa, BEST, dtype, r, MAX_RANK);
+        return NULL;
+    }
+    lora_job job = {KERNELS[isa][dtype], (const float *)(uintptr_t)x, (const void *)(uintptr_t)a,
+                    (const void *)(uintptr_t)b, (const int64_t *)(uintptr_t)slot, w ? (const float *)(uintptr_t)w : NULL,
+                    (const int64_t *)(uintptr_t)order, (float *)(uintptr_t)y, n, in, r, out, ldy};
+    uint64_t ticket;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&mu);
+    err = 0;
+    if (!worker_running) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        err = pthread_create(&thread, &attr, worker_main, NULL);
+        pthread_attr_destroy(&attr);
+        worker_running = !err;
+    }
+    if (!err) {
+        while (queued - finished >= QUEUE) pthread_cond_wait(&job_done, &mu);
+        queue_[queued % QUEUE] = job;
+        ticket = __atomic_add_fetch(&queued, 1, __ATOMIC_RELEASE);
+        pthread_cond_signal(&job_ready);
+    }
+    pthread_mutex_unlock(&mu);
+    Py_END_ALLOW_THREADS
+    if (err) return PyErr_Format(PyExc_RuntimeError, "lora_add_async: could not start the worker thread (error %d)", err);
+    return PyLong_FromUnsignedLongLong(ticket);
+}
+
+static PyObject *lora_wait(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long ticket;
+    if (!PyArg_ParseTuple(args, "K", &ticket)) return NULL;
+    if (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < ticket) {
+        Py_BEGIN_ALLOW_THREADS
+        if (!spin_until(&finished, ticket)) {
+            pthread_mutex_lock(&mu);
+            while (finished < ticket) pthread_cond_wait(&job_done, &mu);
+            pthread_mutex_unlock(&mu);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
 /* Attention of one new token per row (a decode step) over its cached keys and values:
 
    out[b, h] = softmax_t(scale * q[b, h] . k[b, h / G, t], t where mask[b, t]) @ v[b, h / G, t]
@@ -513,6 +641,10 @@ static PyMethodDef methods[] = {
     {"lora_add", lora_add, METH_VARARGS,
      "lora_add(x, A, B, slot, w, order, y, n, in, r, out, ldy, dtype[, isa]): y[t] += w[t] (x[t] A[slot[t]]) "
      "B[slot[t]] for t in order (data pointers; serve/bgmv.py checks them)"},
+    {"lora_add_async", lora_add_async, METH_VARARGS,
+     "lora_add_async(same arguments as lora_add) -> ticket: queue the job on the worker thread; the pointers must "
+     "stay valid until lora_wait(ticket) returned"},
+    {"lora_wait", lora_wait, METH_VARARGS, "lora_wait(ticket): until the job of that ticket (and every earlier one) ran"},
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(q, k, v, mask, out, B, H, KV, T, D, strides, scale[, isa]): one query token per row over its "
      "cached keys and values (data pointers; serve/attention.py checks them)"},
@@ -528,6 +660,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__bgmv(void) {
     BEST = best_isa();
+    pthread_atfork(NULL, NULL, forked_child);
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     PyObject *names = PyTuple_New(BEST + 1);

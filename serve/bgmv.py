@@ -104,6 +104,31 @@ def lora_add(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, 
         future.result()
 
 
+class Queued:
+    """A :func:`lora_add_queued` job: holds its tensors until :meth:`wait` saw it run."""
+
+    def __init__(self, ticket: int, tensors: tuple):
+        self._ticket, self._tensors = ticket, tensors
+
+    def wait(self) -> None:
+        if self._tensors is not None:
+            _bgmv.lora_wait(self._ticket)
+            self._tensors = None
+
+
+def lora_add_queued(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, y: torch.Tensor) -> Queued:
+    """:func:`lora_add`, queued on the extension's worker thread (one, jobs in order) while the
+    caller goes on; ``y`` holds the result once ``wait()`` returned. For a spare core: the gathers
+    are bound by memory, the base layer's matmul that the caller runs meanwhile by arithmetic.
+    The caller must not touch ``y`` (nor change x, A, B) before ``wait()``."""
+    _check(x, A, B, tokens, y)
+    w = tokens.weights
+    ticket = _bgmv.lora_add_async(x.data_ptr(), A.data_ptr(), B.data_ptr(), tokens.slots.data_ptr(),
+                                  0 if w is None else w.data_ptr(), tokens.order.data_ptr(), y.data_ptr(),
+                                  tokens.order.numel(), x.shape[1], A.shape[2], B.shape[2], y.stride(0), DTYPES[A.dtype])
+    return Queued(ticket, (x, A, B, tokens, y))
+
+
 def copy_transposed(regions: list[torch.Tensor], sources: list[torch.Tensor],
                     factors: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
     """``regions[i] = factors[i] * sources[i]`` for the transposed float32 sources (a LoRA slot

@@ -27,6 +27,9 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--lora-dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                        help="precision of resident LoRA weights: auto = the base's compute dtype; float16 halves "
                             "each adapter's memory and the bytes a mixed batch reads per step")
+    serve.add_argument("--lora-overlap", default="auto", choices=("auto", "on", "off"),
+                       help="run a mixed batch's LoRA on a core of its own while the base layers run (memory-bound "
+                            "beside compute-bound work); auto = when torch's threads leave a core unused")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
     serve.add_argument("--max-adapters-per-request", type=int, default=4)
     serve.add_argument("--token-env", default=None,
@@ -89,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
         max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype,
+        lora_overlap=args.lora_overlap)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
     server.wait(args.grace)

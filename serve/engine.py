@@ -26,6 +26,7 @@ import collections
 import inspect
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -199,10 +200,19 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def spare_core() -> bool:
+    """Whether this process may run on more cores than torch's threads use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 class Engine:
     def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
                  max_queue: int = 256, metrics: Any = None, admission_window: float = 0.005,
-                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None):
+                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None, lora_overlap: bool | None = None):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -229,6 +239,10 @@ class Engine:
         self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
         self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=self.lora_dtype)
         cache.stacks = self.stacks  # loads write their slots themselves, off the scheduler thread
+        # a mixed batch's LoRA on a core of its own while the base layers run (see BatchPlan); by
+        # default when torch leaves a core unused
+        self.lora_overlap = spare_core() if lora_overlap is None else lora_overlap
+        log.info("mixed-batch LoRA overlapped with the base layers: %s", "yes" if self.lora_overlap else "no")
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -395,7 +409,7 @@ class Engine:
         """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
         from transformers import DynamicCache
 
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, overlap=self.lora_overlap)
         width = max(len(s.prompt_ids) for s in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -415,7 +429,7 @@ class Engine:
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
         """One token per row (its latest), attending to the cached keys/values."""
         rows = batch.rows
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device)
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, overlap=self.lora_overlap)
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
                                  device=self.device)
@@ -425,7 +439,7 @@ class Engine:
         return logits
 
     def _forward(self, plan: BatchPlan, ids, mask, positions, cache) -> torch.Tensor:
-        self.hooks.ensure(plan.modules, plan.input_modules)
+        self.hooks.ensure(plan.modules, plan.input_modules | plan.queued_modules)
         self.hooks.plan = plan
         try:
             with torch.inference_mode():
@@ -433,6 +447,7 @@ class Engine:
                                  use_cache=True, logits_to_keep=1)
         finally:
             self.hooks.plan = None
+            plan.drain()
         return out.logits[:, -1, :].float()
 
     def _advance(self, seq: Sequence, token: int) -> None:

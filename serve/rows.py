@@ -492,7 +492,8 @@ class _Bags:
 class BatchPlan:
     """What the hooks apply for one batch (rows in batch order); built per step, stacks are not."""
 
-    def __init__(self, rows: Sequence[Sequence[tuple[Any, float]]], stacks: ResidentStacks, device):
+    def __init__(self, rows: Sequence[Sequence[tuple[Any, float]]], stacks: ResidentStacks, device, *,
+                 overlap: bool = False):
         self.rows = rows
         self.scale_slots = stacks.scale.gather_slots(rows, ScaleForm, device)
         self.lora_slots = stacks.lora.gather_slots(rows, LoraForm, device)
@@ -510,6 +511,12 @@ class BatchPlan:
         self.shared_lora_slot = _shared_slot(self.lora_slots)
         self.shared_lora = stacks.lora.dense(self.shared_lora_slot) if self.shared_lora_slot is not None else {}
         self.lora_kernel = bgmv.available(device)  # else embedding_bag (no C extension, or not the CPU)
+        # with a core to spare, a mixed batch's LoRA is queued on the kernel's worker thread before
+        # the base layer runs (forward pre-hook) and added after it (forward hook): the gathers are
+        # bound by memory, the base matmul by arithmetic, so the two overlap
+        self.queued_modules = {m for m, (At, _) in self.lora.items() if bgmv.supports(At.dtype, At.shape[2])} \
+            if overlap and self.lora_kernel and self.shared_lora_slot is None else set()
+        self._queued: dict[str, tuple[list[bgmv.Queued], torch.Tensor]] = {}
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -570,10 +577,36 @@ class BatchPlan:
             into = y if into is None else into.add_(y)
         return into
 
+    def queue_lora(self, module: str, x: torch.Tensor) -> None:
+        """Queue ``module``'s LoRA delta for input ``x`` on the worker thread (see ``queued_modules``)."""
+        At, Bt = self.lora[module]
+        flat = x.reshape(-1, At.shape[1]).float().contiguous()
+        delta = flat.new_zeros(flat.shape[0], Bt.shape[2])
+        tokens = flat.shape[0] // self.lora_slots.index.shape[0]
+        jobs = [bgmv.lora_add_queued(flat, At, Bt, self._kernel_tokens(k, tokens, At.shape[0]), delta)
+                for k in range(self.lora_slots.index.shape[1])]
+        self._queued[module] = (jobs, delta)
+
+    def drain(self) -> None:
+        """Wait for every queued job (a forward pass that raised may leave some): their tensors are
+        released only then."""
+        for jobs, _ in self._queued.values():
+            for job in jobs:
+                job.wait()
+        self._queued.clear()
+
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if module in self.scales["out"]:
             out = self._scale(self.scales["out"][module], out)
-        if module in self.lora:
+        if module in self._queued:
+            jobs, delta = self._queued.pop(module)
+            for job in jobs:
+                job.wait()
+            if out.dtype == torch.float32 and out.is_contiguous():
+                out.view(-1, out.shape[-1]).add_(delta)
+            else:
+                out = out + delta.to(out.dtype).view(out.shape)
+        elif module in self.lora:
             if out.dtype == torch.promote_types(out.dtype, self.lora[module][0].dtype) and out.is_contiguous():  # this forward's own tensor
                 self._lora_delta(module, x, into=out.view(-1, out.shape[-1]))
             else:
@@ -636,7 +669,8 @@ class RowHooks:
         self._pre_hooked: dict[str, Any] = {}
 
     def ensure(self, modules: set[str], input_modules: set[str] = frozenset()) -> None:
-        """Hook exactly ``modules`` (base names); call only between forward passes.
+        """Hook exactly ``modules`` (forward hooks) and ``input_modules`` (forward pre-hooks: input
+        scales, queued LoRA), by base names; call only between forward passes.
 
         Hooks the plan does not need are removed, not left inert: a module with any forward hook
         takes PyTorch's slow call path, about 2% of a batch-32 decode step over 42 modules.
@@ -660,9 +694,13 @@ class RowHooks:
     def _make_pre_hook(self, name: str):
         def pre_hook(_module, args):
             plan = self.plan
-            if plan is None or name not in plan.input_modules:
+            if plan is None:
                 return None
-            return (plan.apply_input(name, args[0]),) + tuple(args[1:])
+            if name in plan.input_modules:
+                args = (plan.apply_input(name, args[0]),) + tuple(args[1:])
+            if name in plan.queued_modules:
+                plan.queue_lora(name, args[0])  # the input the module (and its forward hook) sees
+            return args
 
         return pre_hook
 

@@ -53,6 +53,7 @@ class ServerOptions:
     tls_key: str | None = None
     metrics_port: int | None = None
     lora_dtype: str = "auto"  # of the resident LoRA stacks: auto (the base's compute dtype), float16, bfloat16, float32
+    lora_overlap: str = "auto"  # mixed-batch LoRA on a core of its own: auto (when torch leaves one unused), on, off
 
 
 LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -69,6 +70,18 @@ def lora_dtype(name: str) -> Any:
     return None if name == "auto" else getattr(torch, name)
 
 
+LORA_OVERLAP = {"auto": None, "on": True, "off": False}
+
+
+def lora_overlap(name: str) -> bool | None:
+    """``--lora-overlap`` as the engine takes it (None for auto)."""
+    if name not in LORA_OVERLAP:
+        from adapterhub.errors import ConfigError
+
+        raise ConfigError(f"--lora-overlap {name!r}: use one of {', '.join(LORA_OVERLAP)}")
+    return LORA_OVERLAP[name]
+
+
 class AdapterServer:
     """A running server; ``port`` is the bound port (ask for 0 to get a free one)."""
 
@@ -77,13 +90,14 @@ class AdapterServer:
 
         self.options = options
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
+        overlap = lora_overlap(options.lora_overlap)
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
-                                    lora_dtype=dtype)
+                                    lora_dtype=dtype, lora_overlap=overlap)
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
         interceptors: list[grpc.ServerInterceptor] = []

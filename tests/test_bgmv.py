@@ -167,3 +167,43 @@ def test_every_instruction_set_writes_the_same_slot_bits(dtype, rows, cols):
     expected = (src * 0.37).T.to(dtype)
     assert torch.equal(written[-1][~expected.isnan()], expected[~expected.isnan()])
     assert written[-1][expected.isnan()].isnan().all()
+
+
+def test_queued_jobs_equal_lora_add_in_order_and_past_a_full_queue():
+    """Jobs on the worker thread give lora_add's bits; more jobs than its queue holds (64) wait
+    for room instead of overwriting; waiting on a later ticket covers every earlier one."""
+    gen = torch.Generator().manual_seed(5)
+    A, B = torch.randn(9, 40, 6, generator=gen), torch.randn(9, 6, 24, generator=gen)
+    x = torch.randn(12, 40, generator=gen)
+    expected, jobs = [], []
+    for j in range(150):
+        tokens = bgmv.Tokens(torch.randint(0, 9, (12,), generator=gen), torch.randn(12, generator=gen), 9)
+        y0 = torch.randn(12, 24, generator=gen)
+        ref = y0.clone()
+        bgmv.lora_add(x, A, B, tokens, ref, threads=1)
+        expected.append(ref)
+        jobs.append((bgmv.lora_add_queued(x, A, B, tokens, y0), y0))
+    jobs[-1][0].wait()
+    for (job, y), ref in zip(jobs, expected):
+        job.wait()
+        assert torch.equal(y, ref)
+
+
+def test_a_forked_child_gets_a_worker_of_its_own():
+    import multiprocessing
+
+    gen = torch.Generator().manual_seed(6)
+    A, B, x = torch.randn(3, 8, 2, generator=gen), torch.randn(3, 2, 5, generator=gen), torch.randn(4, 8, generator=gen)
+    tokens = bgmv.Tokens(torch.tensor([1, 2, 0, 1]), None, 3)
+    y = torch.zeros(4, 5)
+    bgmv.lora_add_queued(x, A, B, tokens, y).wait()  # the parent's worker runs
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_queued_in_child, (x, A, B)).get(timeout=60)  # a child without a worker would hang
+    assert torch.equal(child, y)
+
+
+def _queued_in_child(x, A, B):
+    y = torch.zeros(4, 5)
+    bgmv.lora_add_queued(x, A, B, bgmv.Tokens(torch.tensor([1, 2, 0, 1]), None, 3), y).wait()
+    return y

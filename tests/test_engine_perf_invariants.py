@@ -200,20 +200,25 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
 
 
-def _logits_with(engine, refs, stacks):
-    """Logits of one short prompt per row, row i with adapter refs[i], through ``stacks``."""
+def _logits_with(engine, refs, stacks, *, overlap=False):
+    """Logits of one short prompt per row, row i with adapter refs[i] (or a list of (ref, weight)
+    to compose), through ``stacks``; ``overlap`` queues the LoRA on the kernel's worker thread."""
     from adapterhub.serve.rows import BatchPlan
 
-    entries = [[(engine.cache.acquire(r), 1.0)] if r else [] for r in refs]
+    entries = [[(engine.cache.acquire(r), w) for r, w in (ref if isinstance(ref, list) else [(ref, 1.0)])] if ref else []
+               for ref in refs]
+    plan = None
     try:
-        plan = BatchPlan(entries, stacks, engine.device)
-        engine.hooks.ensure(plan.modules, plan.input_modules)
+        plan = BatchPlan(entries, stacks, engine.device, overlap=overlap)
+        engine.hooks.ensure(plan.modules, plan.input_modules | plan.queued_modules)
         engine.hooks.plan = plan
         with torch.inference_mode():
             out = engine.model(input_ids=torch.tensor([[72, 105, 33]] * len(refs))).logits
         return out, plan.shared_lora_slot is not None
     finally:
         engine.hooks.plan = None
+        if plan is not None:
+            plan.drain()
         for row in entries:
             for entry, _ in row:
                 engine.cache.release(entry)
@@ -230,6 +235,43 @@ def test_shared_adapter_fast_path_equals_the_gathered_path(engine):
     assert dense and not gathered
     torch.testing.assert_close(shared, mixed[:2], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[2], mixed[0], atol=1e-3), "t7 should change the output differently from t6"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_queued_beside_the_base_layers_gives_the_in_line_logits(engine, dtype, monkeypatch):
+    """With a core to spare, a mixed batch's LoRA runs on the kernel's worker thread while each
+    base layer runs, and is added after it: the logits are the in-line path's (the delta is summed
+    from zero, then added: one rounding more), composed and weighted rows included."""
+    from adapterhub.serve import bgmv
+    from adapterhub.serve.rows import ResidentStacks
+
+    queued = []
+    real = bgmv.lora_add_queued
+    monkeypatch.setattr(bgmv, "lora_add_queued", lambda *a: queued.append(a[4].shape) or real(*a))
+    refs = ["t6@1", "t7@1", None, [("t6@1", 0.5), ("t8@1", 1.5)]]
+    stacks = ResidentStacks(lora_dtype=dtype)
+    in_line, _ = _logits_with(engine, refs, stacks)
+    assert not queued
+    overlapped, _ = _logits_with(engine, refs, stacks, overlap=True)
+    assert len(queued) == 2 * len(stacks.lora.tensors), "every adapted module, once per slot position (2: composed row)"
+    torch.testing.assert_close(overlapped, in_line, rtol=1e-5, atol=1e-5)
+    shared, dense = _logits_with(engine, ["t6@1"] * 2, stacks, overlap=True)
+    assert dense and len(queued) == 2 * len(stacks.lora.tensors), "one adapter for every row: plain matmuls, in line"
+
+
+def test_an_engine_with_lora_overlap_serves_the_same_tokens(engine, tiny_base_dir):
+    from adapterhub.base import load_base
+    from adapterhub.serve.engine import Engine
+
+    overlapping = Engine.create(load_base(tiny_base_dir, "none"), engine.cache.source, capacity=16, max_batch=16,
+                                lora_overlap=True)
+    try:
+        assert overlapping.lora_overlap
+        jobs = [(f"prompt {i}", f"t{i % 5}@1" if i % 4 else None, 8) for i in range(10)]
+        expected = [s.result().token_ids for s in [engine.submit(_request(*j)) for j in jobs]]
+        assert [s.result().token_ids for s in [overlapping.submit(_request(*j)) for j in jobs]] == expected
+    finally:
+        overlapping.stop(grace=1)
 
 
 def test_half_precision_stacks_keep_each_adapters_effect_within_one_percent(engine):
