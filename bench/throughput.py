@@ -2,7 +2,9 @@
 
 Side by side, in one process, on the same fp32 (unquantized) small base and the same prompts:
 adapterhub's engine (in-process, no gRPC, submitted as the unary ``Generate`` RPC does; LoRA
-stacks in the base's dtype, the default, and a second engine with ``--lora-dtype float16``), PEFT's
+stacks in the base's dtype, the default, overlapped with the base layers on the core that one
+torch thread leaves unused, the default there; the same engine on one core, ``--lora-overlap
+off``, which uses what PEFT uses; and one with ``--lora-dtype float16``), PEFT's
 mixed batch (``generate(adapter_names=...)``), PEFT one request at a time (``set_adapter`` +
 ``generate``), and the base model alone (``model.generate``). Greedy, 32 new tokens for every row
 (EOS ignored by all contestants), one batch of 32 rows (N <= 32) and of 128 rows (every N); with N
@@ -71,14 +73,22 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def series(batch, ns, engine, engine16, peft_model, plain, tok) -> dict:
+ENGINES = {  # name -> (Engine.create options, what the tables call it)
+    "engine": ({}, "engine (LoRA stacks fp32, LoRA overlapped on the spare core: the default with 1 torch thread)"),
+    "engine_1core": ({"lora_overlap": False}, "engine on one core (--lora-overlap off: PEFT's resources)"),
+    "engine_fp16": ({"lora_dtype": "float16"}, "engine with --lora-dtype float16 (overlapped)"),
+}
+
+
+def series(batch, ns, engines, peft_model, plain, tok) -> dict:
     """One batch size, ``ROUNDS`` interleaved rounds; per-round tok/s, then medians of per-round ratios."""
     texts = prompts(batch)
     names = {n: [f"a{i % n}" for i in range(batch)] for n in ns}
     tok_count = batch * NEW_TOKENS
     for n in ns:  # load every adapter into the cache and its stack slot before timing
-        run_engine(engine, texts[:n], [f"{name}@1" for name in names[n][:n]])
-        run_engine(engine16, texts[:n], [f"{name}@1" for name in names[n][:n]])
+        for engine in engines.values():
+            run_engine(engine, texts[:n], [f"{name}@1" for name in names[n][:n]])
+    engine = engines["engine"]
     rounds = []
     for r in range(ROUNDS):
         base_first = r % 2 == 0  # alternate who goes first, so neither always gets the fresher machine
@@ -90,18 +100,23 @@ def series(batch, ns, engine, engine16, peft_model, plain, tok) -> dict:
         rnd = {"base": tok_count / t_base, "engine_none": tok_count / t_eng0,
                "engine_none_agree": _agree(eng0_tokens, base_tokens), "by_n": {}}
         for n in ns:
-            t_eng, eng_tokens = run_engine(engine, texts, [f"{name}@1" for name in names[n]])
+            refs = [f"{name}@1" for name in names[n]]
             t_peft, peft_tokens = run_generate(peft_model, tok, texts, adapter_names=names[n])
-            t_16, tokens_16 = run_engine(engine16, texts, [f"{name}@1" for name in names[n]])
-            row = {"engine": tok_count / t_eng, "peft_mixed": tok_count / t_peft, "agree": _agree(eng_tokens, peft_tokens),
-                   "engine_fp16": tok_count / t_16, "fp16_agree": _agree(tokens_16, eng_tokens)}
+            row = {"peft_mixed": tok_count / t_peft}
+            tokens = {}
+            for key, contestant in engines.items():
+                t_eng, tokens[key] = run_engine(contestant, texts, refs)
+                row[key] = tok_count / t_eng
+            row["agree"] = _agree(tokens["engine"], peft_tokens)
+            row["agree_1core"] = _agree(tokens["engine_1core"], tokens["engine"])
+            row["fp16_agree"] = _agree(tokens["engine_fp16"], tokens["engine"])
             if batch == min(BATCHES):
                 k = ONE_AT_A_TIME_REQUESTS
                 row["one_at_a_time"] = NEW_TOKENS / run_one_at_a_time(peft_model, tok, texts[:k], names[n][:k])
             rnd["by_n"][n] = row
         rounds.append(rnd)
         print(f"batch {batch} round {r + 1}: base {rnd['base']:.0f} tok/s, engine without adapter {rnd['engine_none']:.0f}; "
-              + "; ".join(f"N={n}: engine {v['engine']:.0f} (fp16 {v['engine_fp16']:.0f}), PEFT mixed {v['peft_mixed']:.0f}"
+              + "; ".join(f"N={n}: " + ", ".join(f"{k} {v[k]:.0f}" for k in engines) + f", PEFT mixed {v['peft_mixed']:.0f}"
                           for n, v in rnd["by_n"].items()),
               flush=True)
     med = statistics.median
@@ -114,18 +129,19 @@ def series(batch, ns, engine, engine16, peft_model, plain, tok) -> dict:
     for n in ns:
         rows = [r["by_n"][n] for r in rounds]
         out["by_n"][n] = {
-            "engine_tok_s": med(v["engine"] for v in rows),
             "peft_mixed_tok_s": med(v["peft_mixed"] for v in rows),
-            "engine_over_base": med(v["engine"] / r["base"] for v, r in zip(rows, rounds)),
             "peft_mixed_over_base": med(v["peft_mixed"] / r["base"] for v, r in zip(rows, rounds)),
-            "engine_over_peft_mixed": med(v["engine"] / v["peft_mixed"] for v in rows),
-            "engine_over_own_n1": med(v["engine"] / r["by_n"][1]["engine"] for v, r in zip(rows, rounds)),
             "rows_equal_to_peft": med(v["agree"] for v in rows),
-            "engine_fp16_over_base": med(v["engine_fp16"] / r["base"] for v, r in zip(rows, rounds)),
-            "engine_fp16_over_peft_mixed": med(v["engine_fp16"] / v["peft_mixed"] for v in rows),
-            "engine_fp16_over_own_n1": med(v["engine_fp16"] / r["by_n"][1]["engine_fp16"] for v, r in zip(rows, rounds)),
+            "rows_1core_equal_to_engine": med(v["agree_1core"] for v in rows),
             "fp16_rows_equal_to_fp32": med(v["fp16_agree"] for v in rows),
         }
+        for key in engines:
+            out["by_n"][n].update({
+                f"{key}_tok_s": med(v[key] for v in rows),
+                f"{key}_over_base": med(v[key] / r["base"] for v, r in zip(rows, rounds)),
+                f"{key}_over_peft_mixed": med(v[key] / v["peft_mixed"] for v in rows),
+                f"{key}_over_own_n1": med(v[key] / r["by_n"][1][key] for v, r in zip(rows, rounds)),
+            })
     return out
 
 
@@ -136,7 +152,7 @@ def add_one_at_a_time(results: dict) -> None:
     results["one_at_a_time_tok_s"] = one
     for batch, res in results["by_batch"].items():
         for n, row in res["by_n"].items():
-            for key in ("engine", "engine_fp16"):
+            for key in ENGINES:
                 if batch == min(BATCHES):  # the same rounds: the ratio within each round
                     row[f"{key}_over_one_at_a_time"] = statistics.median(
                         r["by_n"][n][key] / r["by_n"][n]["one_at_a_time"] for r in res["rounds"])
@@ -156,7 +172,7 @@ def profile_step(engine, batch: int, n: int, context: int = 48, repeats: int = 1
     heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     entries = [[(engine.cache.acquire(f"a{i % n}@1"), 1.0)] if n else [] for i in range(batch)]
     try:
-        plan = BatchPlan(entries, engine.stacks, engine.device)
+        plan = BatchPlan(entries, engine.stacks, engine.device, overlap=engine.lora_overlap)
         ids, positions = torch.full((batch, 1), 65), torch.full((batch, 1), context)
         mask = torch.ones(batch, context + 1, dtype=torch.long)
         times = []
@@ -185,62 +201,63 @@ def main() -> dict:
     base_dir = common.small_base()
     reg = common.registry(base_dir, max(NS))
     dirs = common.lora_adapters(base_dir, max(NS))
-    engine = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=max(NS) + 8, max_batch=max(BATCHES))
-    engine.eos_id = -1  # every row makes NEW_TOKENS tokens, like min_new_tokens for generate
-    engine16 = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=max(NS) + 8,
-                             max_batch=max(BATCHES), lora_dtype=torch.float16)  # its own model: hooks are per engine
-    engine16.eos_id = -1
+    engines = {}
+    for key, (options, _) in ENGINES.items():  # each its own model: hooks are per engine
+        if "lora_dtype" in options:
+            options = {**options, "lora_dtype": getattr(torch, options["lora_dtype"])}
+        engines[key] = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=max(NS) + 8,
+                                     max_batch=max(BATCHES), **options)
+        engines[key].eos_id = -1  # every row makes NEW_TOKENS tokens, like min_new_tokens for generate
     plain = load_base(base_dir, "none")
     tok = plain.tokenizer
     peft_model = PeftModel.from_pretrained(load_base(base_dir, "none").model, str(dirs[0]), adapter_name="a0")
     for i in range(1, max(NS)):
         peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
     peft_model.eval()
-    run_engine(engine, prompts(8), [None] * 8)  # warm-up
-    run_engine(engine16, prompts(8), [None] * 8)
+    for engine in engines.values():
+        run_engine(engine, prompts(8), [None] * 8)  # warm-up
     common.freeze_heap()
 
-    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "precision": "fp32 (unquantized) base; engine LoRA stacks float16 (default)", "by_batch": {}}
+    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "threads": torch.get_num_threads(),
+               "precision": "fp32 (unquantized) base", "engines": {k: v[1] for k, v in ENGINES.items()},
+               "lora_overlap": {k: e.lora_overlap for k, e in engines.items()}, "by_batch": {}}
     for batch in BATCHES:
-        results["by_batch"][batch] = series(batch, [n for n in NS if n <= batch], engine, engine16, peft_model, plain, tok)
+        results["by_batch"][batch] = series(batch, [n for n in NS if n <= batch], engines, peft_model, plain, tok)
     add_one_at_a_time(results)
     big = max(BATCHES)
-    prof = {n: profile_step(engine, big, n) for n in (0, 1, max(NS))}
-    results["profile_decode_step_s"] = {"batch": big, **prof}
-    prof16 = {n: profile_step(engine16, big, n) for n in (0, 1, max(NS))}
-    results["profile_decode_step_s_fp16"] = {"batch": big, **prof16}
-    engine.stop(grace=1)
-    engine16.stop(grace=1)
+    profiles = {key: {n: profile_step(engines[key], big, n) for n in (0, 1, max(NS))} for key in engines}
+    results["profile_decode_step_s"] = {"batch": big, **profiles}
+    for engine in engines.values():
+        engine.stop(grace=1)
 
-    rows = []
-    for batch, res in results["by_batch"].items():
-        rows += [[batch, n, r["engine_over_own_n1"], r["engine_over_base"], r["peft_mixed_over_base"],
-                  r["one_at_a_time_over_base"], r["engine_over_peft_mixed"], r["engine_over_one_at_a_time"],
-                  r["rows_equal_to_peft"]] for n, r in res["by_n"].items()]
-        rows.append([batch, "none", "", res["engine_no_adapter_over_generate"], "", "", "", "",
-                     res["engine_no_adapter_rows_equal_to_generate"]])
-    print(f"medians of {ROUNDS} interleaved rounds:")
-    print(common.table(["batch", "N", "engine/own N=1", "engine/base", "PEFT mixed/base", "1-at-a-time/base",
-                        "engine/PEFT mixed", "engine/1-at-a-time", "rows equal"], rows))
-    print("the same engine with --lora-dtype float16:")
-    print(common.table(["batch", "N", "/own N=1", "/base", "/PEFT mixed", "/1-at-a-time", "rows equal to fp32 engine"],
-                       [[batch, n, r["engine_fp16_over_own_n1"], r["engine_fp16_over_base"], r["engine_fp16_over_peft_mixed"],
-                         r["engine_fp16_over_one_at_a_time"], r["fp16_rows_equal_to_fp32"]]
-                        for batch, res in results["by_batch"].items() for n, r in res["by_n"].items()]))
-    lora1, lora_n = prof[1] - prof[0], prof[max(NS)] - prof[0]
-    print(f"profile, one decode step at batch {big}: base {prof[0] * 1e3:.1f} ms; LoRA hooks add "
-          f"{lora1 * 1e3:.1f} ms with 1 adapter, {lora_n * 1e3:.1f} ms with {max(NS)} distinct "
-          f"({lora_n / prof[max(NS)]:.0%} of that step); with float16 stacks {(prof16[1] - prof16[0]) * 1e3:.1f} ms and "
-          f"{(prof16[max(NS)] - prof16[0]) * 1e3:.1f} ms")
+    print(f"medians of {ROUNDS} interleaved rounds, {torch.get_num_threads()} torch thread(s) for every contestant:")
+    for key, (_, label) in ENGINES.items():
+        print(f"{label}:")
+        rows = []
+        for batch, res in results["by_batch"].items():
+            rows += [[batch, n, r[f"{key}_over_own_n1"], r[f"{key}_over_base"], r["peft_mixed_over_base"],
+                      r["one_at_a_time_over_base"], r[f"{key}_over_peft_mixed"], r[f"{key}_over_one_at_a_time"],
+                      r["rows_equal_to_peft" if key == "engine" else
+                        "rows_1core_equal_to_engine" if key == "engine_1core" else "fp16_rows_equal_to_fp32"]]
+                     for n, r in res["by_n"].items()]
+            if key == "engine":
+                rows.append([batch, "none", "", res["engine_no_adapter_over_generate"], "", "", "", "",
+                             res["engine_no_adapter_rows_equal_to_generate"]])
+        print(common.table(["batch", "N", "/own N=1", "/base", "PEFT mixed/base", "1-at-a-time/base",
+                            "/PEFT mixed", "/1-at-a-time", "rows equal to " + ("PEFT" if key == "engine" else "engine")], rows))
+    for key, prof in profiles.items():
+        lora1, lora_n = prof[1] - prof[0], prof[max(NS)] - prof[0]
+        print(f"profile {key}, one decode step at batch {big}: base {prof[0] * 1e3:.1f} ms; LoRA adds "
+              f"{lora1 * 1e3:.1f} ms with 1 adapter, {lora_n * 1e3:.1f} ms with {max(NS)} distinct")
     large = results["by_batch"][big]
     results["targets"] = []
-    for key, label in (("engine", "engine"), ("engine_fp16", "engine --lora-dtype float16")):
-        results["targets"].append(common.verdict(f"{label} N=128 / N=1 (batch {big})", large["by_n"][128][f"{key}_over_own_n1"], ">=", 0.9))
+    for key, (_, label) in ENGINES.items():
+        results["targets"].append(common.verdict(f"{key} N=128 / N=1 (batch {big})", large["by_n"][128][f"{key}_over_own_n1"], ">=", 0.9))
         for batch, res in results["by_batch"].items():
             by = res["by_n"]
             results["targets"] += [
-                common.verdict(f"{label} / PEFT mixed at N=32 (batch {batch})", by[32][f"{key}_over_peft_mixed"], ">=", 2.5),
-                common.verdict(f"{label} / one-at-a-time at N=32 (batch {batch})", by[32][f"{key}_over_one_at_a_time"], ">=", 10),
+                common.verdict(f"{key} / PEFT mixed at N=32 (batch {batch})", by[32][f"{key}_over_peft_mixed"], ">=", 2.5),
+                common.verdict(f"{key} / one-at-a-time at N=32 (batch {batch})", by[32][f"{key}_over_one_at_a_time"], ">=", 10),
             ]
     for batch, res in results["by_batch"].items():
         results["targets"].append(
@@ -252,6 +269,7 @@ def main() -> dict:
             by = res["by_n"]
             xs = list(by)
             for key, label, color in (("engine_over_base", "adapterhub engine", "C0"),
+                                      ("engine_1core_over_base", "adapterhub engine, one core", "C4"),
                                       ("engine_fp16_over_base", "adapterhub engine, fp16 LoRA", "C3"),
                                       ("peft_mixed_over_base", "PEFT mixed batch", "C1"),
                                       ("one_at_a_time_over_base", "PEFT one at a time", "C2")):
