@@ -332,25 +332,38 @@ static int best_isa(void) {
 
 static int BEST;
 
-static PyObject *lora_add(PyObject *self, PyObject *args) {
-    (void)self;
+/* One lora_add call: the kernel for its ISA and dtype, and its pointers and sizes. */
+typedef struct {
+    kernel_fn fn;
+    const float *x; const void *a, *b; const int64_t *slot; const float *w; const int64_t *order; float *y;
+    int64_t n, in, r, out, ldy;
+} lora_job;
+
+static int parse_lora_job(PyObject *args, const char *name, lora_job *job) {
     unsigned long long x, a, b, slot, w, order, y;
     long long n, in, r, out, ldy;
     int dtype, isa = -1;
     if (!PyArg_ParseTuple(args, "KKKKKKKLLLLLi|i", &x, &a, &b, &slot, &w, &order, &y, &n, &in, &r, &out, &ldy,
                           &dtype, &isa))
-        return NULL;
+        return 0;
     if (isa < 0) isa = BEST;
     if (isa > BEST || dtype < F32 || dtype > F16 || r > MAX_RANK || n < 0 || in < 0 || r < 0 || out < 0) {
-        PyErr_Format(PyExc_ValueError, "lora_add: isa %d (this CPU has up to %d), dtype %d, rank %lld (at most %d)",
-                     isa, BEST, dtype, r, MAX_RANK);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: isa %d (this CPU has up to %d), dtype %d, rank %lld (at most %d)",
+                     name, isa, BEST, dtype, r, MAX_RANK);
+        return 0;
     }
-    kernel_fn fn = KERNELS[isa][dtype];
+    *job = (lora_job){KERNELS[isa][dtype], (const float *)(uintptr_t)x, (const void *)(uintptr_t)a,
+                      (const void *)(uintptr_t)b, (const int64_t *)(uintptr_t)slot, w ? (const float *)(uintptr_t)w : NULL,
+                      (const int64_t *)(uintptr_t)order, (float *)(uintptr_t)y, n, in, r, out, ldy};
+    return 1;
+}
+
+static PyObject *lora_add(PyObject *self, PyObject *args) {
+    (void)self;
+    lora_job job;
+    if (!parse_lora_job(args, "lora_add", &job)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    fn((const float *)(uintptr_t)x, (const void *)(uintptr_t)a, (const void *)(uintptr_t)b,
-       (const int64_t *)(uintptr_t)slot, w ? (const float *)(uintptr_t)w : NULL, (const int64_t *)(uintptr_t)order,
-       (float *)(uintptr_t)y, n, in, r, out, ldy);
+    job.fn(job.x, job.a, job.b, job.slot, job.w, job.order, job.y, job.n, job.in, job.r, job.out, job.ldy);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -362,12 +375,6 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
    within microseconds while a forward pass runs), and is restarted in a forked child. */
 #include <pthread.h>
 #include <time.h>
-
-typedef struct {
-    kernel_fn fn;
-    const float *x; const void *a, *b; const int64_t *slot; const float *w; const int64_t *order; float *y;
-    int64_t n, in, r, out, ldy;
-} lora_job;
 
 #define QUEUE 64
 #define SPIN_NS 100000 /* how long a thread spins for its condition before it sleeps */
@@ -426,21 +433,8 @@ static void forked_child(void) { /* the child has no worker; whatever the parent
 
 static PyObject *lora_add_async(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x, a, b, slot, w, order, y;
-    long long n, in, r, out, ldy;
-    int dtype, isa = -1;
-    if (!PyArg_ParseTuple(args, "KKKKKKKLLLLLi|i", &x, &a, &b, &slot, &w, &order, &y, &n, &in, &r, &out, &ldy,
-                          &dtype, &isa))
-        return NULL;
-    if (isa < 0) isa = BEST;
-    if (isa > BEST || dtype < F32 || dtype > F16 || r > MAX_RANK || n < 0 || in < 0 || r < 0 || out < 0) {
-        PyErr_Format(PyExc_ValueError, "lora_add_async: isa %d (this CPU has up to %d), dtype %d, rank %lld (at most %d)",
-                     isa, BEST, dtype, r, MAX_RANK);
-        return NULL;
-    }
-    lora_job job = {KERNELS[isa][dtype], (const float *)(uintptr_t)x, (const void *)(uintptr_t)a,
-                    (const void *)(uintptr_t)b, (const int64_t *)(uintptr_t)slot, w ? (const float *)(uintptr_t)w : NULL,
-                    (const int64_t *)(uintptr_t)order, (float *)(uintptr_t)y, n, in, r, out, ldy};
+    lora_job job;
+    if (!parse_lora_job(args, "lora_add_async", &job)) return NULL;
     uint64_t ticket;
     int err;
     Py_BEGIN_ALLOW_THREADS
