@@ -23,9 +23,8 @@ import filelock
 
 from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
 
-from . import fsutil
+from . import fsutil, hashing
 from .adapterdir import adapter_files, read_metadata
-from .hashing import ShaWhileReading
 from .manifest import FileEntry, Manifest, Metadata, software_versions, utc_now
 from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
 from .store import AdapterStore, Problem, RefLike, VersionRead
@@ -242,24 +241,26 @@ class FileStore(AdapterStore):
         snapshot = self._snapshot_dir(manifest.task, manifest.version)
         if not snapshot.is_dir():
             self.materialize(manifest)  # built (and hashed) once
-        data, digests = {}, {}
-        for name, entry in manifest.files.items():
+        data, checks = {}, {}
+        # biggest first: its hash, the longest part of a load, starts before the small files' reads
+        for name, entry in sorted(manifest.files.items(), key=lambda item: -item[1].size):
             path = snapshot / validate_file_name(name)
-            sha = ShaWhileReading(hasher, entry.size)
+            buffer = bytearray(entry.size)
+            checks[name] = check = hashing.verify_while_reading(hasher, entry, buffer)
             try:
-                data[name] = fsutil.read_exactly(path, entry.size, sha.advanced)
+                data[name] = fsutil.read_exactly(path, entry.size, check.advanced, into=buffer)
             except FileNotFoundError:
                 data[name] = None
-            digests[name] = sha.finish()
+            check.finish()
             if data[name] is None:  # missing, or another size than the manifest's
-                for future in digests.values():
-                    future.exception()  # let the hasher finish with the buffers first
+                for started in checks.values():
+                    started.matches()  # let the hasher finish with the buffers first
                 self._check_snapshot(manifest, snapshot, "size")  # names what is wrong
                 raise self._corrupt(manifest, name, path)
 
         def check() -> None:
             for name, entry in manifest.files.items():
-                if digests[name].result() != entry.sha256:
+                if not checks[name].matches():
                     raise self._corrupt(manifest, name, snapshot / name)
 
         return VersionRead(manifest, snapshot, data, check,
@@ -370,10 +371,12 @@ class FileStore(AdapterStore):
         def too_big(size: int) -> Exception:
             return LimitExceeded(f"{source} grew past max_file_bytes={self.max_file_bytes} while being stored")
 
-        sha, size = fsutil.copy_hashing(source, tmp, max_bytes=self.max_file_bytes, fsync=self.fsync, on_too_big=too_big)
-        final = self._blob_path(sha)
+        digests = hashing.FileDigests(hashing.chunk_size_for(source.stat().st_size))
+        fsutil.copy_hashing(source, tmp, digests, max_bytes=self.max_file_bytes, fsync=self.fsync, on_too_big=too_big)
+        entry = digests.entry()
+        final = self._blob_path(entry.sha256)
         try:
-            if final.is_file() and final.stat().st_size == size:
+            if final.is_file() and final.stat().st_size == entry.size:
                 os.unlink(tmp)  # same content already stored; keep its inode (snapshots link to it)
             else:
                 os.chmod(tmp, 0o444)
@@ -382,7 +385,7 @@ class FileStore(AdapterStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return FileEntry(sha, size)
+        return entry
 
     def set_tag(self, ref: RefLike, tag: str) -> Manifest:
         validate_tag(tag)
@@ -425,12 +428,17 @@ class FileStore(AdapterStore):
 
     def verify(self, ref: RefLike | None = None) -> list[Problem]:
         problems: list[Problem] = []
-        blob_ok: dict[str, bool] = {}
+        blob_entries: dict[tuple[str, int | None], FileEntry] = {}
 
-        def blob_matches(sha: str) -> bool:
-            if sha not in blob_ok:
-                blob_ok[sha] = fsutil.sha256_file(self._blob_path(sha)) == sha
-            return blob_ok[sha]
+        def blob_matches(sha: str, chunk_size: int | None = None, chunks: tuple[str, ...] = ()) -> bool:
+            """The blob's bytes have this sha256 (and these chunk digests)."""
+            key = sha, chunk_size
+            if key not in blob_entries:
+                digests = hashing.FileDigests(chunk_size)
+                fsutil.hash_file(self._blob_path(sha), digests)
+                blob_entries[key] = digests.entry()
+            found = blob_entries[key]
+            return found.sha256 == sha and found.chunks == chunks
 
         if ref is None:
             tasks_dir = self.root / "tasks"
@@ -481,6 +489,9 @@ class FileStore(AdapterStore):
                 problems.append(Problem(where, f"blob {blob} has {blob.stat().st_size} bytes, manifest says {entry.size}"))
             elif not blob_matches(entry.sha256):
                 problems.append(Problem(where, f"blob {blob} no longer matches its sha256"))
+            elif entry.chunks and not blob_matches(entry.sha256, entry.chunk_size, entry.chunks):
+                problems.append(Problem(where, f"the manifest's chunk digests do not match blob {blob} (whose sha256 "
+                                               "does): loads of this version fail; re-publish it"))
         snapshot = self._snapshot_dir(task, version)
         if snapshot.is_dir():
             try:

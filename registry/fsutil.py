@@ -15,7 +15,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 TEMP_SUFFIX = ".incomplete"
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
@@ -78,13 +78,13 @@ def write_atomic(final: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
-def copy_hashing(src: Path, dst: Path, *, max_bytes: int | None, fsync: bool, on_too_big: Callable[[int], Exception]) -> tuple[str, int]:
-    """Copy ``src`` to a new file ``dst`` while hashing it (one read); returns (sha256, size).
+def copy_hashing(src: Path, dst: Path, digests: Any, *, max_bytes: int | None, fsync: bool,
+                 on_too_big: Callable[[int], Exception]) -> int:
+    """Copy ``src`` to a new file ``dst`` while ``digests.update`` hashes it (one read); returns the size.
 
     Hashing what was copied, not what was there before, means a file that changes while we copy
     cannot end up stored under another file's hash.
     """
-    digest = hashlib.sha256()
     size = 0
     try:
         with open(src, "rb") as fin, open(dst, "xb") as fout:
@@ -92,7 +92,7 @@ def copy_hashing(src: Path, dst: Path, *, max_bytes: int | None, fsync: bool, on
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
                     raise on_too_big(size)
-                digest.update(chunk)
+                digests.update(chunk)
                 fout.write(chunk)
             fout.flush()
             if fsync:
@@ -100,24 +100,30 @@ def copy_hashing(src: Path, dst: Path, *, max_bytes: int | None, fsync: bool, on
     except BaseException:
         _unlink_quietly(dst)
         raise
-    return digest.hexdigest(), size
+    return size
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def hash_file(path: Path, digests: Any) -> Any:
+    """``digests.update`` with every byte of the file, in pieces; returns ``digests``."""
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            digests.update(chunk)
+    return digests
 
 
-def read_exactly(path: Path, size: int, progress: Callable[[memoryview, int], None] | None = None) -> bytearray | None:
+def read_exactly(path: Path, size: int, progress: Callable[[memoryview, int], None] | None = None, *,
+                 into: bytearray | None = None) -> bytearray | None:
     """The file's bytes when it holds exactly ``size`` of them, else None (never reads more).
 
-    One writable ``bytearray``, read in slices; ``progress(view, end)`` hears each time more is in
-    (``view[:end]``), so the server hashes what has been read while the rest comes in.
+    One writable ``bytearray`` (``into``, of ``size`` bytes, when given), read in slices;
+    ``progress(view, end)`` hears each time more is in (``view[:end]``), so the server hashes what
+    has been read while the rest comes in.
     """
-    data = bytearray(size)
+    data = bytearray(size) if into is None else into
     view = memoryview(data)
     with open(path, "rb", buffering=0) as f:
         done = 0

@@ -1,5 +1,12 @@
 """sha256 of a file while it is read, on another thread, without stalling the reader's Python.
 
+Two ways, by what the manifest holds. A file with per-chunk digests (``chunks``, recorded at
+publish since they were added) is checked by :class:`ChunksWhileReading`: the server's hasher
+thread takes chunks as the read brings them in and the loading thread takes the rest once it is
+done with its own work, both inside C calls that hold no GIL (``_chunksha.c``), so the two cores
+share the hash. A file without them (published before) gets :class:`ShaWhileReading`, one sha256
+on the hasher thread, as follows.
+
 hashlib releases the GIL while it hashes more than 2 KiB, so a hasher thread and the reading thread
 use both cores. The catch is the GIL *between* two ``update`` calls: a hasher that wants it back
 while the reader runs plain Python waits for CPython's switch interval (5 ms), longer than the whole
@@ -15,8 +22,94 @@ from __future__ import annotations
 import hashlib
 import threading
 from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING
+
+try:
+    from ._chunksha import Verifier
+except ImportError:  # built without a C compiler or OpenSSL's headers: whole-file sha256 only
+    Verifier = None
+
+if TYPE_CHECKING:
+    from .manifest import FileEntry
 
 SLICE = 256 << 10  # bytes per update while the read goes on: bounds the wait in finish() (~0.2 ms)
+MIN_CHUNK = 256 << 10  # publish records chunk digests for files over this; a read slice lands as often
+MAX_CHUNKS = 1024  # per file: bigger files get bigger chunks (a 1 GB file: 1 MiB ones, 66 kB of manifest)
+
+
+def chunk_size_for(size: int) -> int | None:
+    """The chunk size publish records digests for, for a file of ``size`` bytes; None when one
+    chunk would hold it all (nothing to share between threads)."""
+    if size <= MIN_CHUNK:
+        return None
+    chunk = MIN_CHUNK
+    while size > chunk * MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
+class FileDigests:
+    """The sha256 of a stream and, with ``chunk_size``, of each ``chunk_size`` bytes of it, in one
+    pass (what publish records while it copies a file into the store)."""
+
+    def __init__(self, chunk_size: int | None):
+        self.chunk_size = chunk_size
+        self._whole = hashlib.sha256()
+        self._chunk = hashlib.sha256()
+        self._in_chunk = 0
+        self._chunks: list[str] = []
+        self.size = 0
+
+    def update(self, data) -> None:
+        self._whole.update(data)
+        self.size += len(data)
+        if self.chunk_size is None:
+            return
+        view, at = memoryview(data), 0
+        while at < len(view):
+            take = min(len(view) - at, self.chunk_size - self._in_chunk)
+            self._chunk.update(view[at:at + take])
+            at += take
+            self._in_chunk += take
+            if self._in_chunk == self.chunk_size:
+                self._chunks.append(self._chunk.hexdigest())
+                self._chunk, self._in_chunk = hashlib.sha256(), 0
+
+    def entry(self) -> "FileEntry":
+        from .manifest import FileEntry
+
+        if self.chunk_size is None:
+            return FileEntry(self._whole.hexdigest(), self.size)
+        chunks = self._chunks + ([self._chunk.hexdigest()] if self._in_chunk or not self._chunks else [])
+        return FileEntry(self._whole.hexdigest(), self.size, self.chunk_size, tuple(chunks))
+
+
+def verify_while_reading(executor: Executor | None, entry: "FileEntry", buffer: bytearray):
+    """What checks ``buffer`` against ``entry`` while a read fills it: its chunks where it has
+    them and the C extension is built, else its whole sha256 (both take ``advanced``, ``finish``
+    and ``matches``)."""
+    if entry.chunks and Verifier is not None and executor is not None:
+        return ChunksWhileReading(executor, buffer, entry)
+    return ShaWhileReading(executor, entry.size, expected=entry.sha256)
+
+
+class ChunksWhileReading:
+    """A buffer's chunk digests checked by the hasher thread as the read goes on, and by the
+    caller of :meth:`matches` (the loading thread, its own work done) alongside it."""
+
+    def __init__(self, executor: Executor, buffer: bytearray, entry: "FileEntry"):
+        self._verifier = Verifier(buffer, entry.chunk_size, b"".join(bytes.fromhex(d) for d in entry.chunks))
+        executor.submit(self._verifier.run)  # now, so the thread is awake when the first slice lands
+
+    def advanced(self, view: memoryview, end: int) -> None:
+        self._verifier.advanced(end)
+
+    def finish(self) -> None:
+        self._verifier.read_over()
+
+    def matches(self) -> bool:
+        self._verifier.run()
+        return not self._verifier.wait()
 
 
 class ShaWhileReading:
@@ -27,8 +120,9 @@ class ShaWhileReading:
     for a buffer of one slice or less, ``finish`` hashes in the calling thread.
     """
 
-    def __init__(self, executor: Executor | None, size: int):
+    def __init__(self, executor: Executor | None, size: int, expected: str | None = None):
         self._executor = executor if size > SLICE else None
+        self._expected = expected
         self._view: memoryview | None = None
         self._read = self._hashed = 0
         self._complete = False
@@ -56,6 +150,10 @@ class ShaWhileReading:
             return self._future
         self._last_started.wait()
         return self._future
+
+    def matches(self) -> bool:
+        """Whether the digest is the ``expected`` one (after :meth:`finish`; waits for the hasher)."""
+        return self._future.result() == self._expected
 
     def _run(self) -> str:
         digest = hashlib.sha256()

@@ -30,8 +30,42 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
+    """A file's sha256 (its blob's name) and size; for files over one chunk, published since they
+    were added, the sha256 of each ``chunk_size`` bytes too, so that two threads can check a load
+    (see :mod:`.hashing`). Manifests without them stay valid."""
+
     sha256: str
     size: int
+    chunk_size: int | None = None
+    chunks: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
+        if self.chunks:
+            data["chunks"] = {"size": self.chunk_size, "sha256": list(self.chunks)}
+        return data
+
+    @classmethod
+    def from_dict(cls, name: str, entry: Any) -> "FileEntry":
+        sha, size = entry["sha256"], entry["size"]
+        if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+            raise ValueError(f"file {name!r} has a malformed sha256 {sha!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"file {name!r} has a malformed size {size!r}")
+        chunks = entry.get("chunks")
+        if chunks is None:
+            return cls(sha, size)
+        chunk_size, digests = chunks["size"], chunks["sha256"]
+        if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 4096
+                or chunk_size & (chunk_size - 1)):
+            raise ValueError(f"file {name!r} has a malformed chunk size {chunk_size!r} (a power of two, at least 4096)")
+        if not isinstance(digests, list) or len(digests) != max(1, -(-size // chunk_size)):
+            raise ValueError(f"file {name!r} of {size} bytes needs {max(1, -(-size // chunk_size))} chunk digests "
+                             f"of {chunk_size} bytes each, got {len(digests) if isinstance(digests, list) else digests!r}")
+        for digest in digests:
+            if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+                raise ValueError(f"file {name!r} has a malformed chunk sha256 {digest!r}")
+        return cls(sha, size, chunk_size, tuple(digests))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +174,7 @@ class Manifest:
             "training": self.training,
             "metrics": self.metrics,
             "parent": self.parent,
-            "files": {name: {"sha256": e.sha256, "size": e.size} for name, e in sorted(self.files.items())},
+            "files": {name: entry.to_dict() for name, entry in sorted(self.files.items())},
             "software": self.software,
             "created": self.created,
             "extra": self.extra,
@@ -162,12 +196,7 @@ class Manifest:
                     raise ValueError(f"file {name!r} is a pickle format, which can run code when loaded")
                 if name in RESERVED_FILES:
                     raise ValueError(f"reserved file name {name!r}")
-                sha, size = entry["sha256"], entry["size"]
-                if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-                    raise ValueError(f"file {name!r} has a malformed sha256 {sha!r}")
-                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                    raise ValueError(f"file {name!r} has a malformed size {size!r}")
-                files[name] = FileEntry(sha, size)
+                files[name] = FileEntry.from_dict(name, entry)
             if not files:
                 raise ValueError("no files")
             parent = data.get("parent")
