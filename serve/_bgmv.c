@@ -371,13 +371,20 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
 /* A worker thread for lora_add_async: the gathers of a mixed batch are bound by memory, the base
    layer's matrix product by arithmetic, so with a core to spare the engine queues a module's
    LoRA here before the base layer runs and waits for it after. Jobs run one at a time, in the
-   order queued; tickets count them. The worker spins a little before it sleeps (a job follows
-   within microseconds while a forward pass runs), and is restarted in a forked child. */
+   order queued; tickets count them. Waking a sleeping thread takes 0.05-0.5 ms on a virtual
+   machine, as long as a small job: two wake-ups per module (the worker for the job, the caller
+   for its end) cost a mixed batch at N=8 more than the overlap saved. So while any forward pass
+   that queued work is running (lora_busy(1) .. lora_busy(0)) the worker spins between jobs
+   instead of sleeping, and a caller waiting for a job spins until it is done (bounded by
+   WAIT_SPIN_NS, for a worker the OS descheduled); otherwise the worker spins SPIN_NS, then sleeps.
+   The worker is restarted in a forked child. */
 #include <pthread.h>
 #include <time.h>
 
 #define QUEUE 64
-#define SPIN_NS 100000 /* how long a thread spins for its condition before it sleeps */
+#define SPIN_NS 100000 /* how long the worker spins for a job before it sleeps, outside busy passes */
+#define WAIT_SPIN_NS 20000000 /* how long a caller spins for its job before it sleeps */
+#define BUSY_SPIN_NS 50000000 /* how long the worker spins for a job while a pass is busy (a bound, should one never end) */
 #ifdef X86
 #define RELAX() __builtin_ia32_pause()
 #else
@@ -388,6 +395,7 @@ static uint64_t queued, taken, finished; /* changed under mu; queued and finishe
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
 static int worker_running;
+static int busy; /* forward passes between lora_busy(1) and lora_busy(0); read without mu */
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -395,12 +403,16 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* spin until *counter >= at least, for at most SPIN_NS; whether it got there */
-static int spin_until(const uint64_t *counter, uint64_t at_least) {
-    int64_t until = now_ns() + SPIN_NS;
+/* spin until *counter >= at_least, for at most `ns`, or up to BUSY_SPIN_NS while `hold` is nonzero
+   (when given); whether it got there */
+static int spin_until(const uint64_t *counter, uint64_t at_least, int64_t ns, const int *hold) {
+    int64_t start = now_ns();
     for (int i = 1;; i++) {
         if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= at_least) return 1;
-        if (i % 64 == 0 && now_ns() > until) return 0;
+        if (i % 64 == 0) {
+            int64_t spun = now_ns() - start;
+            if (spun > ns && (!hold || !__atomic_load_n(hold, __ATOMIC_RELAXED) || spun > BUSY_SPIN_NS)) return 0;
+        }
         RELAX();
     }
 }
@@ -408,7 +420,7 @@ static int spin_until(const uint64_t *counter, uint64_t at_least) {
 static void *worker_main(void *unused) {
     (void)unused;
     for (;;) {
-        spin_until(&queued, taken + 1);
+        spin_until(&queued, taken + 1, SPIN_NS, &busy);
         pthread_mutex_lock(&mu);
         while (queued == taken) pthread_cond_wait(&job_ready, &mu);
         lora_job job = queue_[taken % QUEUE];
@@ -429,6 +441,7 @@ static void forked_child(void) { /* the child has no worker; whatever the parent
     pthread_cond_init(&job_done, NULL);
     queued = taken = finished = 0;
     worker_running = 0;
+    busy = 0;
 }
 
 static PyObject *lora_add_async(PyObject *self, PyObject *args) {
@@ -467,7 +480,7 @@ static PyObject *lora_wait(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "K", &ticket)) return NULL;
     if (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < ticket) {
         Py_BEGIN_ALLOW_THREADS
-        if (!spin_until(&finished, ticket)) {
+        if (!spin_until(&finished, ticket, WAIT_SPIN_NS, NULL)) {
             pthread_mutex_lock(&mu);
             while (finished < ticket) pthread_cond_wait(&job_done, &mu);
             pthread_mutex_unlock(&mu);
@@ -475,6 +488,18 @@ static PyObject *lora_wait(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *lora_busy(PyObject *self, PyObject *args) {
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    int now = __atomic_add_fetch(&busy, on ? 1 : -1, __ATOMIC_RELAXED);
+    if (now < 0) {
+        __atomic_add_fetch(&busy, 1, __ATOMIC_RELAXED);
+        return PyErr_Format(PyExc_RuntimeError, "lora_busy(0) without a lora_busy(1) before it");
+    }
+    return PyLong_FromLong(now);
 }
 
 /* Attention of one new token per row (a decode step) over its cached keys and values:
@@ -639,6 +664,9 @@ static PyMethodDef methods[] = {
      "lora_add_async(same arguments as lora_add) -> ticket: queue the job on the worker thread; the pointers must "
      "stay valid until lora_wait(ticket) returned"},
     {"lora_wait", lora_wait, METH_VARARGS, "lora_wait(ticket): until the job of that ticket (and every earlier one) ran"},
+    {"lora_busy", lora_busy, METH_VARARGS,
+     "lora_busy(on) -> passes now busy: a forward pass that queues jobs begins (1) or ends (0); while any is busy "
+     "the worker spins between jobs instead of sleeping"},
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(q, k, v, mask, out, B, H, KV, T, D, strides, scale[, isa]): one query token per row over its "
      "cached keys and values (data pointers; serve/attention.py checks them)"},

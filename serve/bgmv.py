@@ -116,6 +116,13 @@ class Queued:
             self._tensors = None
 
 
+def lora_busy(on: bool) -> int:
+    """A forward pass that queues jobs begins (True) or ends (False); returns how many are busy now.
+    While any is, the worker spins between jobs instead of sleeping (waking a thread costs about as
+    much as a small job)."""
+    return _bgmv.lora_busy(on)
+
+
 def lora_add_queued(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, y: torch.Tensor) -> Queued:
     """:func:`lora_add`, queued on the extension's worker thread (one, jobs in order) while the
     caller goes on; ``y`` holds the result once ``wait()`` returned. For a spare core: the gathers

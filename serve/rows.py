@@ -517,6 +517,7 @@ class BatchPlan:
         self.queued_modules = {m for m, (At, _) in self.lora.items() if bgmv.supports(At.dtype, At.shape[2])} \
             if overlap and self.lora_kernel and self.shared_lora_slot is None else set()
         self._queued: dict[str, tuple[list[bgmv.Queued], torch.Tensor]] = {}
+        self._busy = False  # whether this pass told the worker to stay awake (until drain)
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -579,6 +580,9 @@ class BatchPlan:
 
     def queue_lora(self, module: str, x: torch.Tensor) -> None:
         """Queue ``module``'s LoRA delta for input ``x`` on the worker thread (see ``queued_modules``)."""
+        if not self._busy:
+            bgmv.lora_busy(True)
+            self._busy = True
         At, Bt = self.lora[module]
         flat = x.reshape(-1, At.shape[1]).float().contiguous()
         delta = flat.new_zeros(flat.shape[0], Bt.shape[2])
@@ -594,6 +598,9 @@ class BatchPlan:
             for job in jobs:
                 job.wait()
         self._queued.clear()
+        if self._busy:
+            bgmv.lora_busy(False)
+            self._busy = False
 
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if module in self.scales["out"]:

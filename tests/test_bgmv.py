@@ -189,6 +189,24 @@ def test_queued_jobs_equal_lora_add_in_order_and_past_a_full_queue():
         assert torch.equal(y, ref)
 
 
+def test_busy_passes_are_counted_and_an_unmatched_end_is_refused():
+    """While a forward pass is busy the worker spins between jobs; the count must balance, or the
+    worker would spin for nothing (bounded) or sleep through a pass."""
+    assert bgmv.lora_busy(True) == 1 and bgmv.lora_busy(True) == 2
+    assert bgmv.lora_busy(False) == 1 and bgmv.lora_busy(False) == 0
+    with pytest.raises(RuntimeError, match="without a lora_busy"):
+        bgmv.lora_busy(False)
+    assert bgmv.lora_busy(True) == 1, "the refused end changed nothing"
+    gen = torch.Generator().manual_seed(7)
+    A, B, x = torch.randn(3, 8, 2, generator=gen), torch.randn(3, 2, 5, generator=gen), torch.randn(4, 8, generator=gen)
+    tokens = bgmv.Tokens(torch.tensor([1, 2, 0, 1]), None, 3)
+    y, ref = torch.zeros(4, 5), torch.zeros(4, 5)
+    bgmv.lora_add(x, A, B, tokens, ref, threads=1)
+    bgmv.lora_add_queued(x, A, B, tokens, y).wait()  # a busy worker runs jobs as a sleeping one does
+    assert bgmv.lora_busy(False) == 0
+    assert torch.equal(y, ref)
+
+
 def test_a_forked_child_gets_a_worker_of_its_own():
     import multiprocessing
 

@@ -254,9 +254,37 @@ def test_lora_queued_beside_the_base_layers_gives_the_in_line_logits(engine, dty
     assert not queued
     overlapped, _ = _logits_with(engine, refs, stacks, overlap=True)
     assert len(queued) == 2 * len(stacks.lora.tensors), "every adapted module, once per slot position (2: composed row)"
+    assert bgmv.lora_busy(True) == 1 and bgmv.lora_busy(False) == 0, "the pass ended its busy spell (drain)"
     torch.testing.assert_close(overlapped, in_line, rtol=1e-5, atol=1e-5)
     shared, dense = _logits_with(engine, ["t6@1"] * 2, stacks, overlap=True)
     assert dense and len(queued) == 2 * len(stacks.lora.tensors), "one adapter for every row: plain matmuls, in line"
+
+
+def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_spell(engine):
+    """The engine drains a pass in ``finally``: queued jobs are waited for (they write tensors the
+    pass owns) and the worker stops spinning, whatever the model raised."""
+    from adapterhub.serve import bgmv
+    from adapterhub.serve.rows import BatchPlan, ResidentStacks
+
+    refs = ["t6@1", "t7@1"]
+    entries = [[(engine.cache.acquire(r), 1.0)] for r in refs]
+    plan = BatchPlan(entries, ResidentStacks(), engine.device, overlap=True)
+    assert plan.queued_modules
+
+    def fail(*_):
+        raise RuntimeError("a layer failed")
+
+    handle = engine.model.model.layers[-1].register_forward_hook(fail)
+    ids = torch.tensor([[72, 105, 33]] * len(refs))
+    try:
+        with pytest.raises(RuntimeError, match="a layer failed"):
+            engine._forward(plan, ids, torch.ones_like(ids), torch.arange(3).expand(len(refs), 3), None)
+    finally:
+        handle.remove()
+        for row in entries:
+            engine.cache.release(row[0][0])
+    assert not plan._queued
+    assert bgmv.lora_busy(True) == 1 and bgmv.lora_busy(False) == 0
 
 
 def test_an_engine_with_lora_overlap_serves_the_same_tokens(engine, tiny_base_dir):
