@@ -12,10 +12,14 @@ distinct adapters row i uses adapter ``i mod N``.
 
 The machine is shared and its speed drifts over seconds, so contestants are interleaved: each of
 ``ROUNDS`` rounds runs every contestant once, back to back, each ratio is taken within its round,
-and the tables report the median of the per-round ratios. One at a time does not batch, so its
-tok/s does not depend on the batch size: it is sampled (``ONE_AT_A_TIME_REQUESTS`` requests) in
-the batch-32 rounds and compared with both batch sizes. A profile of one decode step (base alone,
-1 adapter, 128 adapters) says where time goes.
+and the tables report the median of the per-round ratios. A round's contestants at one N take a
+minute or so, longer than the machine holds its speed, so an engine's N=1 run and its largest-N
+run would sit a minute apart: at the largest N of each batch (the N=128 / N=1 target) each engine
+runs N=1 again right before it, and that pair gives its ratio to its own N=1. One at a time does
+not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
+(``ONE_AT_A_TIME_REQUESTS`` requests over the largest N's adapters) in the batch-32 rounds and
+compared with both batch sizes. A profile of one decode step (base alone, 1 adapter, 128
+adapters) says where time goes.
 """
 
 from __future__ import annotations
@@ -105,15 +109,17 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
             row = {"peft_mixed": tok_count / t_peft}
             tokens = {}
             for key, contestant in engines.items():
+                if n == max(ns) > 1:  # its own N=1 right before, for the ratio to it
+                    row[f"{key}_n1_before"] = tok_count / run_engine(contestant, texts, [f"{a}@1" for a in names[1]])[0]
                 t_eng, tokens[key] = run_engine(contestant, texts, refs)
                 row[key] = tok_count / t_eng
             row["agree"] = _agree(tokens["engine"], peft_tokens)
             row["agree_1core"] = _agree(tokens["engine_1core"], tokens["engine"])
             row["fp16_agree"] = _agree(tokens["engine_fp16"], tokens["engine"])
-            if batch == min(BATCHES):
-                k = ONE_AT_A_TIME_REQUESTS
-                row["one_at_a_time"] = NEW_TOKENS / run_one_at_a_time(peft_model, tok, texts[:k], names[n][:k])
             rnd["by_n"][n] = row
+        if batch == min(BATCHES):
+            k, widest = ONE_AT_A_TIME_REQUESTS, max(ns)
+            rnd["one_at_a_time"] = NEW_TOKENS / run_one_at_a_time(peft_model, tok, texts[:k], names[widest][:k])
         rounds.append(rnd)
         print(f"batch {batch} round {r + 1}: base {rnd['base']:.0f} tok/s, engine without adapter {rnd['engine_none']:.0f}; "
               + "; ".join(f"N={n}: " + ", ".join(f"{k} {v[k]:.0f}" for k in engines) + f", PEFT mixed {v['peft_mixed']:.0f}"
@@ -140,7 +146,7 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
                 f"{key}_tok_s": med(v[key] for v in rows),
                 f"{key}_over_base": med(v[key] / r["base"] for v, r in zip(rows, rounds)),
                 f"{key}_over_peft_mixed": med(v[key] / v["peft_mixed"] for v in rows),
-                f"{key}_over_own_n1": med(v[key] / r["by_n"][1][key] for v, r in zip(rows, rounds)),
+                f"{key}_over_own_n1": med(v[key] / v.get(f"{key}_n1_before", r["by_n"][1][key]) for v, r in zip(rows, rounds)),
             })
     return out
 
@@ -148,45 +154,51 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
 def add_one_at_a_time(results: dict) -> None:
     """One at a time (sampled in the batch-32 rounds) against every batch size's engine and base."""
     small = results["by_batch"][min(BATCHES)]
-    one = statistics.median(v["one_at_a_time"] for r in small["rounds"] for v in r["by_n"].values())
+    one = statistics.median(r["one_at_a_time"] for r in small["rounds"])
     results["one_at_a_time_tok_s"] = one
     for batch, res in results["by_batch"].items():
         for n, row in res["by_n"].items():
             for key in ENGINES:
                 if batch == min(BATCHES):  # the same rounds: the ratio within each round
                     row[f"{key}_over_one_at_a_time"] = statistics.median(
-                        r["by_n"][n][key] / r["by_n"][n]["one_at_a_time"] for r in res["rounds"])
+                        r["by_n"][n][key] / r["one_at_a_time"] for r in res["rounds"])
                 else:
                     row[f"{key}_over_one_at_a_time"] = statistics.median(r["by_n"][n][key] for r in res["rounds"]) / one
             row["one_at_a_time_over_base"] = one / res["base_generate_tok_s"]
 
 
-def profile_step(engine, batch: int, n: int, context: int = 48, repeats: int = 12) -> float:
-    """Median seconds of one decode forward (KV cache of ``context``) with N distinct adapters (0: none)."""
+def profile_steps(engines: dict, batch: int, ns, context: int = 48, repeats: int = 15) -> dict:
+    """Median seconds of one decode forward (KV cache of ``context``) per engine and N distinct
+    adapters (0: none); the configurations take turns step by step, so drift hits them alike."""
     import torch
 
     from adapterhub.serve.engine import KVBatch
     from adapterhub.serve.rows import BatchPlan
 
-    cfg = engine.model.config
-    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    entries = [[(engine.cache.acquire(f"a{i % n}@1"), 1.0)] if n else [] for i in range(batch)]
-    try:
-        plan = BatchPlan(entries, engine.stacks, engine.device, overlap=engine.lora_overlap)
-        ids, positions = torch.full((batch, 1), 65), torch.full((batch, 1), context)
-        mask = torch.ones(batch, context + 1, dtype=torch.long)
-        times = []
-        for _ in range(repeats):
+    def step(engine, n: int) -> float:
+        cfg = engine.model.config
+        heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        entries = [[(engine.cache.acquire(f"a{i % n}@1"), 1.0)] if n else [] for i in range(batch)]
+        try:
+            plan = BatchPlan(entries, engine.stacks, engine.device, overlap=engine.lora_overlap)
+            ids, positions = torch.full((batch, 1), 65), torch.full((batch, 1), context)
+            mask = torch.ones(batch, context + 1, dtype=torch.long)
             kv = KVBatch([], [(torch.randn(batch, heads, context, dim),) * 2 for _ in range(cfg.num_hidden_layers)],
                          mask[:, :-1])
             start = time.perf_counter()
             engine._forward(plan, ids, mask, positions, kv.cache())
-            times.append(time.perf_counter() - start)
-        return sorted(times)[repeats // 2]
-    finally:
-        for row in entries:
-            for entry, _ in row:
-                engine.cache.release(entry)
+            return time.perf_counter() - start
+        finally:
+            for row in entries:
+                for entry, _ in row:
+                    engine.cache.release(entry)
+
+    configs = [(key, n) for key in engines for n in ns]
+    times = {config: [] for config in configs}
+    for r in range(repeats):
+        for key, n in (configs if r % 2 else configs[::-1]):
+            times[(key, n)].append(step(engines[key], n))
+    return {key: {n: statistics.median(times[(key, n)]) for n in ns} for key in engines}
 
 
 def main() -> dict:
@@ -225,7 +237,7 @@ def main() -> dict:
         results["by_batch"][batch] = series(batch, [n for n in NS if n <= batch], engines, peft_model, plain, tok)
     add_one_at_a_time(results)
     big = max(BATCHES)
-    profiles = {key: {n: profile_step(engines[key], big, n) for n in (0, 1, max(NS))} for key in engines}
+    profiles = profile_steps(engines, big, (0, 1, max(NS)))
     results["profile_decode_step_s"] = {"batch": big, **profiles}
     for engine in engines.values():
         engine.stop(grace=1)

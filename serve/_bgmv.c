@@ -377,6 +377,9 @@ static PyObject *lora_add(PyObject *self, PyObject *args) {
    that queued work is running (lora_busy(1) .. lora_busy(0)) the worker spins between jobs
    instead of sleeping, and a caller waiting for a job spins until it is done (bounded by
    WAIT_SPIN_NS, for a worker the OS descheduled); otherwise the worker spins SPIN_NS, then sleeps.
+   Spinning threads hold the cores other work needs: while an adapter loads on other threads
+   (lora_yield(1) .. lora_yield(0)) both go back to sleeping after SPIN_NS, or the load's threads
+   would wait for time slices and stretch the running requests' steps more than the wake-ups do.
    The worker is restarted in a forked child. */
 #include <pthread.h>
 #include <time.h>
@@ -396,6 +399,11 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
 static int worker_running;
 static int busy; /* forward passes between lora_busy(1) and lora_busy(0); read without mu */
+static int yielding; /* loads between lora_yield(1) and lora_yield(0); read without mu */
+
+static int keep_spinning(void) {
+    return __atomic_load_n(&busy, __ATOMIC_RELAXED) > 0 && __atomic_load_n(&yielding, __ATOMIC_RELAXED) == 0;
+}
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -403,15 +411,15 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* spin until *counter >= at_least, for at most `ns`, or up to BUSY_SPIN_NS while `hold` is nonzero
+/* spin until *counter >= at_least, for at most `ns`, or up to BUSY_SPIN_NS while `hold()` says so
    (when given); whether it got there */
-static int spin_until(const uint64_t *counter, uint64_t at_least, int64_t ns, const int *hold) {
+static int spin_until(const uint64_t *counter, uint64_t at_least, int64_t ns, int (*hold)(void)) {
     int64_t start = now_ns();
     for (int i = 1;; i++) {
         if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= at_least) return 1;
         if (i % 64 == 0) {
             int64_t spun = now_ns() - start;
-            if (spun > ns && (!hold || !__atomic_load_n(hold, __ATOMIC_RELAXED) || spun > BUSY_SPIN_NS)) return 0;
+            if (spun > ns && (!hold || !hold() || spun > BUSY_SPIN_NS)) return 0;
         }
         RELAX();
     }
@@ -420,7 +428,7 @@ static int spin_until(const uint64_t *counter, uint64_t at_least, int64_t ns, co
 static void *worker_main(void *unused) {
     (void)unused;
     for (;;) {
-        spin_until(&queued, taken + 1, SPIN_NS, &busy);
+        spin_until(&queued, taken + 1, SPIN_NS, keep_spinning);
         pthread_mutex_lock(&mu);
         while (queued == taken) pthread_cond_wait(&job_ready, &mu);
         lora_job job = queue_[taken % QUEUE];
@@ -441,7 +449,7 @@ static void forked_child(void) { /* the child has no worker; whatever the parent
     pthread_cond_init(&job_done, NULL);
     queued = taken = finished = 0;
     worker_running = 0;
-    busy = 0;
+    busy = yielding = 0;
 }
 
 static PyObject *lora_add_async(PyObject *self, PyObject *args) {
@@ -480,7 +488,8 @@ static PyObject *lora_wait(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "K", &ticket)) return NULL;
     if (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < ticket) {
         Py_BEGIN_ALLOW_THREADS
-        if (!spin_until(&finished, ticket, WAIT_SPIN_NS, NULL)) {
+        int64_t spin = __atomic_load_n(&yielding, __ATOMIC_RELAXED) ? SPIN_NS : WAIT_SPIN_NS;
+        if (!spin_until(&finished, ticket, spin, NULL)) {
             pthread_mutex_lock(&mu);
             while (finished < ticket) pthread_cond_wait(&job_done, &mu);
             pthread_mutex_unlock(&mu);
@@ -490,17 +499,20 @@ static PyObject *lora_wait(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *lora_busy(PyObject *self, PyObject *args) {
-    (void)self;
+/* count(1) / count(0) on a counter that must not go below zero; the count after */
+static PyObject *count_spell(int *counter, const char *name, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
-    int now = __atomic_add_fetch(&busy, on ? 1 : -1, __ATOMIC_RELAXED);
+    int now = __atomic_add_fetch(counter, on ? 1 : -1, __ATOMIC_RELAXED);
     if (now < 0) {
-        __atomic_add_fetch(&busy, 1, __ATOMIC_RELAXED);
-        return PyErr_Format(PyExc_RuntimeError, "lora_busy(0) without a lora_busy(1) before it");
+        __atomic_add_fetch(counter, 1, __ATOMIC_RELAXED);
+        return PyErr_Format(PyExc_RuntimeError, "%s(0) without a %s(1) before it", name, name);
     }
     return PyLong_FromLong(now);
 }
+
+static PyObject *lora_busy(PyObject *self, PyObject *args) { (void)self; return count_spell(&busy, "lora_busy", args); }
+static PyObject *lora_yield(PyObject *self, PyObject *args) { (void)self; return count_spell(&yielding, "lora_yield", args); }
 
 /* Attention of one new token per row (a decode step) over its cached keys and values:
 
@@ -667,6 +679,9 @@ static PyMethodDef methods[] = {
     {"lora_busy", lora_busy, METH_VARARGS,
      "lora_busy(on) -> passes now busy: a forward pass that queues jobs begins (1) or ends (0); while any is busy "
      "the worker spins between jobs instead of sleeping"},
+    {"lora_yield", lora_yield, METH_VARARGS,
+     "lora_yield(on) -> loads now running: work on other threads wants the cores (1) or is done (0); meanwhile "
+     "the worker and waiting callers sleep after a short spin"},
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(q, k, v, mask, out, B, H, KV, T, D, strides, scale[, isa]): one query token per row over its "
      "cached keys and values (data pointers; serve/attention.py checks them)"},

@@ -14,7 +14,9 @@ kernel releases the GIL).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
+from typing import Iterator
 
 import torch
 
@@ -121,6 +123,20 @@ def lora_busy(on: bool) -> int:
     While any is, the worker spins between jobs instead of sleeping (waking a thread costs about as
     much as a small job)."""
     return _bgmv.lora_busy(on)
+
+
+@contextlib.contextmanager
+def yielding_cores() -> Iterator[None]:
+    """Work on this thread (an adapter load) wants the cores: meanwhile the worker and the threads
+    waiting for its jobs sleep after a short spin instead of spinning through a busy pass."""
+    if _bgmv is None:
+        yield
+        return
+    _bgmv.lora_yield(True)
+    try:
+        yield
+    finally:
+        _bgmv.lora_yield(False)
 
 
 def lora_add_queued(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, y: torch.Tensor) -> Queued:

@@ -150,6 +150,12 @@ class AdapterCache:
         return entry
 
     def _load(self, version: AdapterVersion) -> LoadedAdapter:
+        from . import bgmv
+
+        with bgmv.yielding_cores():  # the LoRA worker sleeps between jobs meanwhile: this needs the cores
+            return self._load_files(version)
+
+    def _load_files(self, version: AdapterVersion) -> LoadedAdapter:
         from adapterhub.manager import get_manager
 
         method = get_manager().get_method(version.method)

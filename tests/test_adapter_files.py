@@ -434,3 +434,24 @@ def test_an_empty_lora_form_takes_a_slot_without_failing():
 
     stacks = ResidentStacks(slots=2)
     assert stacks.admit("empty@1", LoraForm({})) and stacks.lora.writes == 1
+
+
+def test_a_load_asks_the_spinning_lora_threads_to_yield_the_cores_meanwhile(cache, monkeypatch):
+    """While an adapter loads (read, hash, form), the LoRA worker of a busy pass sleeps between
+    jobs instead of spinning, so the load's threads get the cores; afterwards it may spin again."""
+    from adapterhub.serve import bgmv
+
+    if bgmv._bgmv is None:
+        pytest.skip("serve/_bgmv.c was not built")
+    seen = []
+    real = type(cache)._load_files
+
+    def load_files(self, version):
+        seen.append(bgmv._bgmv.lora_yield(True) - 1)  # the count during the load, restored below
+        bgmv._bgmv.lora_yield(False)
+        return real(self, version)
+
+    monkeypatch.setattr(type(cache), "_load_files", load_files)
+    cache.load("small@1")
+    assert seen == [1]
+    assert bgmv._bgmv.lora_yield(True) == 1 and bgmv._bgmv.lora_yield(False) == 0, "the load ended its spell"

@@ -207,6 +207,20 @@ def test_busy_passes_are_counted_and_an_unmatched_end_is_refused():
     assert torch.equal(y, ref)
 
 
+def test_yielding_cores_is_counted_and_ends_even_when_the_load_raises():
+    """An adapter load asks the spinning LoRA threads to sleep meanwhile; the spell must end."""
+    with bgmv.yielding_cores():
+        with bgmv.yielding_cores():
+            assert bgmv._bgmv.lora_yield(True) == 3
+            assert bgmv._bgmv.lora_yield(False) == 2
+    with pytest.raises(ValueError, match="a bad adapter"):
+        with bgmv.yielding_cores():
+            raise ValueError("a bad adapter")
+    assert bgmv._bgmv.lora_yield(True) == 1 and bgmv._bgmv.lora_yield(False) == 0
+    with pytest.raises(RuntimeError, match="without a lora_yield"):
+        bgmv._bgmv.lora_yield(False)
+
+
 def test_a_forked_child_gets_a_worker_of_its_own():
     import multiprocessing
 

@@ -43,6 +43,12 @@ def store(tmp_path):
     return open_registry(tmp_path / "registry")
 
 
+def test_the_chunk_verifier_is_built_here():
+    """Optional for users (the load falls back to one sha256), required in CI: lose it and this fails."""
+    assert hashing.Verifier is not None, \
+        "adapterhub.registry._chunksha was not built; `make venv` needs a C compiler and OpenSSL's headers (libssl-dev)"
+
+
 # -- what publish records ---------------------------------------------------------------------
 
 
