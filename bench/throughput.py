@@ -13,9 +13,9 @@ distinct adapters row i uses adapter ``i mod N``.
 The machine is shared and its speed drifts over seconds, so contestants are interleaved: each of
 ``ROUNDS`` rounds runs every contestant once, back to back, each ratio is taken within its round,
 and the tables report the median of the per-round ratios. A round's contestants at one N take a
-minute or so, longer than the machine holds its speed, so an engine's N=1 run and its largest-N
-run would sit a minute apart: at the largest N of each batch (the N=128 / N=1 target) each engine
-runs N=1 again right before it, and that pair gives its ratio to its own N=1. One at a time does
+minute or so, longer than the machine holds its speed, so an engine's N=1 run and its N=128
+run would sit a minute apart: for the N=128 / N=1 target (batch 128) each engine runs N=1 again
+right before N=128, and that pair gives its ratio to its own N=1. One at a time does
 not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
 (``ONE_AT_A_TIME_REQUESTS`` requests over the largest N's adapters) in the batch-32 rounds and
 compared with both batch sizes. A profile of one decode step (base alone, 1 adapter, 128
@@ -109,7 +109,7 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
             row = {"peft_mixed": tok_count / t_peft}
             tokens = {}
             for key, contestant in engines.items():
-                if n == max(ns) > 1:  # its own N=1 right before, for the ratio to it
+                if n == max(NS) and batch == max(BATCHES):  # the target's ratio: its own N=1 right before
                     row[f"{key}_n1_before"] = tok_count / run_engine(contestant, texts, [f"{a}@1" for a in names[1]])[0]
                 t_eng, tokens[key] = run_engine(contestant, texts, refs)
                 row[key] = tok_count / t_eng

@@ -607,3 +607,29 @@ def test_snapshot_falls_back_to_copies_where_hard_links_fail(store, adapter, mon
     assert weights.read_bytes() == blob.read_bytes() and not os.path.samefile(weights, blob)
     assert not os.access(weights, os.W_OK) or os.geteuid() == 0  # read-only (root ignores modes)
     assert store.verify() == []
+
+
+def test_parsed_manifests_are_reused_only_while_their_file_is_unchanged(store, tmp_path):
+    """A server resolves a reference per request; the registry reuses the parsed manifest while
+    its file's stat is the same, and sees a removed or replaced one at once. verify reads afresh."""
+    store.publish("t", make_adapter(tmp_path / "a", seed=1))
+    first = store.manifest("t@1")
+    assert store.manifest("t@1") is first, "an unchanged file is not parsed again"
+    path = store.root / "tasks/t/versions/1.json"
+    data = json.loads(path.read_text())
+    data["metrics"] = {"accuracy": 0.5}
+    replacement = path.with_name("new.json.tmp")
+    replacement.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(replacement, path)  # how a manifest file could change at all: a new file
+    assert store.manifest("t@1").metrics == {"accuracy": 0.5}
+    stat = path.stat()
+    data["files"]["adapter_config.json"]["sha256"] = "0" * 64  # an in-place edit that keeps the stat
+    os.chmod(path, 0o644)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")  # same size, same inode
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_ino) == (stat.st_size, stat.st_ino)
+    assert store.manifest("t@1").files["adapter_config.json"].sha256 != "0" * 64, "the stat says unchanged"
+    assert any("adapter_config.json" in str(p) for p in store.verify()), "verify reads the file afresh"
+    store.remove_version("t@1", force=True)
+    with pytest.raises(NotFound, match="t@1"):
+        store.manifest("t@1")
