@@ -513,6 +513,10 @@ static PyObject *count_spell(int *counter, const char *name, PyObject *args) {
 
 static PyObject *lora_busy(PyObject *self, PyObject *args) { (void)self; return count_spell(&busy, "lora_busy", args); }
 static PyObject *lora_yield(PyObject *self, PyObject *args) { (void)self; return count_spell(&yielding, "lora_yield", args); }
+static PyObject *lora_yielding(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyBool_FromLong(__atomic_load_n(&yielding, __ATOMIC_RELAXED) > 0);
+}
 
 /* Attention of one new token per row (a decode step) over its cached keys and values:
 
@@ -679,6 +683,7 @@ static PyMethodDef methods[] = {
     {"lora_busy", lora_busy, METH_VARARGS,
      "lora_busy(on) -> passes now busy: a forward pass that queues jobs begins (1) or ends (0); while any is busy "
      "the worker spins between jobs instead of sleeping"},
+    {"lora_yielding", lora_yielding, METH_NOARGS, "lora_yielding() -> whether a load wants the cores now"},
     {"lora_yield", lora_yield, METH_VARARGS,
      "lora_yield(on) -> loads now running: work on other threads wants the cores (1) or is done (0); meanwhile "
      "the worker and waiting callers sleep after a short spin"},

@@ -139,6 +139,12 @@ def yielding_cores() -> Iterator[None]:
         _bgmv.lora_yield(False)
 
 
+def cores_wanted() -> bool:
+    """Whether an adapter load is running (:func:`yielding_cores`): a forward pass then adds its
+    LoRA in line rather than queue it, leaving the other core to the load."""
+    return _bgmv is not None and _bgmv.lora_yielding()
+
+
 def lora_add_queued(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tokens: Tokens, y: torch.Tensor) -> Queued:
     """:func:`lora_add`, queued on the extension's worker thread (one, jobs in order) while the
     caller goes on; ``y`` holds the result once ``wait()`` returned. For a spare core: the gathers

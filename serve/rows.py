@@ -705,7 +705,7 @@ class RowHooks:
                 return None
             if name in plan.input_modules:
                 args = (plan.apply_input(name, args[0]),) + tuple(args[1:])
-            if name in plan.queued_modules:
+            if name in plan.queued_modules and not bgmv.cores_wanted():  # else in line, in the hook
                 plan.queue_lora(name, args[0])  # the input the module (and its forward hook) sees
             return args
 

@@ -260,6 +260,27 @@ def test_lora_queued_beside_the_base_layers_gives_the_in_line_logits(engine, dty
     assert dense and len(queued) == 2 * len(stacks.lora.tensors), "one adapter for every row: plain matmuls, in line"
 
 
+def test_while_an_adapter_loads_a_pass_adds_its_lora_in_line(engine, monkeypatch):
+    """A load wants both cores for ~4 ms (read and hash on two threads): a pass running meanwhile
+    queues nothing on the worker and gives the same logits in line."""
+    from adapterhub.serve import bgmv
+    from adapterhub.serve.rows import ResidentStacks
+
+    queued = []
+    real = bgmv.lora_add_queued
+    monkeypatch.setattr(bgmv, "lora_add_queued", lambda *a: queued.append(1) or real(*a))
+    refs = ["t6@1", "t7@1", None]
+    stacks = ResidentStacks()
+    in_line, _ = _logits_with(engine, refs, stacks)
+    with bgmv.yielding_cores():
+        assert bgmv.cores_wanted()
+        during_load, _ = _logits_with(engine, refs, stacks, overlap=True)
+    assert not queued and not bgmv.cores_wanted()
+    torch.testing.assert_close(during_load, in_line, rtol=0, atol=0)
+    _logits_with(engine, refs, stacks, overlap=True)
+    assert queued, "after the load the pass queues again"
+
+
 def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_spell(engine):
     """The engine drains a pass in ``finally``: queued jobs are waited for (they write tensors the
     pass owns) and the worker stops spinning, whatever the model raised."""
