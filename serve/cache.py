@@ -152,7 +152,7 @@ class AdapterCache:
     def _load(self, version: AdapterVersion) -> LoadedAdapter:
         from . import bgmv
 
-        with bgmv.yielding_cores():  # the LoRA worker sleeps between jobs meanwhile: this needs the cores
+        with bgmv.yielding_cores():  # this needs the cores: passes meanwhile add their LoRA in line
             return self._load_files(version)
 
     def _load_files(self, version: AdapterVersion) -> LoadedAdapter:
