@@ -15,7 +15,9 @@ The machine is shared and its speed drifts over seconds, so contestants are inte
 and the tables report the median of the per-round ratios. A round's contestants at one N take a
 minute or so, longer than the machine holds its speed, so an engine's N=1 run and its N=128
 run would sit a minute apart: for the N=128 / N=1 target (batch 128) each engine runs N=1 again
-right before N=128, and that pair gives its ratio to its own N=1. One at a time does
+right before N=128, and that pair gives its ratio to its own N=1. The base and the engine without
+adapter run in ABBA order, twice each at batch 32 (their ratio is a target within 10% of 1, and a
+run takes 2 s there). One at a time does
 not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
 (``ONE_AT_A_TIME_REQUESTS`` requests over the largest N's adapters) in the batch-32 rounds and
 compared with both batch sizes. So that the whole run stays under 10 minutes on the 2-core
@@ -123,12 +125,16 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
     engine = engines["engine"]
     rounds = []
     for r in range(ROUNDS):
-        base_first = r % 2 == 0  # alternate who goes first, so neither always gets the fresher machine
-        if base_first:
-            t_base, base_tokens = run_generate(plain.model, tok, texts)
-        t_eng0, eng0_tokens = run_engine(engine, texts, [None] * batch)
-        if not base_first:
-            t_base, base_tokens = run_generate(plain.model, tok, texts)
+        # the base and the engine without adapter in ABBA order (BAAB in the next round), so a
+        # drift within the round hits both alike; twice at the small batch, where a run takes 2 s
+        order = ("base", "engine") if r % 2 == 0 else ("engine", "base")
+        order = order + order[::-1] if batch == min(BATCHES) else order
+        runs = {"base": [], "engine": []}
+        for who in order:
+            runs[who].append(run_generate(plain.model, tok, texts) if who == "base"
+                             else run_engine(engine, texts, [None] * batch))
+        t_base, base_tokens = statistics.mean(t for t, _ in runs["base"]), runs["base"][0][1]
+        t_eng0, eng0_tokens = statistics.mean(t for t, _ in runs["engine"]), runs["engine"][0][1]
         rnd = {"base": tok_count / t_base, "engine_none": tok_count / t_eng0,
                "engine_none_agree": _agree(eng0_tokens, base_tokens), "by_n": {}}
         for n in ns:

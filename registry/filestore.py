@@ -26,7 +26,7 @@ from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, Limi
 from . import fsutil, hashing
 from .adapterdir import adapter_files, read_metadata
 from .manifest import FileEntry, Manifest, Metadata, software_versions, utc_now
-from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
+from .names import parse_reference, validate_file_name, validate_tag, validate_task
 from .store import AdapterStore, Problem, RefLike, VersionRead
 
 log = logging.getLogger(__name__)
