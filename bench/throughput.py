@@ -13,9 +13,9 @@ distinct adapters row i uses adapter ``i mod N``.
 The machine is shared and its speed drifts over seconds, so contestants are interleaved: each of
 ``ROUNDS`` rounds runs every contestant once, back to back, each ratio is taken within its round,
 and the tables report the median of the per-round ratios. A round's contestants at one N take a
-minute or so, longer than the machine holds its speed, so an engine's N=1 run and its N=128
-run would sit a minute apart: for the N=128 / N=1 target (batch 128) each engine runs N=1 again
-right before N=128, and that pair gives its ratio to its own N=1. The base and the engine without
+minute or so, longer than the machine holds its speed, so at batch 128 each engine runs N=1
+right before N=128 (not a minute apart, in the order of N), and that pair gives its ratio to its
+own N=1 (the target). The base and the engine without
 adapter run in ABBA order, twice each at batch 32 (their ratio is a target within 10% of 1, and a
 run takes 2 s there). One at a time does
 not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
@@ -123,6 +123,9 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
     for engine in engines.values():  # every adapter into the cache and its stack slot before timing
         preload(engine, [f"a{i}@1" for i in range(max(ns))])
     engine = engines["engine"]
+    # at the largest batch each engine runs N=1 right before N=128: that pair gives the target's ratio
+    paired = (1, max(ns)) if batch == max(BATCHES) and 1 in ns else ()
+    groups = [(n,) for n in ns if n not in paired] + ([paired] if paired else [])
     rounds = []
     for r in range(ROUNDS):
         # the base and the engine without adapter in ABBA order (BAAB in the next round), so a
@@ -137,23 +140,22 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
         t_eng0, eng0_tokens = statistics.mean(t for t, _ in runs["engine"]), runs["engine"][0][1]
         rnd = {"base": tok_count / t_base, "engine_none": tok_count / t_eng0,
                "engine_none_agree": _agree(eng0_tokens, base_tokens), "by_n": {}}
-        for n in ns:
-            refs = [f"{name}@1" for name in names[n]]
-            row = {}
-            if n == PEFT_TARGET_N or r == 0:
-                t_peft, peft_tokens = run_generate(peft_model, tok, texts, adapter_names=names[n])
-                row["peft_mixed"] = tok_count / t_peft
-            tokens = {}
+        for group in groups:
+            rows, tokens, peft_tokens = {n: {} for n in group}, {n: {} for n in group}, {}
+            for n in group:
+                if n == PEFT_TARGET_N or r == 0:
+                    t_peft, peft_tokens[n] = run_generate(peft_model, tok, texts, adapter_names=names[n])
+                    rows[n]["peft_mixed"] = tok_count / t_peft
             for key, contestant in engines.items():
-                if n == max(NS) and batch == max(BATCHES):  # the target's ratio: its own N=1 right before
-                    row[f"{key}_n1_before"] = tok_count / run_engine(contestant, texts, [f"{a}@1" for a in names[1]])[0]
-                t_eng, tokens[key] = run_engine(contestant, texts, refs)
-                row[key] = tok_count / t_eng
-            if "peft_mixed" in row:
-                row["agree"] = _agree(tokens["engine"], peft_tokens)
-            for key in engines:
-                row[f"{key}_agree"] = _agree(tokens[key], tokens["engine"])
-            rnd["by_n"][n] = row
+                for n in group:  # a pair runs back to back on each engine
+                    t_eng, tokens[n][key] = run_engine(contestant, texts, [f"{name}@1" for name in names[n]])
+                    rows[n][key] = tok_count / t_eng
+            for n, row in rows.items():
+                if n in peft_tokens:
+                    row["agree"] = _agree(tokens[n]["engine"], peft_tokens[n])
+                for key in engines:
+                    row[f"{key}_agree"] = _agree(tokens[n][key], tokens[n]["engine"])
+                rnd["by_n"][n] = row
         if batch == min(BATCHES):
             k, widest = ONE_AT_A_TIME_REQUESTS, max(ns)
             rnd["one_at_a_time"] = NEW_TOKENS / run_one_at_a_time(peft_model, tok, texts[:k], names[widest][:k])
@@ -161,7 +163,7 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
         print(f"batch {batch} round {r + 1}: base {rnd['base']:.0f} tok/s, engine without adapter {rnd['engine_none']:.0f}; "
               + "; ".join(f"N={n}: " + ", ".join(f"{k} {v[k]:.0f}" for k in engines)
                           + (f", PEFT mixed {v['peft_mixed']:.0f}" if "peft_mixed" in v else "")
-                          for n, v in rnd["by_n"].items()),
+                          for n, v in sorted(rnd["by_n"].items())),
               flush=True)
     med = statistics.median
     out = {"rounds": rounds,
@@ -185,7 +187,7 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
                 f"{key}_over_base": med(v[key] / r["base"] for v, r in zip(rows, rounds)),
                 f"{key}_over_peft_mixed": med(v[key] / v["peft_mixed"] for v, _ in with_peft),
                 f"{key}_rows_equal_to_engine": med(v[f"{key}_agree"] for v in rows),
-                f"{key}_over_own_n1": med(v[key] / v.get(f"{key}_n1_before", r["by_n"][1][key]) for v, r in zip(rows, rounds)),
+                f"{key}_over_own_n1": med(v[key] / r["by_n"][1][key] for v, r in zip(rows, rounds)),
             })
     return out
 
@@ -263,9 +265,10 @@ def main() -> dict:
         engines[key].eos_id = -1  # every row makes NEW_TOKENS tokens, like min_new_tokens for generate
     plain = load_base(base_dir, "none")
     tok = plain.tokenizer
-    peft_model = PeftModel.from_pretrained(load_base(base_dir, "none").model, str(dirs[0]), adapter_name="a0")
-    for i in range(1, max(NS)):
-        peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
+    with common.gc_paused():  # each load_adapter walks every module, the earlier adapters' too
+        peft_model = PeftModel.from_pretrained(load_base(base_dir, "none").model, str(dirs[0]), adapter_name="a0")
+        for i in range(1, max(NS)):
+            peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
     peft_model.eval()
     for engine in engines.values():
         run_engine(engine, prompts(8), [None] * 8)  # warm-up
