@@ -14,8 +14,8 @@ The machine is shared and its speed drifts over seconds, so contestants are inte
 ``ROUNDS`` rounds runs every contestant once, back to back, each ratio is taken within its round,
 and the tables report the median of the per-round ratios. A round's contestants at one N take a
 minute or so, longer than the machine holds its speed, so at batch 128 each engine runs N=1
-right before N=128 (not a minute apart, in the order of N), and that pair gives its ratio to its
-own N=1 (the target). The base and the engine without
+right before N=128 rather than first in the round, and that pair gives its ratio to its own N=1
+(the target). The base and the engine without
 adapter run in ABBA order, twice each at batch 32 (their ratio is a target within 10% of 1, and a
 run takes 2 s there). One at a time does
 not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
@@ -265,7 +265,7 @@ def main() -> dict:
         engines[key].eos_id = -1  # every row makes NEW_TOKENS tokens, like min_new_tokens for generate
     plain = load_base(base_dir, "none")
     tok = plain.tokenizer
-    with common.gc_paused():  # each load_adapter walks every module, the earlier adapters' too
+    with common.gc_paused():  # setup, not timed: PEFT's 128 adapters are ~700k new objects
         peft_model = PeftModel.from_pretrained(load_base(base_dir, "none").model, str(dirs[0]), adapter_name="a0")
         for i in range(1, max(NS)):
             peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
