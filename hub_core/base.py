@@ -1,7 +1,7 @@
-"""Base models: the tiny built-in presets, loading (optionally quantized) and fingerprints.
+"""Base models: loading (optionally quantized, in a chosen dtype) and fingerprints.
 
-Everything loads through ``AutoModelForCausalLM.from_pretrained``, so the tiny base that
-``adapterhub base init`` writes takes the same path as a real Hub model.
+Everything loads through ``AutoModelForCausalLM.from_pretrained``, so the bases that
+``adapterhub base init`` writes (see :mod:`.presets`) take the same path as a real Hub model.
 """
 
 from __future__ import annotations
@@ -14,118 +14,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .architectures import BNB_BLOCK, check_quantizable
 from .errors import BaseModelError, ConfigError
+from .presets import PRESETS, build_tokenizer, init_base, saved_dtype
+
+__all__ = ["BNB_BLOCK", "PRESETS", "BaseModel", "build_tokenizer", "check_quantizable", "fingerprint", "init_base",
+           "load_base", "load_tokenizer", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp4")
-BNB_BLOCK = 64  # bitsandbytes 4-bit blocks: every weight row length must be a multiple of this
-
-# Tokens the chat template uses; ids follow the 256 byte tokens.
-SPECIAL_TOKENS = ("<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int = 320  # 256 bytes + specials, rounded up to a multiple of 64
-    max_position_embeddings: int = 512
-    initializer_range: float = 0.08  # wider than the usual 0.02 so logits can become confident
-
-
-PRESETS: dict[str, Preset] = {
-    # trains in seconds on 2 CPU cores; used by tests and the demo
-    "tiny": Preset(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    # "tiny-but-not-trivial" for benchmarks: 6 layers, hidden 512
-    "small": Preset(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
-}
-
-
-# -- building ----------------------------------------------------------------------------------
-
-
-def build_tokenizer():
-    """A byte-level tokenizer (every UTF-8 byte is a token) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|end|>",
-        pad_token="<pad>",
-        model_max_length=PRESETS["tiny"].max_position_embeddings,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def check_quantizable(config: Any) -> None:
-    """Refuse shapes bitsandbytes 4-bit cannot handle on this hardware, naming the layer."""
-    dims = {
-        "hidden_size (q/k/v/o/gate/up rows)": config.hidden_size,
-        "intermediate_size (down_proj rows)": config.intermediate_size,
-    }
-    for what, value in dims.items():
-        if value % BNB_BLOCK:
-            raise BaseModelError(
-                f"cannot quantize to 4 bit: {what} = {value} is not a multiple of {BNB_BLOCK}; "
-                f"use a base whose dimensions are multiples of {BNB_BLOCK}, or --quantize none"
-            )
-
-
-def init_base(preset: str, out: str | Path, *, seed: int = 0) -> Path:
-    """Write a randomly initialised Llama-architecture model + tokenizer in HF format."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown base preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose another --out or remove it")
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=p.vocab_size,
-        hidden_size=p.hidden_size,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.num_hidden_layers,
-        num_attention_heads=p.num_attention_heads,
-        num_key_value_heads=p.num_key_value_heads,
-        max_position_embeddings=p.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=p.initializer_range,
-        torch_dtype="float32",
-    )
-    check_quantizable(config)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -140,8 +39,8 @@ def resolve_base_dir(name_or_dir: str | Path) -> Path:
         return path
     if path.exists() or str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") > 1:
         raise BaseModelError(
-            f"base model {str(name_or_dir)!r} not found; pass a model directory "
-            "(e.g. one made by `adapterhub base init --preset tiny --out DIR`) or a Hub id"
+            f"base model {str(name_or_dir)!r} not found; pass a model directory (e.g. one made by "
+            "`adapterhub base init --preset smollm2-135m-instruct --out DIR`) or a Hub id"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -159,8 +58,11 @@ def resolve_base_dir(name_or_dir: str | Path) -> Path:
         ) from None
 
 
-def quantization_config(quantize: str):
-    """The ``BitsAndBytesConfig`` for a ``--quantize`` choice (None for ``none``)."""
+def quantization_config(quantize: str, compute_dtype: Any = None):
+    """The ``BitsAndBytesConfig`` for a ``--quantize`` choice (None for ``none``).
+
+    4-bit layers dequantize to ``compute_dtype`` for their matmuls (the load's dtype).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -173,9 +75,33 @@ def quantization_config(quantize: str):
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantize,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
         bnb_4bit_use_double_quant=False,
     )
+
+
+def default_device() -> str:
+    """Where a model runs unless told: the first GPU when there is one, else the CPU."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(choice: str | None, directory: str | Path, device: str | None = None) -> str:
+    """The dtype name a ``--dtype`` choice means for this checkpoint on this device.
+
+    ``auto`` is the checkpoint's own dtype on an accelerator and float32 on the CPU, where half
+    precision is slower and less accurate (as in vLLM and TGI); an explicit choice is taken as is.
+    """
+    choice = choice or "auto"
+    if choice not in DTYPE_CHOICES:
+        raise ConfigError(f"--dtype {choice!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if choice != "auto":
+        return choice
+    if str(device or default_device()).startswith("cpu"):
+        return "float32"
+    own = saved_dtype(directory)
+    return own if own in ("bfloat16", "float16", "float32") else "float32"
 
 
 @dataclasses.dataclass
@@ -188,6 +114,8 @@ class BaseModel:
     directory: Path
     quantize: str
     fingerprint: str
+    dtype: str = "float32"
+    """The compute dtype: of the full-precision weights, or what quantized layers dequantize to."""
 
 
 def load_tokenizer(name_or_dir: str | Path):
@@ -205,20 +133,28 @@ def load_tokenizer(name_or_dir: str | Path):
     return tokenizer
 
 
-def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | None = None) -> BaseModel:
-    """Load a base model and tokenizer through ``from_pretrained``, optionally quantized."""
+def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | None = None,
+              dtype: str | None = "auto") -> BaseModel:
+    """Load a base model and tokenizer through ``from_pretrained``, optionally quantized.
+
+    ``dtype`` is a ``--dtype`` choice (see :func:`resolve_dtype`). A quantized base is placed on
+    ``device`` (default: :func:`default_device`); a full-precision one stays on the CPU unless a
+    device is given (the Trainer moves it to the GPU itself).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = resolve_base_dir(name_or_dir)
-    qconfig = quantization_config(quantize)
+    dtype_name = resolve_dtype(dtype, directory, device)
+    torch_dtype = getattr(torch, dtype_name)
+    qconfig = quantization_config(quantize, torch_dtype)
     config = AutoConfig.from_pretrained(directory)
     if quantize in ("nf4", "fp4"):
         check_quantizable(config)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device or ("cuda:0" if torch.cuda.is_available() else "cpu")}
+        kwargs["device_map"] = {"": device or default_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except RuntimeError as exc:
@@ -238,6 +174,7 @@ def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | 
         directory=directory,
         quantize=quantize,
         fingerprint=fingerprint(directory),
+        dtype=dtype_name,
     )
 
 
@@ -286,4 +223,5 @@ def _file_sha256(path: Path) -> str:
 
 
 def base_summary(base: BaseModel) -> dict[str, Any]:
-    return {"name": base.name, "fingerprint": base.fingerprint, "quantize": base.quantize, "directory": os.fspath(base.directory)}
+    return {"name": base.name, "fingerprint": base.fingerprint, "quantize": base.quantize, "dtype": base.dtype,
+            "directory": os.fspath(base.directory)}

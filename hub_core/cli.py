@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from .errors import AdapterHubError, ConfigError
 
 log = logging.getLogger("adapterhub")
@@ -28,7 +29,7 @@ log = logging.getLogger("adapterhub")
 def cmd_base_init(args: argparse.Namespace) -> int:
     from .base import init_base
 
-    out = init_base(args.preset, args.out, seed=args.seed)
+    out = init_base(args.preset, args.out, seed=args.seed, dtype=args.dtype)
     print(out)
     return 0
 
@@ -57,12 +58,22 @@ def plugin_rows() -> list[dict[str, Any]]:
                 "capabilities": method.capabilities.as_dict(),
                 "serving": "mixed batch" if method.capabilities.mixed_batch else "per-adapter (slower path)",
                 "config": method.config_class.describe(),
+                "recommended_options": dict(method.recommended_options),
                 "status": "ok",
             }
         )
     for broken in manager.broken:
         rows.append({"name": broken.name, "origin": broken.origin, "status": "broken", "error": broken.error})
     return rows
+
+
+def recommended_text(recommended: dict[str, Any]) -> str:
+    """``  --lr 0.001 (adapterhub's default: 0.0002)`` lines for a method's recommended options."""
+    from .training import TrainOptions
+
+    defaults = TrainOptions()
+    lines = [f"  --{k.replace('_', '-')} {v} (general default {getattr(defaults, k)})" for k, v in recommended.items()]
+    return "\n".join(lines) or "  (the general defaults: see `adapterhub train --help`)"
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -91,6 +102,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"\n{row['description']}\n\nconfig keys (--set KEY=VALUE):")
             for f in row["config"]:
                 print(f"  {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}")
+            print("\ntraining defaults for this method (flags override them):")
+            print(recommended_text(row["recommended_options"]))
     return 0
 
 
@@ -113,7 +126,10 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--output", help="also write a plain PEFT-format copy of the adapter here")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config value (repeatable)")
-    p.add_argument("--quantize", choices=("none", "int8", "nf4", "fp4"), help="load the base quantized")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load the base quantized")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
+                        "trainable weights stay float32")
     p.add_argument("--registry", help="registry directory (default $ADAPTERHUB_HOME or ~/.adapterhub)")
     p.add_argument("--no-publish", action="store_true", default=None, help="do not publish to the registry")
     p.add_argument("--from", dest="from_adapter", help="continue training this adapter (REF or DIR)")
@@ -127,7 +143,7 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
-TOP_LEVEL_KEYS = {"plugin", "base", "data", "task", "output", "quantize", "registry", "no_publish", "from_adapter"}
+TOP_LEVEL_KEYS = {"plugin", "base", "data", "task", "output", "quantize", "dtype", "registry", "no_publish", "from_adapter"}
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -184,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     top, method_values, option_values = resolve_train_settings(args)
     method = get_manager().get_method(top["plugin"])
     config = method.make_config(method_values)  # config errors before anything loads
-    options = TrainOptions.from_dict(option_values)
+    options = TrainOptions.for_method(method, option_values)
     if top.get("task"):
         from adapterhub.registry.names import validate_task
 
@@ -204,7 +220,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import merge_to_directory
 
     out = merge_to_directory(args.adapter, args.base, args.out, registry=args.registry,
-                             allow_base_mismatch=args.allow_base_mismatch)
+                             allow_base_mismatch=args.allow_base_mismatch, dtype=args.dtype)
     print(out)
     return 0
 
@@ -217,12 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    base = sub.add_parser("base", help="base models: build the tiny preset, fingerprint").add_subparsers(
+    from .presets import DEFAULT_PRESET, PRESETS, SAVE_DTYPES
+
+    base = sub.add_parser("base", help="base models: write a preset, fingerprint").add_subparsers(
         dest="base_command", metavar="VERB")
-    init = base.add_parser("init", help="write a tiny Llama-architecture base + byte tokenizer")
-    init.add_argument("--preset", default="tiny", help="tiny (tests, demo) or small (benchmarks)")
+    init = base.add_parser("init", help="write a preset base as a Hugging Face model directory",
+                           description="Write a preset base as a Hugging Face model directory. Presets: " + "; ".join(
+                               f"{name}: {spec.description}" for name, spec in PRESETS.items()))
+    init.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                      help=f"which base (default {DEFAULT_PRESET}; tiny and small are random, for tests)")
     init.add_argument("--out", required=True, help="directory to write (must be new or empty)")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", choices=SAVE_DTYPES, help="dtype of the saved weights (default: the preset's own)")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed of the random presets")
     init.set_defaults(func=cmd_base_init)
     fp = base.add_parser("fingerprint", help="print a base model's fingerprint")
     fp.add_argument("base")
@@ -241,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.add_argument("--registry")
     merge.add_argument("--allow-base-mismatch", action="store_true")
+    merge.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="dtype of the written model (auto: the base checkpoint's own); the merge itself runs in float32")
     merge.set_defaults(func=cmd_merge)
 
     try:

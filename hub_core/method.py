@@ -58,6 +58,9 @@ class Method:
     """PEFT's ``peft_type`` for methods stored in PEFT's format (lets plain PEFT dirs be loaded)."""
     default_quantize: ClassVar[str | None] = None
     """``--quantize`` used when the user gives none (QLoRA: "nf4"); None means full precision."""
+    recommended_options: ClassVar[dict[str, Any]] = {}
+    """Training options (``TrainOptions`` fields, e.g. ``{"lr": 1e-3}``) this method gets unless the
+    user sets them: defaults that learn without tuning. Shown by ``adapterhub plugins --method``."""
 
     #: Set by the plugin manager: "built-in" or the distribution that provided the method.
     origin: str = "built-in"

@@ -63,7 +63,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
 
-    base = load_base(top["base"], quantize)
+    base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto")
     if parent_meta is not None:
         check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]))
     tokenizer = base.tokenizer
@@ -90,7 +90,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
     training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
-    training.update({"data": str(top["data"]), "quantize": quantize, "examples": len(train_set)})
+    training.update({"data": str(top["data"]), "quantize": quantize, "dtype": base.dtype, "examples": len(train_set)})
     if eval_set is not None:
         training["eval_examples"] = len(eval_set)
     out_dir = Path(top["output"]) if top.get("output") else Path(tempfile.mkdtemp(prefix="adapterhub-adapter-"))
@@ -137,20 +137,31 @@ def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Pa
 
 
 def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str | None = None,
-                       allow_base_mismatch: bool = False) -> Path:
-    """Merge an adapter into the full-precision base and save a plain HF model directory."""
+                       allow_base_mismatch: bool = False, dtype: str = "auto") -> Path:
+    """Merge an adapter into the full-precision base and save a plain HF model directory.
+
+    The merge runs in float32; the model is written in ``dtype`` (auto: the base checkpoint's own).
+    """
+    import torch
+
     from .adapters import load_adapter
-    from .base import load_base
+    from .base import DTYPE_CHOICES, load_base
+    from .presets import saved_dtype
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise ConfigError(f"--out {out_path} exists and is not empty; choose a new directory")
+    if dtype not in DTYPE_CHOICES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     directory, _ = resolve_adapter_dir(adapter, registry)
-    base = load_base(base_dir, "none")
+    base = load_base(base_dir, "none", dtype="float32")
+    out_dtype = dtype if dtype != "auto" else (saved_dtype(base.directory) or "float32")
     method, model = load_adapter(base.model, directory, base_fingerprint=base.fingerprint,
                                  allow_base_mismatch=allow_base_mismatch)
     method.merge(model)
     merged = method.detach(model)  # adapter modules removed, merged weights kept
+    merged.to(getattr(torch, out_dtype))
+    merged.config.dtype = out_dtype
     merged.save_pretrained(out_path, safe_serialization=True)
     base.tokenizer.save_pretrained(out_path)
     return out_path

@@ -95,6 +95,11 @@ class TrainOptions:
             )
 
     @classmethod
+    def for_method(cls, method: "Method", values: dict[str, Any]) -> "TrainOptions":
+        """Options from the user's ``values`` over the method's recommended ones."""
+        return cls.from_dict({**method.recommended_options, **values})
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
         """Options from YAML / flag values (strings coerced to each field's type); unknown keys are errors."""
         import typing
@@ -191,8 +196,11 @@ def _checkpointing_argument() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool):
-    """``TrainingArguments`` for our options (TensorBoard events land in ``run_dir/runs/``)."""
+def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool, half: str | None = None):
+    """``TrainingArguments`` for our options (TensorBoard events land in ``run_dir/runs/``).
+
+    ``half`` ("bfloat16"/"float16") turns on the Trainer's mixed precision for a half-precision base.
+    """
     from transformers import TrainingArguments
 
     eval_strategy = "no"
@@ -228,6 +236,8 @@ def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda_available(),
+        bf16=half == "bfloat16",
+        fp16=half == "float16",
         **checkpointing,
     )
 
@@ -296,7 +306,8 @@ def fit(
     if scratch and (options.tensorboard or options.save_steps):
         log.warning("checkpoints / TensorBoard logs go to %s (choose the place with --run-dir)", run_dir)
     has_eval = eval_dataset is not None and len(eval_dataset) > 0
-    args = training_arguments(options, run_dir, has_eval)
+    half = upcast_trainable(model)
+    args = training_arguments(options, run_dir, has_eval, half)
     if options.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     all_callbacks = list(callbacks or []) + list(method.trainer_callbacks(model, config, options))
@@ -339,6 +350,24 @@ def fit(
         _disable_checkpointing(model)
     model.eval()
     return TrainResult(model=model, metrics=metrics, history=history)
+
+
+def upcast_trainable(model: Any) -> str | None:
+    """Keep trainable weights in float32 on a half-precision base; returns that half dtype's name.
+
+    The frozen base stays in bfloat16/float16 and the Trainer's autocast runs the matmuls in it,
+    while the optimizer updates float32 weights (fp16 gradients cannot be unscaled, and bf16 ones
+    lose small updates), as PEFT does for its adapters and LLaMA-Factory for full fine-tuning.
+    """
+    import torch
+
+    half = None
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16):
+            half = half or str(param.dtype).removeprefix("torch.")
+            if param.requires_grad:
+                param.data = param.data.float()
+    return half
 
 
 def _disable_checkpointing(model: Any) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from adapterhub.base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from adapterhub.errors import AdapterHubError, ConfigError
 
 
@@ -17,7 +18,10 @@ class ServerUnavailable(AdapterHubError):
 def add_serve_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC")
     serve.add_argument("--base", required=True, help="base model directory or Hub id")
-    serve.add_argument("--quantize", default="nf4", choices=("none", "int8", "nf4", "fp4"))
+    serve.add_argument("--quantize", default="nf4", choices=QUANTIZE_CHOICES)
+    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
+                            "a quantized base dequantizes to it")
     serve.add_argument("--registry", help="registry directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=50051)
@@ -87,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("adapterhub").setLevel(logging.INFO)
     limit_arenas()  # before the server's threads start: adapter loads must not grow it for good
     options = ServerOptions(
-        base=args.base, registry=args.registry, quantize=args.quantize, host=args.host, port=args.port,
+        base=args.base, registry=args.registry, quantize=args.quantize, dtype=args.dtype, host=args.host, port=args.port,
         max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,

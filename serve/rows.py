@@ -559,7 +559,10 @@ class BatchPlan:
         if self.shared_lora_slot is not None:  # BLAS beats gathering when there is nothing to gather
             a, b = self.shared_lora[module]
             h = torch.mm(x.reshape(-1, width).to(a.dtype), a)
-            return torch.mm(h, b) if into is None else into.addmm_(h, b)
+            if into is None:
+                return torch.mm(h, b)
+            # the dense copy is float32; a half-precision base adds its delta in its own dtype
+            return into.addmm_(h, b) if into.dtype == h.dtype else into.add_(torch.mm(h, b).to(into.dtype))
         tokens = x.numel() // width // self.lora_slots.index.shape[0]
         if self.lora_kernel and bgmv.supports(At.dtype, rank):
             flat = x.reshape(-1, width).float().contiguous()

@@ -36,6 +36,7 @@ class ServerOptions:
     base: str
     registry: str | None = None
     quantize: str = "nf4"
+    dtype: str = "auto"  # of the base's compute (see adapterhub.base.resolve_dtype)
     host: str = "127.0.0.1"
     port: int = 50051
     max_adapters: int = 8
@@ -92,7 +93,7 @@ class AdapterServer:
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         overlap = lora_overlap(options.lora_overlap)
         self.metrics = Metrics()
-        base = base if base is not None else load_base(options.base, options.quantize)
+        base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,

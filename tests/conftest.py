@@ -21,6 +21,14 @@ def tiny_base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_base_dir(tmp_path_factory):
+    """The real default base, SmolLM2-135M-Instruct, written by the preset once per session (~25 s)."""
+    from adapterhub.base import init_base
+
+    return init_base("smollm2-135m-instruct", tmp_path_factory.mktemp("base") / "smollm2")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base_dir):
     from adapterhub.base import load_tokenizer
 

@@ -108,7 +108,7 @@ class OfflineLora:
     attached after a 4-bit forward give wrong outputs (see Engine._slow_path_base).
     """
 
-    def __init__(self, base_dir: Path, tokenizer, directories: list[Path]):
+    def __init__(self, base_dir: Path, tokenizer, directories: list[Path], dtype: str = "auto"):
         from peft import PeftModel
 
         from adapterhub.base import load_base
@@ -118,7 +118,8 @@ class OfflineLora:
         model = None
         for directory, name in self.names.items():
             if model is None:
-                model = PeftModel.from_pretrained(load_base(base_dir, "nf4").model, directory, adapter_name=name)
+                model = PeftModel.from_pretrained(load_base(base_dir, "nf4", dtype=dtype).model, directory,
+                                                  adapter_name=name)
             else:
                 model.load_adapter(directory, adapter_name=name)
         self.model = model

@@ -1,4 +1,5 @@
-"""Base models: the tiny preset, quantized loading, fingerprints, clear errors."""
+"""Base models: the tiny preset, quantized loading, fingerprints, clear errors (the real preset and
+dtypes: test_real_base.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,18 @@ def test_tiny_preset_rows_are_multiples_of_64(tiny_base_dir):
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_every_preset_is_quantizable():
-    for name, p in PRESETS.items():
-        assert p.hidden_size % BNB_BLOCK == 0 and p.intermediate_size % BNB_BLOCK == 0, name
+def test_every_random_preset_is_quantizable():
+    from transformers import LlamaConfig
+
+    from adapterhub.architectures import check_quantizable
+    from adapterhub.presets import RandomPreset
+
+    random_presets = {name: p for name, p in PRESETS.items() if isinstance(p, RandomPreset)}
+    assert {"tiny", "small"} <= set(random_presets)
+    for p in random_presets.values():
+        check_quantizable(LlamaConfig(hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                                      num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
+                                      num_key_value_heads=p.num_key_value_heads, vocab_size=p.vocab_size))
 
 
 def test_tokenizer_is_byte_level_with_chat_template(tiny_tokenizer):
@@ -67,7 +77,7 @@ def test_unquantizable_shapes_get_a_clear_error(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "odd")
     build_tokenizer().save_pretrained(tmp_path / "odd")
-    with pytest.raises(BaseModelError, match="intermediate_size.*344.*multiple of 64"):
+    with pytest.raises(BaseModelError, match=r"layer model\.layers\.0\.mlp\.down_proj has rows of 344.*multiple of 64"):
         load_base(tmp_path / "odd", "nf4")
     assert load_base(tmp_path / "odd", "none").model is not None
 
