@@ -1,6 +1,9 @@
 """``python -m bench [NAME ...]``: run the benchmarks (all by default), one after another.
 
-Each writes ``bench/results/NAME.json`` and ``NAME.png`` and prints its table and targets.
+Each writes ``bench/results/NAME.json`` (and most a ``NAME.png``) and prints its table and targets.
+``BENCH_BASE=smollm2|small`` picks the base of (a), (d) and (f) (default: SmolLM2-135M-Instruct;
+the results of a SmolLM2 run are named ``NAME-smollm2``); (b), (c) and (e) run on the small base.
+(f) runs only where vLLM's CPU build is installed in its own venv (``bench/vllm_peer.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ BENCHMARKS = {
     "serving": "(c) gRPC serving under Poisson load, 5/100/1000 adapters",
     "training": "(d) training step time vs plain PEFT + Trainer",
     "memory": "(e) server memory, nf4 vs unquantized, per adapter",
+    "vllm": "(f) against vLLM's CPU build, same base and LoRAs (skipped without vLLM)",
 }
+MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +33,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         print(f"\n=== {name}: {BENCHMARKS[name]} ===", flush=True)
         start = time.perf_counter()
-        results = importlib.import_module(f"bench.{name}").main()
+        results = importlib.import_module(f"bench.{MODULES.get(name, name)}").main()
         summary += [(name, t) for t in results.get("targets", [])]
         print(f"({name} took {time.perf_counter() - start:.0f}s)", flush=True)
     print("\n=== targets ===")

@@ -1,4 +1,9 @@
-"""Shared benchmark setup: the small base, random LoRA adapters, registries, result files.
+"""Shared benchmark setup: the bases, random LoRA adapters, registries, result files.
+
+Two base shapes (:data:`SHAPES`): ``smollm2``, SmolLM2-135M-Instruct (30 layers, 210 LoRA
+targets: the shape users run, close to a 7B's 224), and ``small``, a random 6-layer Llama (hidden
+512, byte tokenizer) that is fast enough for 128-adapter batches and 1000-adapter registries.
+``BENCH_BASE=smollm2|small`` picks the shape of the benchmarks that run on either.
 
 Everything heavy (base weights, adapters, registries) goes under ``bench/out/`` (git-ignored) and
 is reused by later runs; results (JSON + PNG, small) go under ``bench/results/`` and are committed.
@@ -9,9 +14,11 @@ random-initialised (nonzero), so each adapter changes the output and costs what 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,18 +77,73 @@ def threads() -> int:
     return n
 
 
-def small_base() -> Path:
-    """``adapterhub base init --preset small`` (6 layers, hidden 512), made once."""
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A benchmark base: the ``adapterhub base init`` preset it is built from, and where it lives."""
+
+    name: str
+    preset: str
+    label: str
+
+    @property
+    def home(self) -> Path:
+        """Its adapters and registry (the small base's stay where they always were)."""
+        return OUT if self.name == "small" else OUT / self.name
+
+
+SHAPES = {
+    "smollm2": Shape("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct (30 layers, 210 LoRA targets)"),
+    "small": Shape("small", "small", "small random base (6 layers, hidden 512)"),
+}
+
+
+def shape(default: str = "smollm2") -> Shape:
+    """The shape ``BENCH_BASE`` names, else ``default``."""
+    name = os.environ.get("BENCH_BASE", default)
+    if name not in SHAPES:
+        raise SystemExit(f"BENCH_BASE={name!r}: choose one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def base_dir(which: Shape) -> Path:
+    """The base directory of ``which``, built once under ``bench/out/`` (SmolLM2: about 25 s on idle cores).
+
+    ``BENCH_SMOLLM2_DIR`` names an existing SmolLM2 directory to use instead (no build).
+    """
     from adapterhub.base import init_base
 
-    path = OUT / "base-small"
+    given = os.environ.get("BENCH_SMOLLM2_DIR") if which.name == "smollm2" else None
+    if given:
+        return Path(given)
+    path = OUT / f"base-{which.name}"
     if not (path / "config.json").is_file():
         OUT.mkdir(parents=True, exist_ok=True)
-        init_base("small", path)
+        print(f"building the {which.name} base under {path} (once)", flush=True)
+        init_base(which.preset, path)
     return path
 
 
-def lora_adapters(base_dir: Path, n: int) -> list[Path]:
+def small_base() -> Path:
+    """``adapterhub base init --preset small`` (6 layers, hidden 512), made once."""
+    return base_dir(SHAPES["small"])
+
+
+def _home(base: Path, which: Shape) -> Path:
+    """``which``'s adapter/registry folder, emptied when the base's fingerprint changed (a rebuilt
+    base would otherwise meet adapters that record another fingerprint, which loading refuses)."""
+    from adapterhub.base import fingerprint
+
+    home, current = which.home, fingerprint(base)
+    stamp = home / f"base-fingerprint-{which.name}"
+    if stamp.is_file() and stamp.read_text() != current:
+        for stale in ("adapters", "registry"):
+            shutil.rmtree(home / stale, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(current)
+    return home
+
+
+def lora_adapters(base: Path, n: int, which: Shape = SHAPES["small"]) -> list[Path]:
     """``n`` rank-16 LoRA adapter directories (PEFT format + adapterhub.json), B random."""
     import torch
 
@@ -89,36 +151,61 @@ def lora_adapters(base_dir: Path, n: int) -> list[Path]:
     from adapterhub.base import fingerprint, load_base
     from adapterhub.manager import PluginManager
 
-    root = OUT / "adapters"
+    root = _home(base, which) / "adapters"
     dirs = [root / f"a{i}" for i in range(n)]
     missing = [i for i, d in enumerate(dirs) if not (d / "adapterhub.json").is_file()]
     if not missing:
         return dirs
     method = PluginManager(autoload=False).get_method("lora")
     config = method.make_config({"r": RANK, "alpha": 2.0 * RANK})
-    model = method.attach(load_base(base_dir, "none").model, config)
-    base = {"name": "small", "fingerprint": fingerprint(base_dir)}
+    model = method.attach(load_base(base, "none").model, config)
+    meta = {"name": which.name, "fingerprint": fingerprint(base)}
     for i in missing:
         gen = torch.Generator().manual_seed(1000 + i)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
-        save_adapter(method, model, config, dirs[i], base=base)
+        save_adapter(method, model, config, dirs[i], base=meta)
     return dirs
 
 
-def registry(base_dir: Path, n: int) -> Path:
+def registry(base: Path, n: int, which: Shape = SHAPES["small"]) -> Path:
     """A registry holding tasks ``a0 .. a{n-1}`` (version 1 each); grows, never shrinks."""
     from adapterhub.registry import open_registry
 
-    path = OUT / "registry"
+    adapters = lora_adapters(base, n, which)
+    path = _home(base, which) / "registry"
     store = open_registry(path)
     have = {t for t in _tasks(path)}
-    for i, directory in enumerate(lora_adapters(base_dir, n)):
+    for i, directory in enumerate(adapters):
         if f"a{i}" not in have:
             store.publish(f"a{i}", directory)
     return path
+
+
+# Common English words; those that are one token (with their leading space) make prompts of an
+# exact token count on a BPE tokenizer, so no contestant pads and every one sees the same ids.
+WORDS = ("the cat sat on a mat and dog ran to big red house in old town with new car for day man "
+         "water light tree book city river green small road time work hand door night world sun "
+         "blue open film game song food bird story fish young white table black paper music").split()
+
+
+def prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """``n`` random prompts of exactly ``length`` tokens each.
+
+    On a BPE tokenizer: words that are one token each. On the byte tokenizer of the random bases
+    (no such word): letters and spaces, one token each (the prompts the small base always had).
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    if len(words) < len(WORDS) // 2:
+        return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length)) for _ in range(n)]
+    texts = ["".join(" " + rng.choice(words) for _ in range(length)) for _ in range(n)]
+    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == length for t in texts), "a prompt merged words"
+    return texts
 
 
 def _tasks(path: Path) -> list[str]:
@@ -135,6 +222,11 @@ def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
             "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def result_name(bench: str, which: Shape) -> str:
+    """``bench/results/`` file stem: the small base keeps the plain name its earlier results have."""
+    return bench if which.name == "small" else f"{bench}-{which.name}"
 
 
 def save(name: str, data: dict[str, Any]) -> Path:

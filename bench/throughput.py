@@ -1,46 +1,50 @@
 """(a) Mixed-batch decode throughput vs the number of distinct adapters in one batch.
 
-Side by side, in one process, on the same fp32 (unquantized) small base and the same prompts:
+Two shapes (``BENCH_BASE``, see :mod:`bench.common`). The default, ``smollm2``: SmolLM2-135M-
+Instruct, 30 layers and 210 LoRA targets, the shape users run; batch 32 with N = 1, 8, 32 distinct
+adapters (a rank-16 adapter here is 19.5 MB in fp32, 5.4x the small base's, and PEFT takes about
+1.5 s to load each, so 128 adapters and batch 128 do not fit the 10 minutes). ``BENCH_BASE=small``:
+the random 6-layer base, batch 32 (N <= 32) and 128 (every N up to 128), the engine's stress shape.
+
+Side by side, in one process, on the same fp32 (unquantized) base and the same prompts:
 adapterhub's engine (in-process, no gRPC, submitted as the unary ``Generate`` RPC does; LoRA
 stacks in the base's dtype, the default, overlapped with the base layers on the core that one
 torch thread leaves unused, the default there; the same engine on one core, ``--lora-overlap
 off``, which uses what PEFT uses; and one with ``--lora-dtype float16``), PEFT's
 mixed batch (``generate(adapter_names=...)``), PEFT one request at a time (``set_adapter`` +
 ``generate``), and the base model alone (``model.generate``). Greedy, 32 new tokens for every row
-(EOS ignored by all contestants), one batch of 32 rows (N <= 32) and of 128 rows (every N); with N
+(EOS ignored by all contestants), prompts of exactly 16 tokens (no padding anywhere); with N
 distinct adapters row i uses adapter ``i mod N``.
 
 The machine is shared and its speed drifts over seconds, so contestants are interleaved: each of
 ``ROUNDS`` rounds runs every contestant once, back to back, each ratio is taken within its round,
 and the tables report the median of the per-round ratios. A round's contestants at one N take a
-minute or so, longer than the machine holds its speed, so at batch 128 each engine runs N=1
-right before N=128 rather than first in the round, and that pair gives its ratio to its own N=1
-(the target). The base and the engine without
-adapter run in ABBA order, twice each at batch 32 (their ratio is a target within 10% of 1, and a
-run takes 2 s there). One at a time does
-not batch, so its tok/s depends neither on the batch size nor on N: it is sampled once per round
-(``ONE_AT_A_TIME_REQUESTS`` requests over the largest N's adapters) in the batch-32 rounds and
-compared with both batch sizes. So that the whole run stays under 10 minutes on the 2-core
-machine, PEFT's mixed batch is sampled in the first round only except at N=32, where its ratio is
-a target (at N=128 one run of it takes about 40 s), and batch 128 skips N=8 (measured at batch 32).
-A profile of one decode step (base alone, 1 adapter, 128 adapters) says where time goes.
+minute or so, longer than the machine holds its speed, so at the largest batch each engine runs
+N=1 right before the largest N rather than first in the round, and that pair gives its ratio to
+its own N=1 (the target). The base and the engine without adapter run in ABBA order, on the small
+base twice each at batch 32 (their ratio is a target within 10% of 1, and a run takes 2 s there).
+One at a time does not batch, so its tok/s depends neither on the batch size nor on N: it is
+sampled once per round (``ONE_AT_A_TIME_REQUESTS`` requests over the largest N's adapters) in the
+batch-32 rounds and compared with every batch size. So that the whole run stays under 10 minutes
+on the 2-core machine, PEFT's mixed batch is sampled in the first round only except at N=32,
+where its ratio is a target (at N=128 on the small base one run of it takes about 40 s), and on
+the small base batch 128 skips N=8 (measured at batch 32).
+A profile of one decode step (base alone, 1 adapter, the largest N) says where time goes.
 
 ``BENCH_ENGINES=all`` adds the engine with ``--lora-dtype float16`` (about 2 minutes more);
-the default runs the engine and the engine on one core.
+the default runs the engine and the engine on one core. Results: ``bench/results/throughput.json``
+(small base) or ``throughput-smollm2.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import random
 import statistics
 import time
 
 from . import common
 
-NS = (1, 8, 32, 128)
-BATCHES = (32, 128)  # 32 for N <= 32; 128 so that N=128 fits in one batch
-SKIP = {(128, 8)}  # (batch, N) not run: N=8 is measured at batch 32, and the run must fit in 10 minutes
 NEW_TOKENS = 32
 PROMPT_LEN = 16
 ROUNDS = 3
@@ -48,15 +52,30 @@ PEFT_TARGET_N = 32  # PEFT's mixed batch runs every round at this N (the target'
 ONE_AT_A_TIME_REQUESTS = 8  # a sample per round: its per-request cost does not depend on N or the batch
 
 
-def prompts(n: int) -> list[str]:
-    rng = random.Random(0)
-    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(PROMPT_LEN)) for _ in range(n)]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one shape runs: distinct-adapter counts, batch sizes, and how often the cheap runs repeat."""
+
+    ns: tuple[int, ...]
+    batches: tuple[int, ...]  # the smallest holds N <= it; the largest holds every N
+    skip: frozenset = frozenset()  # (batch, N) not run
+    base_twice: bool = False  # the base / engine-without-adapter ABBA pair twice a round at the smallest batch
+    profile_repeats: int = 15
 
 
-def run_engine(engine, texts, refs) -> tuple[float, list[list[int]]]:
+PLANS = {
+    # N=8 at batch 128 is measured at batch 32; twice ABBA at batch 32, where a run takes 2 s
+    "small": Plan(ns=(1, 8, 32, 128), batches=(32, 128), skip=frozenset({(128, 8)}), base_twice=True),
+    # a decode step at batch 32 takes 0.2-0.35 s here; 128 adapters would take PEFT ~3 minutes to load
+    "smollm2": Plan(ns=(1, 8, 32), batches=(32,), profile_repeats=9),
+}
+
+
+def run_engine(engine, texts, refs, new_tokens: int | None = None) -> tuple[float, list[list[int]]]:
     from adapterhub.serve.requests import GenerationRequest
 
-    reqs = [GenerationRequest.build(prompt=t, adapters=[(r, 1.0)] if r else [], max_new_tokens=NEW_TOKENS) for t, r in zip(texts, refs)]
+    reqs = [GenerationRequest.build(prompt=t, adapters=[(r, 1.0)] if r else [], max_new_tokens=new_tokens or NEW_TOKENS)
+            for t, r in zip(texts, refs)]
     start = time.perf_counter()
     seqs = [engine.submit(r, stream=False) for r in reqs]  # as the unary Generate RPC does
     tokens = [s.result().token_ids for s in seqs]
@@ -115,23 +134,24 @@ def preload(engine, refs) -> None:
         seq.result()
 
 
-def series(batch, ns, engines, peft_model, plain, tok) -> dict:
+def series(plan, batch, engines, peft_model, plain, tok) -> dict:
     """One batch size, ``ROUNDS`` interleaved rounds; per-round tok/s, then medians of per-round ratios."""
-    texts = prompts(batch)
+    ns = [n for n in plan.ns if n <= batch and (batch, n) not in plan.skip]
+    texts = common.prompts(tok, batch, PROMPT_LEN)
     names = {n: [f"a{i % n}" for i in range(batch)] for n in ns}
     tok_count = batch * NEW_TOKENS
     for engine in engines.values():  # every adapter into the cache and its stack slot before timing
         preload(engine, [f"a{i}@1" for i in range(max(ns))])
     engine = engines["engine"]
-    # at the largest batch each engine runs N=1 right before N=128: that pair gives the target's ratio
-    paired = (1, max(ns)) if batch == max(BATCHES) and 1 in ns else ()
+    # at the largest batch each engine runs N=1 right before the largest N: that pair gives the target's ratio
+    paired = (1, max(ns)) if batch == max(plan.batches) and 1 in ns else ()
     groups = [(n,) for n in ns if n not in paired] + ([paired] if paired else [])
     rounds = []
     for r in range(ROUNDS):
         # the base and the engine without adapter in ABBA order (BAAB in the next round), so a
-        # drift within the round hits both alike; twice at the small batch, where a run takes 2 s
+        # drift within the round hits both alike; repeated where a run is short (the plan says)
         order = ("base", "engine") if r % 2 == 0 else ("engine", "base")
-        order = order + order[::-1] if batch == min(BATCHES) else order
+        order = order + order[::-1] if batch == min(plan.batches) and plan.base_twice else order
         runs = {"base": [], "engine": []}
         for who in order:
             runs[who].append(run_generate(plain.model, tok, texts) if who == "base"
@@ -156,7 +176,7 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
                 for key in engines:
                     row[f"{key}_agree"] = _agree(tokens[n][key], tokens[n]["engine"])
                 rnd["by_n"][n] = row
-        if batch == min(BATCHES):
+        if batch == min(plan.batches):
             k, widest = ONE_AT_A_TIME_REQUESTS, max(ns)
             rnd["one_at_a_time"] = NEW_TOKENS / run_one_at_a_time(peft_model, tok, texts[:k], names[widest][:k])
         rounds.append(rnd)
@@ -194,13 +214,14 @@ def series(batch, ns, engines, peft_model, plain, tok) -> dict:
 
 def add_one_at_a_time(results: dict) -> None:
     """One at a time (sampled in the batch-32 rounds) against every batch size's engine and base."""
-    small = results["by_batch"][min(BATCHES)]
+    smallest = min(results["by_batch"])
+    small = results["by_batch"][smallest]
     one = statistics.median(r["one_at_a_time"] for r in small["rounds"])
     results["one_at_a_time_tok_s"] = one
     for batch, res in results["by_batch"].items():
         for n, row in res["by_n"].items():
             for key in results["engines"]:
-                if batch == min(BATCHES):  # the same rounds: the ratio within each round
+                if batch == smallest:  # the same rounds: the ratio within each round
                     row[f"{key}_over_one_at_a_time"] = statistics.median(
                         r["by_n"][n][key] / r["one_at_a_time"] for r in res["rounds"])
                 else:
@@ -252,42 +273,47 @@ def main() -> dict:
 
     setup_start = time.perf_counter()
     common.threads()
-    base_dir = common.small_base()
-    reg = common.registry(base_dir, max(NS))
-    dirs = common.lora_adapters(base_dir, max(NS))
+    shape = common.shape()
+    plan = PLANS[shape.name]
+    widest, big = max(plan.ns), max(plan.batches)
+    base_dir = common.base_dir(shape)
+    reg = common.registry(base_dir, widest, shape)
+    dirs = common.lora_adapters(base_dir, widest, shape)
     chosen = chosen_engines()
     engines = {}
     for key, (options, _) in chosen.items():  # each its own model: hooks are per engine
         if "lora_dtype" in options:
             options = {**options, "lora_dtype": getattr(torch, options["lora_dtype"])}
-        engines[key] = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=max(NS) + 8,
-                                     max_batch=max(BATCHES), **options)
+        engines[key] = Engine.create(load_base(base_dir, "none"), AdapterSource(reg), capacity=widest + 8,
+                                     max_batch=big, **options)
         engines[key].eos_id = -1  # every row makes NEW_TOKENS tokens, like min_new_tokens for generate
     plain = load_base(base_dir, "none")
     tok = plain.tokenizer
     with common.gc_paused():  # setup, not timed: PEFT's 128 adapters are ~700k new objects
         peft_model = PeftModel.from_pretrained(load_base(base_dir, "none").model, str(dirs[0]), adapter_name="a0")
-        for i in range(1, max(NS)):
+        for i in range(1, widest):
             peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
     peft_model.eval()
     for engine in engines.values():
-        run_engine(engine, prompts(8), [None] * 8)  # warm-up
+        run_engine(engine, common.prompts(tok, 8, PROMPT_LEN), [None] * 8)  # warm-up
     common.freeze_heap()
-    print(f"setup (models, {max(NS)} PEFT adapters, warm-up) took {time.perf_counter() - setup_start:.0f}s", flush=True)
+    print(f"{shape.label}: setup (models, {widest} PEFT adapters, warm-up) took {time.perf_counter() - setup_start:.0f}s",
+          flush=True)
 
-    results = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN, "threads": torch.get_num_threads(),
-               "precision": "fp32 (unquantized) base", "engines": {k: v[1] for k, v in chosen.items()},
+    results = {"base": shape.name, "base_label": shape.label, "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN,
+               "threads": torch.get_num_threads(), "precision": "fp32 (unquantized) base",
+               "engines": {k: v[1] for k, v in chosen.items()},
                "lora_overlap": {k: e.lora_overlap for k, e in engines.items()}, "by_batch": {}}
-    for batch in BATCHES:
-        results["by_batch"][batch] = series(batch, [n for n in NS if n <= batch and (batch, n) not in SKIP], engines, peft_model, plain, tok)
+    for batch in plan.batches:
+        results["by_batch"][batch] = series(plan, batch, engines, peft_model, plain, tok)
     add_one_at_a_time(results)
-    big = max(BATCHES)
-    profiles = profile_steps(engines, big, (0, 1, max(NS)))
+    profiles = profile_steps(engines, big, (0, 1, widest), repeats=plan.profile_repeats)
     results["profile_decode_step_s"] = {"batch": big, **profiles}
     for engine in engines.values():
         engine.stop(grace=1)
 
-    print(f"medians of {ROUNDS} interleaved rounds, {torch.get_num_threads()} torch thread(s) for every contestant:")
+    print(f"{shape.label}: medians of {ROUNDS} interleaved rounds, {torch.get_num_threads()} torch thread(s) "
+          "for every contestant:")
     for key, (_, label) in chosen.items():
         print(f"{label}:")
         rows = []
@@ -302,13 +328,14 @@ def main() -> dict:
         print(common.table(["batch", "N", "/own N=1", "/base", "PEFT mixed/base", "1-at-a-time/base",
                             "/PEFT mixed", "/1-at-a-time", "rows equal to " + ("PEFT" if key == "engine" else "engine")], rows))
     for key, prof in profiles.items():
-        lora1, lora_n = prof[1] - prof[0], prof[max(NS)] - prof[0]
+        lora1, lora_n = prof[1] - prof[0], prof[widest] - prof[0]
         print(f"profile {key}, one decode step at batch {big}: base {prof[0] * 1e3:.1f} ms; LoRA adds "
-              f"{lora1 * 1e3:.1f} ms with 1 adapter, {lora_n * 1e3:.1f} ms with {max(NS)} distinct")
+              f"{lora1 * 1e3:.1f} ms with 1 adapter, {lora_n * 1e3:.1f} ms with {widest} distinct")
     large = results["by_batch"][big]
     results["targets"] = []
     for key in chosen:
-        results["targets"].append(common.verdict(f"{key} N=128 / N=1 (batch {big})", large["by_n"][128][f"{key}_over_own_n1"], ">=", 0.9))
+        results["targets"].append(
+            common.verdict(f"{key} N={widest} / N=1 (batch {big})", large["by_n"][widest][f"{key}_over_own_n1"], ">=", 0.9))
         for batch, res in results["by_batch"].items():
             by = res["by_n"]
             results["targets"] += [
@@ -318,10 +345,11 @@ def main() -> dict:
     for batch, res in results["by_batch"].items():
         results["targets"].append(
             common.verdict(f"engine no adapter / model.generate (batch {batch})", res["engine_no_adapter_over_generate"], ">=", 1.0))
-    common.save("throughput", results)
+    name = common.result_name("throughput", shape)
+    common.save(name, results)
 
     def draw(ax):
-        for (batch, res), style in zip(results["by_batch"].items(), ("--", "-")):
+        for (batch, res), style in zip(results["by_batch"].items(), ("--", "-") if len(plan.batches) > 1 else ("-",)):
             by = res["by_n"]
             xs = list(by)
             for key, label, color in (("engine_over_base", "adapterhub engine", "C0"),
@@ -334,13 +362,13 @@ def main() -> dict:
                 ax.plot(xs, [by[n][key] for n in xs], style, marker="o", color=color, label=f"{label}, batch {batch}")
         ax.axhline(1.0, color="grey", linestyle=":", label="base model.generate")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(NS), [str(x) for x in NS])
+        ax.set_xticks(list(plan.ns), [str(x) for x in plan.ns])
         ax.set_xlabel("distinct adapters in the batch")
         ax.set_ylabel("throughput / base model (same batch)")
-        ax.set_title("(a) mixed-batch decode throughput, small base, fp32")
+        ax.set_title(f"(a) mixed-batch decode throughput, {shape.name} base, fp32")
         ax.legend(fontsize=7)
 
-    common.plot("throughput", draw)
+    common.plot(name, draw)
     return results
 
 
