@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapterhub import architectures as A
 from adapterhub.errors import ConfigError, MergeError, NotFound
 from adapterhub.plugins._peft import is_quantized
 
@@ -70,22 +71,35 @@ def read_tensors(directory: str | Path, device: Any = None) -> dict[str, torch.T
 
 
 def decoder_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of Linear layers inside decoder layers (``...layers.N...``).
+    """``(name, module)`` of the Linear-like layers inside decoder layers, in order.
 
-    ``targets``: ``["all-linear"]`` for every one, else name suffixes such as ``q_proj`` or
-    ``mlp.down_proj``. Adapter modules we add (children of a base Linear) are never targets.
+    Decoder layers and Linear-like layers (``nn.Linear``, bitsandbytes' layers, GPT-2's ``Conv1D``)
+    are found by :mod:`adapterhub.architectures`, so ``transformer.h.0.attn.c_attn`` counts as
+    well as ``model.layers.0.self_attn.q_proj``. ``targets``: ``["all-linear"]`` for every one,
+    else name suffixes such as ``q_proj`` or ``mlp.down_proj``. Adapter modules we add (children
+    of a base Linear) are never targets.
     """
     targets = list(targets)
     found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or ".layers." not in f".{name}":
-            continue
-        parent = name.rsplit(".", 1)[0]
-        if isinstance(model.get_submodule(parent), nn.Linear):
-            continue  # a Linear inside one of our adapters
-        if targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets):
-            found.append((name, module))
+    for prefix, layer in A.decoder_layers(model):
+        for local, module in layer.named_modules():
+            if not local or A.linear_shape(module) is None:
+                continue
+            parent = local.rpartition(".")[0]
+            if parent and A.linear_shape(layer.get_submodule(parent)) is not None:
+                continue  # a Linear inside one of our adapters
+            name = f"{prefix}.{local}"
+            if targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets):
+                found.append((name, module))
     return found
+
+
+def out_features(module: nn.Module) -> int:
+    """Output width of a Linear-like module (``nn.Linear``, bitsandbytes, ``Conv1D``)."""
+    shape = A.linear_shape(module)
+    if shape is None:
+        raise ConfigError(f"{type(module).__name__} is not a Linear layer; adapters attach to Linear layers only")
+    return shape[1]
 
 
 def refuse_quantized(model: nn.Module, method: str) -> None:

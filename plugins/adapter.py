@@ -2,10 +2,13 @@
 
 Our own small module, added after a decoder layer's attention output projection and MLP output
 projection (Houlsby) or after the MLP only (Pfeiffer) through forward hooks, so the base modules
-stay untouched and ``detach`` removes everything. The up-projection starts at zero: an untrained
-adapter is the identity. Adapters are fp32 modules after the base layers, so a bitsandbytes 4-bit
-base trains them as well as a full-precision one. Nonlinear, hence not mergeable; served in mixed
-batches through :class:`~adapterhub.serving_forms.BottleneckForm`.
+stay untouched and ``detach`` removes everything. Which modules those are (``o_proj`` and
+``down_proj`` on Llama, ``attn.c_proj`` and ``mlp.c_proj`` on GPT-2) is read from the base's module
+tree by :func:`adapterhub.architectures.block_layout` unless the config names them; the saved
+config names them. The up-projection starts at zero: an untrained adapter is the identity.
+Adapters are fp32 modules after the base layers, so a bitsandbytes 4-bit base trains them as well
+as a full-precision one. Nonlinear, hence not mergeable; served in mixed batches through
+:class:`~adapterhub.serving_forms.BottleneckForm`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from adapterhub.plugins import _modules as M
 from adapterhub.plugins._peft import is_quantized
 
 CHILD = "bottleneck"
+AUTO = "auto"  # module name resolved from the base's architecture (adapterhub.architectures.block_layout)
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
@@ -37,8 +41,12 @@ class AdapterConfig(MethodConfig):
     reduction: int = option(16, "bottleneck size = hidden size / reduction (ignored when bottleneck_size > 0)")
     bottleneck_size: int = option(0, "bottleneck width; 0: hidden size / reduction")
     activation: str = option("relu", "nonlinearity between down- and up-projection", choices=ACTIVATIONS)
-    attn_output_module: str = option("self_attn.o_proj", "name (inside a decoder layer) of the attention output projection")
-    mlp_output_module: str = option("mlp.down_proj", "name (inside a decoder layer) of the MLP output projection")
+    attn_output_module: str = option(
+        AUTO, "name (inside a decoder layer) of the attention output projection; auto: found from the base "
+        "(self_attn.o_proj on Llama, attn.c_proj on GPT-2, attention.dense on GPT-NeoX)")
+    mlp_output_module: str = option(
+        AUTO, "name (inside a decoder layer) of the MLP output projection; auto: found from the base "
+        "(mlp.down_proj on Llama, mlp.c_proj on GPT-2, mlp.dense_4h_to_h on GPT-NeoX)")
 
     def validate(self) -> None:
         if self.reduction < 1:
@@ -49,6 +57,28 @@ class AdapterConfig(MethodConfig):
     def targets(self) -> list[str]:
         return [self.mlp_output_module] if self.variant == "pfeiffer" else [self.attn_output_module, self.mlp_output_module]
 
+    def resolved(self, model: nn.Module) -> "AdapterConfig":
+        """This config with ``auto`` module names replaced by the base architecture's own."""
+        wanted = ["mlp_output_module"] + ([] if self.variant == "pfeiffer" else ["attn_output_module"])
+        if all(getattr(self, key) != AUTO for key in wanted):
+            return self
+        from adapterhub.architectures import block_layout, model_type
+
+        layout = block_layout(model)
+        found = {"attn_output_module": ("attention", layout.attention_output),
+                 "mlp_output_module": ("MLP", layout.mlp_output)}
+        names = {}
+        for key in wanted:
+            what, name = found[key]
+            if getattr(self, key) != AUTO:
+                continue
+            if name is None:
+                raise ConfigError(f"adapter config: cannot tell the {what} output projection of this "
+                                  f"{model_type(model) or 'model'}'s decoder layers; "
+                                  f"set {key}=NAME (its name inside a layer)")
+            names[key] = name
+        return dataclasses.replace(self, **names)
+
     def width(self, hidden: int) -> int:
         return self.bottleneck_size or max(1, hidden // self.reduction)
 
@@ -58,7 +88,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, owner: nn.Module, width: int, activation: str):
         super().__init__()
-        hidden = owner.out_features
+        hidden = M.out_features(owner)
         device = owner.weight.device
         self.activation = activation
         self.down = nn.Linear(hidden, width, device=device, dtype=torch.float32)
@@ -104,13 +134,14 @@ class AdapterMethod(adapterhub.Method):
     def attach(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         if bottlenecks(model):
             raise ConfigError("adapter: the model already carries a bottleneck adapter; detach it first")
+        config = config.resolved(model)  # saved with the names it found, so the file says where it sits
         targets = M.decoder_linears(model, config.targets())
         if not targets:
             raise ConfigError(f"adapter config: no decoder-layer module named {config.targets()}; set "
                               "attn_output_module / mlp_output_module to this architecture's names")
         M.freeze_all(model)
         for _, owner in targets:
-            Bottleneck(owner, config.width(owner.out_features), config.activation)
+            Bottleneck(owner, config.width(M.out_features(owner)), config.activation)
         model.adapterhub_adapter_config = config.to_dict()
         return model
 

@@ -38,9 +38,9 @@ class BitFitConfig(MethodConfig):
 class BiasChange(nn.Module):
     """The trained change to one Linear's bias; ``created`` when the base had no bias."""
 
-    def __init__(self, owner: nn.Linear, created: bool):
+    def __init__(self, owner: nn.Module, created: bool):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(owner.out_features, device=owner.weight.device, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(M.out_features(owner), device=owner.weight.device, dtype=torch.float32))
         self.created = created
         self.merged = False
         self.register_buffer("original", None, persistent=False)
@@ -74,7 +74,7 @@ class BitFitMethod(adapterhub.Method):
         for _, linear in targets:
             created = linear.bias is None
             if created:
-                linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]), requires_grad=False)
+                linear.bias = nn.Parameter(linear.weight.new_zeros(M.out_features(linear)), requires_grad=False)
             BiasChange(linear, created)
         model.adapterhub_bitfit_config = config.to_dict()
         return model

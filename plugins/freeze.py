@@ -17,8 +17,8 @@ import torch.nn as nn
 
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub.architectures import layer_index_of
 from adapterhub.plugins import _modules as M
-from adapterhub.training import layer_index
 
 
 @dataclasses.dataclass
@@ -44,8 +44,13 @@ class FreezeConfig(MethodConfig):
 
 
 def selected_parameters(model: nn.Module, config: FreezeConfig) -> list[str]:
-    """Names of the parameters ``config`` trains (unique tensors, base names)."""
+    """Names of the parameters ``config`` trains (unique tensors, base names).
+
+    "Top layers" are the base's decoder layers as :mod:`adapterhub.architectures` finds them
+    (``model.layers.N``, ``transformer.h.N``, ``gpt_neox.layers.N``...).
+    """
     names = [n for n, _ in model.named_parameters()]
+    layer_index = layer_index_of(model)
     depth = 1 + max((i for n in names if (i := layer_index(n)) is not None), default=-1)
     top = set(range(depth - config.top_k_layers, depth))
 

@@ -41,8 +41,9 @@ class FullMethod(adapterhub.Method):
 
     def attach(self, model: nn.Module, config: FullConfig) -> nn.Module:
         M.refuse_quantized(model, self.name)
-        for name, p in model.named_parameters():
-            p.requires_grad_(config.train_embeddings or "embed_tokens" not in name)
+        frozen = set() if config.train_embeddings else {id(p) for p in model.get_input_embeddings().parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in frozen)
         model.adapterhub_full_config = config.to_dict()
         return model
 
