@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,38 +144,33 @@ class TrainResult:
 
 # -- optimizer ---------------------------------------------------------------------------------
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_index(param_name: str) -> int | None:
-    """Decoder-layer index of a parameter (``...layers.3.mlp...`` -> 3), None outside layers."""
-    match = _LAYER_INDEX.search(param_name)
-    return int(match.group(1)) if match else None
-
-
 def build_param_groups(method: "Method", model: "nn.Module", config: Any, options: TrainOptions) -> list[dict[str, Any]]:
     """Optimizer groups: the method's own (or one group), then layer-wise lr decay applied.
 
-    With decay ``d`` and ``L`` layers, layer ``i`` trains at ``lr * d ** (L - 1 - i)``; parameters
-    below the first layer (embeddings) get ``d ** L``, those above the last (head, final norm) 1.
+    With decay ``d`` and ``L`` layers, layer ``i`` trains at ``lr * d ** (L - 1 - i)``; the input
+    embeddings get ``d ** L``, everything else outside the layers (head, final norm) 1. Layers are
+    found from the model's module tree, so this works on any decoder (``transformer.h.N`` too).
     """
+    from .architectures import decoder_layers, layer_index_of
+
     groups = method.optimizer_groups(model, config, options)
     if groups is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": options.lr}]
-    names = {id(p): n for n, p in model.named_parameters()}
     decay = options.layerwise_lr_decay
     if decay >= 1.0:
         return [g for g in groups if g["params"]]
-    indices = [layer_index(n) for n in names.values()]
-    num_layers = max((i for i in indices if i is not None), default=-1) + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    layer_index = layer_index_of(model)
+    num_layers = len(decoder_layers(model))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_ids = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     split: dict[tuple, dict[str, Any]] = {}
     for group in groups:
         base_lr = group.get("lr", options.lr)
         for p in group["params"]:
-            name = names.get(id(p), "")
-            idx = layer_index(name)
+            idx = layer_index(names.get(id(p), ""))
             if idx is None:
-                depth = num_layers if "embed" in name else 0
+                depth = num_layers if id(p) in embedding_ids else 0
             else:
                 depth = num_layers - 1 - idx
             lr = base_lr * decay**depth

@@ -368,3 +368,23 @@ def test_yaml_values_apply_and_flags_override_them(tmp_path):
 def test_unknown_yaml_key_names_it(tmp_path):
     with pytest.raises(ConfigError, match="unknown key.*learning_rate"):
         parse_train([], tmp_path, "plugin: lora\nbase: B\ndata: D\nno_publish: true\nlearning_rate: 0.1\n")
+
+
+def test_layerwise_lr_decay_finds_the_layers_and_embeddings_of_any_decoder():
+    """GPT-2 names its layers ``transformer.h.N`` and its embeddings ``wte``: decay must still apply."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from adapterhub.manager import PluginManager
+    from adapterhub.training import build_param_groups
+
+    method = PluginManager(autoload=False).get_method("full")
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=2, vocab_size=320, n_positions=64))
+    config = method.make_config({})
+    model = method.attach(model, config)
+    options = TrainOptions(lr=LR, layerwise_lr_decay=0.5)
+    lr_of = {id(p): g["lr"] / LR for g in build_param_groups(method, model, config, options) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["transformer.wte.weight"])] == 0.5**3
+    assert lr_of[id(named["transformer.h.0.attn.c_attn.weight"])] == 0.5**2
+    assert lr_of[id(named["transformer.h.2.mlp.c_proj.weight"])] == 1.0
+    assert lr_of[id(named["transformer.ln_f.weight"])] == 1.0
