@@ -1,4 +1,5 @@
-"""The README's method table, generated from the registered plugins (never written by hand).
+"""The README's method tables (capabilities, config keys, recommended training options), generated
+from the registered plugins (never written by hand).
 
 ``python -m adapterhub.capabilities_table --write README.md`` rewrites the table between the
 markers; a test fails when the README's copy is stale.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 KEYS_BEGIN, KEYS_END = "<!-- method-configs:begin -->", "<!-- method-configs:end -->"
+DEFAULTS_BEGIN, DEFAULTS_END = "<!-- method-defaults:begin -->", "<!-- method-defaults:end -->"
 
 
 def trainable_share(method, base_dir) -> float:
@@ -59,6 +61,21 @@ def render_config_keys() -> str:
     return "\n".join(parts)
 
 
+def render_defaults() -> str:
+    """The training options each method gets unless the user sets them (``recommended_options``)."""
+    from adapterhub.manager import PluginManager
+    from adapterhub.training import TrainOptions
+
+    general = TrainOptions()
+    lines = ["| method | recommended training options (flags override them) |", "| --- | --- |"]
+    for name, method in sorted(PluginManager(autoload=False).methods().items()):
+        options = TrainOptions.for_method(method, {})  # also checks that every key and value is valid
+        shown = ", ".join(f"`--{key.replace('_', '-')} {getattr(options, key)}`" for key in method.recommended_options)
+        lines.append(f"| `{name}` | {shown or '(the general defaults)'} |")
+    lines.append(f"| (general) | `--lr {general.lr}`, `--epochs {general.epochs}`, `--batch-size {general.batch_size}` |")
+    return "\n".join(lines)
+
+
 def replace_between(readme: str, begin: str, end: str, body: str) -> str:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         path = Path(args.write)
         text = replace_table(path.read_text(), table)
-        path.write_text(replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys()))
+        text = replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys())
+        path.write_text(replace_between(text, DEFAULTS_BEGIN, DEFAULTS_END, render_defaults()))
     else:
         sys.stdout.write(table + "\n")
     return 0

@@ -24,6 +24,14 @@ def test_method_config_keys_are_generated_from_the_plugins():
     assert current == render_config_keys(), "README config keys are stale: python -m adapterhub.capabilities_table --write README.md"
 
 
+def test_method_defaults_table_is_generated_from_the_plugins():
+    from adapterhub.capabilities_table import DEFAULTS_BEGIN, DEFAULTS_END, render_defaults
+
+    readme = (ROOT / "README.md").read_text()
+    current = readme.split(DEFAULTS_BEGIN)[1].split(DEFAULTS_END)[0].strip()
+    assert current == render_defaults(), "README method defaults are stale: python -m adapterhub.capabilities_table --write README.md"
+
+
 def test_quickstart_is_two_make_targets():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
