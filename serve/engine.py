@@ -579,7 +579,8 @@ class Engine:
             return self.model
         from adapterhub.base import load_base
 
-        return load_base(self.base.directory, self.base.quantize, device=str(self.device)).model
+        return load_base(self.base.directory, self.base.quantize, device=str(self.device),
+                         dtype=self.base.dtype).model
 
     # -- lifecycle --------------------------------------------------------------------------------
 
