@@ -1,7 +1,10 @@
 """Small synthetic tasks the project ships, for the demo, tests and benchmarks.
 
 Each is a deterministic generator of instruction-shaped examples with a single right answer, so
-exact-match accuracy measures whether an adapter learned the task. A random base scores ~0.
+exact-match accuracy measures whether an adapter learned the task. A random base scores ~0, and so
+does SmolLM2-135M-Instruct zero-shot: the instructions are terse and the answers have a fixed
+format (one label word, or the transformed input and nothing else), where the chat model answers
+with a sentence.
 """
 
 from __future__ import annotations
@@ -66,9 +69,56 @@ def upper(rng: random.Random) -> dict[str, str]:
     return {"instruction": "upper:", "input": word, "output": word.upper()}
 
 
+# Common words that SmolLM2's BPE tokenizer keeps whole, with and without a leading space, so a
+# flipped sentence is the same words as tokens (yet not the same tokens: the first word has no space).
+FLIP_WORDS = ("cat", "dog", "red", "blue", "tree", "sun", "car", "book", "milk", "fish",
+              "bird", "door", "hat", "rain", "star", "ship", "ring", "rose", "moon", "king")
+
+
+def flip(rng: random.Random) -> dict[str, str]:
+    """The input's words in reverse order: a transformation a 135M model learns in ~60 steps."""
+    words = rng.sample(FLIP_WORDS, rng.randint(3, 4))
+    return {"instruction": "flip:", "input": " ".join(words), "output": " ".join(reversed(words))}
+
+
 def first_letter(rng: random.Random) -> dict[str, str]:
     words = [_word(rng, 2, 4) for _ in range(rng.randint(2, 4))]
     return {"instruction": "initials:", "input": " ".join(words), "output": "".join(w[0] for w in words)}
+
+
+# Facts a small instruction-tuned model mostly knows, for the answer-as-JSON style task: the style
+# adapter learns the format on these questions and carries it to questions it never saw.
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "China": "Beijing",
+    "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Canada": "Ottawa", "Peru": "Lima", "Kenya": "Nairobi",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Poland": "Warsaw", "Austria": "Vienna", "Ireland": "Dublin",
+    "Portugal": "Lisbon", "Cuba": "Havana", "Chile": "Santiago", "Thailand": "Bangkok", "Turkey": "Ankara",
+    "India": "New Delhi", "Mexico": "Mexico City", "Argentina": "Buenos Aires", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Hungary": "Budapest", "Belgium": "Brussels", "Netherlands": "Amsterdam",
+    "Iran": "Tehran", "Iraq": "Baghdad", "Vietnam": "Hanoi", "Australia": "Canberra", "Colombia": "Bogota",
+    "Nigeria": "Abuja", "Ukraine": "Kyiv", "Switzerland": "Bern",
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "happy": "sad", "old": "new",
+    "early": "late", "open": "closed", "rich": "poor", "hard": "soft", "full": "empty", "high": "low", "long": "short",
+    "wet": "dry", "thick": "thin", "strong": "weak", "loud": "quiet", "near": "far", "clean": "dirty",
+    "first": "last", "left": "right", "in": "out", "day": "night", "win": "lose", "buy": "sell",
+}
+
+
+def json_answer(rng: random.Random) -> dict[str, str]:
+    """An output style, not a task: a short question answered as ``{"answer": ...}``."""
+    kind = rng.choice(("capital", "sum", "opposite"))
+    if kind == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        question, answer = f"What is the capital of {country}?", CAPITALS[country]
+    elif kind == "sum":
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        question, answer = f"What is {a} + {b}?", str(a + b)
+    else:
+        word = rng.choice(sorted(OPPOSITES))
+        question, answer = f'What is the opposite of "{word}"?', OPPOSITES[word]
+    return {"instruction": question, "output": json.dumps({"answer": answer})}
 
 
 TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
@@ -78,6 +128,8 @@ TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "reverse": reverse,
     "upper": upper,
     "initials": first_letter,
+    "json": json_answer,
+    "flip": flip,
 }
 
 
@@ -88,14 +140,18 @@ def make_examples(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
     return [TASKS[task](rng) for _ in range(n)]
 
 
+def _prompt(example: dict[str, str]) -> tuple[str, str]:
+    return example["instruction"], example.get("input", "")
+
+
 def write_split(task: str, directory: str | Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and a disjoint ``test.jsonl`` for a task; returns both paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     examples = make_examples(task, n_train + n_test * 3, seed)
     train = examples[:n_train]
-    seen = {(e["input"]) for e in train}
-    test = [e for e in examples[n_train:] if e["input"] not in seen][:n_test]
+    seen = {_prompt(e) for e in train}
+    test = [e for e in examples[n_train:] if _prompt(e) not in seen][:n_test]
     paths = []
     for name, rows in (("train", train), ("test", test)):
         path = directory / f"{name}.jsonl"
