@@ -97,7 +97,18 @@ class PromptLearningMethod(PeftMethod):
         return align_logits(super().attach(model, config))
 
     def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
-        return align_logits(super().load(model, directory, trainable=trainable))
+        model = align_logits(super().load(model, directory, trainable=trainable))
+        # With peft 0.21 + transformers 5, ``generate`` with a key/value cache drifts from the
+        # model's own greedy decoding after the first steps (the virtual tokens' positions are
+        # lost in the cached steps). Generating without the cache recomputes the prefix each step:
+        # slower, but the tokens are the model's.
+        model.get_base_model().generation_config.use_cache = False
+        return model
+
+    def detach(self, model: Any) -> Any:
+        base = super().detach(model)
+        base.generation_config.use_cache = True
+        return base
 
 
 def align_logits(model: Any) -> Any:
