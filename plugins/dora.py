@@ -23,6 +23,9 @@ class DoraConfig(LoraConfig):
 
 class DoraMethod(LoraMethod):
     name = "dora"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps): flip 0.97.
+    recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = DoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=False, composable=False)
     description = "Weight-decomposed LoRA: a learned magnitude plus a LoRA-updated direction (PEFT use_dora)."

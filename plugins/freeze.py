@@ -25,7 +25,7 @@ from adapterhub.plugins import _modules as M
 class FreezeConfig(MethodConfig):
     method_name = "freeze"
 
-    top_k_layers: int = option(2, "train the top K decoder layers (0: none; use patterns instead)")
+    top_k_layers: int = option(8, "train the top K decoder layers (0: none; use patterns instead)")
     patterns: list[str] = option(
         [], "also train parameters whose names match: globs (fnmatch, e.g. 'lm_head.*') or 're:REGEX'"
     )
@@ -71,6 +71,9 @@ def selected_parameters(model: nn.Module, config: FreezeConfig) -> list[str]:
 
 class FreezeMethod(adapterhub.Method):
     name = "freeze"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps), top 8 layers: flip 0.78 (top 2 at 1e-3: 0.16; top 15 at 3e-4: 1.00).
+    recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = FreezeConfig
     capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=False, composable=False)
     description = "Layer freezing: train the top-k decoder layers or parameters matching patterns; saves the delta."

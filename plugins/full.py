@@ -35,6 +35,9 @@ class FullConfig(MethodConfig):
 
 class FullMethod(adapterhub.Method):
     name = "full"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps): flip 0.97 (every weight moves: a small lr).
+    recommended_options = {"lr": 5e-5, "epochs": 3.0, "warmup_steps": 5}
     config_class = FullConfig
     capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=False, composable=False)
     description = "Full fine-tuning: every weight trains; saved as a plain Hugging Face model directory."

@@ -40,6 +40,9 @@ class LoraConfig(MethodConfig):
 
 class LoraMethod(PeftMethod):
     name = "lora"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps): flip 0.94.
+    recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = LoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "Low-rank adaptation of Linear layers (PEFT LoRA)."

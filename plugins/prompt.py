@@ -39,6 +39,9 @@ class PromptConfig(MethodConfig):
 
 class PromptMethod(PromptLearningMethod):
     name = "prompt"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (80 steps): flip 0.81 (lr 3e-2: 0.72).
+    recommended_options = {"lr": 1e-1, "epochs": 4.0, "warmup_steps": 5}
     config_class = PromptConfig
     capabilities = Capabilities(mergeable=False, quantized_base=True, mixed_batch=False, composable=False)
     description = "Prompt tuning: a trained soft prompt at the input (PEFT PromptTuning)."

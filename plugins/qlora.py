@@ -28,6 +28,9 @@ class QLoraConfig(LoraConfig):
 
 class QLoraMethod(LoraMethod):
     name = "qlora"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps): flip 0.91 on the nf4 base.
+    recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = QLoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "LoRA on a 4-bit nf4 base (bitsandbytes); merges only into the full-precision base."

@@ -32,6 +32,9 @@ class LohaConfig(MethodConfig):
 
 class LohaMethod(adapterhub.Method):
     name = "loha"
+    # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
+    # options (60 steps): flip 0.88.
+    recommended_options = {"lr": 5e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = LohaConfig
     capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=False, composable=False)
     description = "Low-rank Hadamard product adaptation (PEFT LoHa); an example third-party plugin."
