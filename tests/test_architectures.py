@@ -111,6 +111,7 @@ def offline_tokens(base_dir: Path, quantize: str, tokenizer, method_name: str | 
     forward passes (no ``generate``: PEFT's prompt-learning generate differs from its forward)."""
     from adapterhub.base import load_base
     from adapterhub.data import render_prompt
+    from adapterhub.generation import greedy_tokens
     from adapterhub.manager import PluginManager
 
     model = load_base(base_dir, quantize).model
@@ -118,13 +119,8 @@ def offline_tokens(base_dir: Path, quantize: str, tokenizer, method_name: str | 
         model = PluginManager(autoload=False).get_method(method_name).load(model, directory)
     model.eval()
     prompt = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in _messages(text)])
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    new: list[int] = []
-    with torch.inference_mode():
-        while len(new) < MAX_NEW and (not new or new[-1] != tokenizer.eos_token_id):
-            full = torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)
-            new.append(int(model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -1].argmax()))
-    return new
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return greedy_tokens(model, tokenizer, [ids], max_new_tokens=MAX_NEW)[0]
 
 
 @pytest.fixture(scope="module")
