@@ -57,15 +57,25 @@ def sentiment_dataset(sentiment_data, tiny_tokenizer):
     return load_dataset(sentiment_data[0], tiny_tokenizer, max_length=64)
 
 
-@pytest.fixture
-def plugin_manager():
-    """A fresh process-wide plugin manager; restored afterwards so no plugin state leaks."""
+def _process_wide_manager(autoload: bool):
     from adapterhub.manager import PluginManager, reset_manager
 
-    manager = PluginManager(autoload=False)
+    manager = PluginManager(autoload=autoload)
     reset_manager(manager)
     yield manager
     reset_manager(None)
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh process-wide plugin manager (built-ins only); restored afterwards so no plugin state leaks."""
+    yield from _process_wide_manager(autoload=False)
+
+
+@pytest.fixture
+def installed_plugin_manager():
+    """The process-wide manager with the installed entry-point plugins too (the example `loha`)."""
+    yield from _process_wide_manager(autoload=True)
 
 
 @pytest.fixture(autouse=True)

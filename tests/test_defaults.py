@@ -12,7 +12,7 @@ import typing
 
 import pytest
 
-from adapterhub.manager import PluginManager, reset_manager
+from adapterhub.manager import PluginManager
 from adapterhub.training import TrainOptions
 
 # What a method may recommend: how it learns. Where the data, logs and checkpoints go, the batch a
@@ -23,12 +23,8 @@ ALL_METHODS = sorted(PluginManager(autoload=True).methods())
 
 
 @pytest.fixture
-def manager():
-    """The process-wide manager with entry-point plugins (the example `loha`), restored afterwards."""
-    manager = PluginManager(autoload=True)
-    reset_manager(manager)
-    yield manager
-    reset_manager(None)
+def manager(installed_plugin_manager):
+    return installed_plugin_manager
 
 
 def test_every_builtin_method_and_the_example_plugin_are_covered():
