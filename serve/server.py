@@ -20,6 +20,7 @@ from .adapter_source import AdapterSource
 from .engine import Engine
 from .interceptors import BearerTokenInterceptor, ErrorInterceptor
 from .metrics import Metrics
+from .ports import check_free, in_use
 from .requests import Limits
 from .servicers import AdminServicer, InferenceServicer
 
@@ -92,6 +93,9 @@ class AdapterServer:
         self.options = options
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         overlap = lora_overlap(options.lora_overlap)
+        check_free(options.host, options.port, "--port")  # taken ports fail before the base loads
+        if options.metrics_port is not None:
+            check_free(options.host, options.metrics_port, "--metrics-port")
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
@@ -106,25 +110,31 @@ class AdapterServer:
             interceptors.append(BearerTokenInterceptor(options.token, admin_token=options.admin_token))
         interceptors.append(ErrorInterceptor(self.metrics))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors,
-                                  options=[("grpc.max_receive_message_length", options.max_message_bytes)])
+                                  options=[("grpc.max_receive_message_length", options.max_message_bytes),
+                                           ("grpc.so_reuseport", 0)])  # a second server must not share the port
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.engine, _version()), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{options.host}:{options.port}"
+        creds = None
         if options.tls_cert or options.tls_key:
             creds = grpc.ssl_server_credentials([(Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # taken since check_free: gRPC says only "Failed to bind"
+            raise in_use(options.host, options.port, "--port", exc) from None
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
     def start(self) -> "AdapterServer":
+        if self.options.metrics_port is not None:  # first: a taken port must not leave gRPC half started
+            try:
+                self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
+            except OSError as exc:
+                raise in_use(self.options.host, self.options.metrics_port, "--metrics-port", exc) from None
         self.server.start()
-        if self.options.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (base %s, %s)", self.options.host, self.port, self.engine.base.name,

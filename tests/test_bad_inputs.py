@@ -219,3 +219,32 @@ def test_bad_input_matrix(env, tiny_base_dir, tiny_tokenizer):
     total = sum(outcomes.values())
     print(f"bad inputs refused cleanly: {total} ({outcomes}); registry and inputs unchanged")
     assert total >= 40
+
+
+def test_taken_ports_and_bad_weights_fail_fast(env, tiny_base_dir):
+    """A second server on a taken port exits 2 with one line (gRPC's default SO_REUSEPORT let it start
+    and take half the first one's requests); so does a taken --metrics-port (it printed a traceback),
+    and a weight that is no number is named as the weight (it was reported as a bad tag)."""
+    import socket
+
+    registry = env["root"] / "registry"
+    serve = ["serve", "--base", str(tiny_base_dir), "--registry", str(registry), "--quantize", "none"]
+    with running_server(tiny_base_dir, registry) as server, socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        cases = [
+            ([*serve, "--port", str(server.port)], f"--port {server.port}", "already in use"),
+            ([*serve, "--port", "0", "--metrics-port", str(taken)], f"--metrics-port {taken}", "already in use"),
+            (["generate", "--server", f"127.0.0.1:{server.port}", "--adapter", "senti@2:abc", "hi"], "'abc'",
+             "not a number"),
+        ]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = list(pool.map(_run_cli, [args for args, *_ in cases]))
+        for (args, *words), proc in zip(cases, results):
+            err = proc.stderr.strip()
+            assert proc.returncode == 2 and "Traceback" not in err, (args, proc.returncode, err[-600:])
+            lines = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(lines) == 1 and all(w in lines[0] for w in words), (args, err[-600:])
+        with Client(f"127.0.0.1:{server.port}") as client:  # the first server still answers every request
+            assert all(client.generate("hi", adapters=["senti@1"], max_new_tokens=2).token_ids for _ in range(4))
