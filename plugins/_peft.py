@@ -102,12 +102,15 @@ class PromptLearningMethod(PeftMethod):
         # model's own greedy decoding after the first steps (the virtual tokens' positions are
         # lost in the cached steps). Generating without the cache recomputes the prefix each step:
         # slower, but the tokens are the model's.
-        model.get_base_model().generation_config.use_cache = False
+        generation = model.get_base_model().generation_config
+        model.adapterhub_base_use_cache = generation.use_cache  # detach gives the base its own setting back
+        generation.use_cache = False
         return model
 
     def detach(self, model: Any) -> Any:
+        use_cache = getattr(model, "adapterhub_base_use_cache", True)
         base = super().detach(model)
-        base.generation_config.use_cache = True
+        base.generation_config.use_cache = use_cache
         return base
 
 
