@@ -9,7 +9,7 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from adapterhub.adapter_files import AdapterFiles
 
@@ -81,6 +81,22 @@ class AdapterSource:
                 raise LimitExceeded(
                     f"adapter {manifest.ref}: file {name} is {entry.size} bytes, over this server's limit of "
                     f"{self.max_bytes} (--max-adapter-bytes); raise the limit or publish a smaller adapter")
+
+    def catalog(self, base_fingerprint: str) -> Iterator[tuple[str, AdapterVersion]]:
+        """Every version trained on ``base_fingerprint``, then every tag pointing at one: (name, version),
+        tasks sorted, versions ascending. Lazy: a caller that pages reads only the manifests it shows."""
+        for task in self.store.list_tasks():
+            versions = {}
+            for number in self.store.list_versions(task):
+                manifest = self.store.get_manifest(task, number)
+                if manifest.base_fingerprint and manifest.base_fingerprint != base_fingerprint:
+                    continue
+                versions[number] = AdapterVersion(manifest.task, manifest.version, manifest.method,
+                                                  manifest.base_fingerprint, manifest.base_name, manifest)
+                yield versions[number].ref, versions[number]
+            for tag, number in sorted(self.store.tags(task).items()):
+                if number in versions:
+                    yield f"{task}@{tag}", versions[number]
 
     def describe(self) -> str:
         return str(getattr(self.store, "root", self.store))

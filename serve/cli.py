@@ -16,7 +16,7 @@ class ServerUnavailable(AdapterHubError):
 
 
 def add_serve_parsers(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC")
+    serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC (and OpenAI's HTTP API)")
     serve.add_argument("--base", required=True, help="base model directory or Hub id")
     serve.add_argument("--quantize", default="nf4", choices=QUANTIZE_CHOICES)
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -49,6 +49,12 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                            "/v1/models, /health, /metrics) on this port, on the same engine")
+    serve.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the base's model name in the HTTP API (default: the --base directory's name)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.set_defaults(func=cmd_serve)
 
@@ -97,9 +103,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
         max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype,
-        lora_overlap=args.lora_overlap)
+        lora_overlap=args.lora_overlap, http_port=args.http_port, http_host=args.http_host,
+        served_model_name=args.served_model_name)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
+    if server.http_port is not None:
+        print(f"OpenAI HTTP API on http://{server.http_host}:{server.http_port}/v1 (model {server.served_name!r}, "
+              "or a registry reference)", flush=True)
     server.wait(args.grace)
     return 0
 

@@ -55,7 +55,7 @@ class Sequence:
     _ids = itertools.count(1)
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], entries: list[tuple[LoadedAdapter, float]],
-                 resolved: list[ResolvedAdapter], deadline: float | None, stream: bool = True):
+                 resolved: list[ResolvedAdapter], deadline: float | None, stream: bool = True, events: Any = None):
         self.id = next(self._ids)
         self.request = request
         self.stream = stream  # False: the caller wants the result only (no per-token chunks)
@@ -65,7 +65,7 @@ class Sequence:
         self.resolved = resolved
         self.deadline = deadline
         self.generated: list[int] = []
-        self.events: queue.Queue = queue.Queue()
+        self.events: Any = events if events is not None else queue.Queue()  # anything with put(item)
         self.cancelled = False
         self.finished = False
         self.emitted_text = ""
@@ -265,8 +265,13 @@ class Engine:
 
     # -- request side (caller threads) ------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, *, timeout: float | None = None, stream: bool = True) -> Sequence:
+    def submit(self, request: GenerationRequest, *, timeout: float | None = None, stream: bool = True,
+               events: Any = None) -> Sequence:
         """Tokenize, resolve and load adapters (off the engine lock), then enqueue.
+
+        ``events`` receives the chunks and the final error with ``put(item)`` (default a
+        ``queue.Queue``, read by ``chunks()`` / ``result()``; the HTTP door passes one that wakes
+        its event loop instead of a waiting thread).
 
         ``stream=False`` (unary calls) asks for the result only: the engine then skips the
         per-token events, and also the per-token detokenization unless stop strings need the text.
@@ -294,7 +299,7 @@ class Engine:
             raise
         resolved = [ResolvedAdapter(spec.ref, e.key, e.method.name, w) for spec, (e, w) in zip(request.adapters, entries)]
         deadline = time.monotonic() + timeout if timeout is not None else None
-        seq = Sequence(request, prompt_ids, entries, resolved, deadline, stream)
+        seq = Sequence(request, prompt_ids, entries, resolved, deadline, stream, events)
         with self._cond:
             if self._stopping:
                 self._release(seq)

@@ -1,4 +1,4 @@
-"""Serving-only errors; the interceptor maps these (and adapterhub.errors) to gRPC status codes."""
+"""Serving-only errors; :mod:`status` maps these (and adapterhub.errors) to gRPC and HTTP statuses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from adapterhub.errors import AdapterHubError
 
 
 class RequestTimeout(AdapterHubError):
-    """The request's deadline passed before it finished (DEADLINE_EXCEEDED)."""
+    """The request's deadline passed before it finished (DEADLINE_EXCEEDED, 504)."""
 
 
 class RequestCancelled(AdapterHubError):
@@ -14,4 +14,12 @@ class RequestCancelled(AdapterHubError):
 
 
 class ShuttingDown(AdapterHubError):
-    """The server is stopping and takes no new requests (UNAVAILABLE)."""
+    """The server is stopping and takes no new requests (UNAVAILABLE, 503)."""
+
+
+class Unauthenticated(AdapterHubError):
+    """No bearer token, or a wrong one (UNAUTHENTICATED, 401)."""
+
+
+class PermissionDenied(AdapterHubError):
+    """A valid inference token used where the admin token is needed (PERMISSION_DENIED, 403)."""

@@ -1,45 +1,23 @@
-"""Server interceptors: the ONE place errors become status codes (plus the per-request log line
-and request metrics), and optional bearer-token auth."""
+"""Server interceptors: errors become status codes (through :mod:`status`, shared with the HTTP
+door), the per-request log line and request metrics, and optional bearer-token auth."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any, Callable
 
 import grpc
 
-from adapterhub import errors
-
-from .errors import RequestCancelled, RequestTimeout, ShuttingDown
+from .auth import Tokens
+from .errors import PermissionDenied, Unauthenticated
+from .status import INTERNAL, public_message, status_for
 
 log = logging.getLogger("adapterhub.serve.requests")
 
-# Checked in order; the first matching class wins.
-STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.LimitExceeded, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.DataError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.BaseMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (RequestCancelled, grpc.StatusCode.CANCELLED),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (errors.AdapterHubError, grpc.StatusCode.FAILED_PRECONDITION),
-)
 
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    for kind, code in STATUS_BY_ERROR:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def _summary(response: Any) -> str:
+def summary(response: Any) -> str:
+    """The adapters and token counts of a finished request, for its log line (either door)."""
     adapters = getattr(response, "adapters", None)
     if adapters is None or not hasattr(response, "completion_tokens"):
         return ""
@@ -93,22 +71,20 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def _done(self, name: str, start: float, response: Any) -> None:
         latency = time.monotonic() - start
-        log.info("rpc=%s status=OK latency_ms=%.1f%s", name, latency * 1000, _summary(response))
+        log.info("rpc=%s status=OK latency_ms=%.1f%s", name, latency * 1000, summary(response))
         if self.metrics is not None:
             self.metrics.request(name, "OK", latency, response)
 
     def _fail(self, name: str, exc: Exception, context: grpc.ServicerContext, start: float) -> None:
-        code = status_for(exc)
+        status = status_for(exc)
         latency = time.monotonic() - start
-        if code == grpc.StatusCode.INTERNAL:
+        if status is INTERNAL:
             log.exception("rpc=%s status=INTERNAL latency_ms=%.1f", name, latency * 1000)
-            message = f"internal error ({type(exc).__name__}); see the server log"
         else:
-            log.info("rpc=%s status=%s latency_ms=%.1f error=%s", name, code.name, latency * 1000, exc)
-            message = shorten(str(exc))
+            log.info("rpc=%s status=%s latency_ms=%.1f error=%s", name, status.name, latency * 1000, exc)
         if self.metrics is not None:
-            self.metrics.request(name, code.name, latency, None)
-        context.abort(code, message)
+            self.metrics.request(name, status.name, latency, None)
+        context.abort(status.grpc, shorten(public_message(exc, status)))
 
 
 MAX_DETAILS_BYTES = 3000
@@ -131,32 +107,30 @@ def shorten(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except health checks.
+    """Requires ``authorization: Bearer <token>`` on every RPC except health checks (see :class:`Tokens`).
 
-    Admin RPCs need ``admin_token`` when one is set (the inference token does not grant them);
-    a service whose token is None is open. Reflection needs the inference token: it describes the API.
+    Reflection needs the inference token: it describes the API.
     """
 
     ADMIN_PREFIX = "/adapterhub.v1.Admin/"
 
-    def __init__(self, token: str | None, admin_token: str | None = None):
-        self._token = token.encode() if token else None
-        self._admin_token = admin_token.encode() if admin_token else self._token
+    def __init__(self, tokens: Tokens):
+        self.tokens = tokens
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith("/grpc.health"):
             return continuation(details)
-        expected = self._admin_token if details.method.startswith(self.ADMIN_PREFIX) else self._token
-        if expected is None:
+        try:
+            self.tokens.check(dict(details.invocation_metadata or ()).get("authorization"),
+                              admin=details.method.startswith(self.ADMIN_PREFIX), where="send metadata")
             return continuation(details)
-        scheme, _, value = dict(details.invocation_metadata or ()).get("authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
-            return continuation(details)
+        except (Unauthenticated, PermissionDenied) as exc:
+            denial = exc
         handler = continuation(details)
-        which = "admin token" if details.method.startswith(self.ADMIN_PREFIX) and expected != self._token else "bearer token"
+        code, message = status_for(denial).grpc, str(denial)
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {which} (metadata 'authorization: Bearer ...')")
+            context.abort(code, message)
 
         if handler is not None and handler.request_streaming and handler.response_streaming:
             def deny_bidi(request_iterator, context):

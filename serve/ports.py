@@ -30,6 +30,24 @@ def check_free(host: str, port: int, flag: str) -> None:
                 raise in_use(host, port, flag, exc) from None
 
 
+def listen(host: str, port: int, flag: str) -> socket.socket:
+    """A listening socket on ``host:port`` (SO_REUSEADDR, never SO_REUSEPORT), or the one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"{flag} {port}: cannot resolve host {host!r} ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise in_use(host, port, flag, exc) from None
+    return sock
+
+
 def in_use(host: str, port: int, flag: str, exc: Exception) -> ConfigError:
     """The one-line error for a failed bind of ``host:port`` (``exc``: the OSError, or gRPC's RuntimeError)."""
     code = getattr(exc, "errno", None)

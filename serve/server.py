@@ -1,4 +1,5 @@
-"""Assemble and run the gRPC server: engine, servicers, interceptors, health, reflection, metrics."""
+"""Assemble and run the server: engine, gRPC servicers, interceptors, health, reflection, metrics, and the
+optional OpenAI HTTP API on the same engine."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from .adapter_source import AdapterSource
+from .auth import Tokens
 from .engine import Engine
 from .interceptors import BearerTokenInterceptor, ErrorInterceptor
 from .metrics import Metrics
@@ -54,6 +56,9 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    http_port: int | None = None  # the OpenAI HTTP API (off unless set)
+    http_host: str | None = None  # default: host
+    served_model_name: str | None = None  # the base's name in the HTTP API (default: the --base directory's name)
     lora_dtype: str = "auto"  # of the resident LoRA stacks: auto (the base's compute dtype), float16, bfloat16, float32
     lora_overlap: str = "auto"  # mixed-batch LoRA on a core of its own: auto (when torch leaves one unused), on, off
 
@@ -96,6 +101,8 @@ class AdapterServer:
         check_free(options.host, options.port, "--port")  # taken ports fail before the base loads
         if options.metrics_port is not None:
             check_free(options.host, options.metrics_port, "--metrics-port")
+        if options.http_port is not None:
+            check_free(self.http_host, options.http_port, "--http-port")
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
@@ -106,8 +113,9 @@ class AdapterServer:
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
         interceptors: list[grpc.ServerInterceptor] = []
-        if options.token or options.admin_token:
-            interceptors.append(BearerTokenInterceptor(options.token, admin_token=options.admin_token))
+        self.tokens = Tokens(options.token, admin_token=options.admin_token)
+        if self.tokens.enabled:
+            interceptors.append(BearerTokenInterceptor(self.tokens))
         interceptors.append(ErrorInterceptor(self.metrics))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors,
                                   options=[("grpc.max_receive_message_length", options.max_message_bytes),
@@ -126,7 +134,22 @@ class AdapterServer:
         except RuntimeError as exc:  # taken since check_free: gRPC says only "Failed to bind"
             raise in_use(options.host, options.port, "--port", exc) from None
         self.metrics_port: int | None = None
+        self.http: Any = None  # the HTTP door's HttpServer, once started
         self._stopped = threading.Event()
+
+    @property
+    def http_host(self) -> str:
+        return self.options.http_host or self.options.host
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def served_name(self) -> str:
+        """The base's name in the OpenAI API: ``--served-model-name``, else the base directory's name."""
+        name = self.options.served_model_name
+        return name or (Path(self.options.base).name if Path(self.options.base).is_dir() else self.options.base)
 
     def start(self) -> "AdapterServer":
         if self.options.metrics_port is not None:  # first: a taken port must not leave gRPC half started
@@ -134,12 +157,24 @@ class AdapterServer:
                 self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
             except OSError as exc:
                 raise in_use(self.options.host, self.options.metrics_port, "--metrics-port", exc) from None
+        http = self._http_server() if self.options.http_port is not None else None  # binds: a taken port fails here
         self.server.start()
+        if http is not None:
+            self.http = http.start()
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (base %s, %s)", self.options.host, self.port, self.engine.base.name,
-                 self.engine.base.quantize)
+        log.info("serving on %s:%d (base %s, %s)%s", self.options.host, self.port, self.engine.base.name,
+                 self.engine.base.quantize, f"; OpenAI HTTP API on {self.http_host}:{self.http_port}" if http else "")
         return self
+
+    def _http_server(self) -> Any:
+        from .http_server import HttpServer
+        from .openai_api import HttpContext, create_app
+
+        context = HttpContext(self.engine, self.served_name, self.tokens, self.metrics,
+                              serving=lambda: not self._stopped.is_set(), max_body_bytes=self.options.max_message_bytes,
+                              workers=self.options.workers, version=_version())
+        return HttpServer(create_app(context), self.http_host, self.options.http_port)
 
     def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
@@ -148,6 +183,8 @@ class AdapterServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         done = self.server.stop(grace)
+        if self.http is not None:
+            self.http.stop(grace)
         done.wait(grace + 1)
         self.engine.stop(grace=1.0)
         self.metrics.close()

@@ -29,6 +29,15 @@ def smollm2_base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mixed_world(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
+    """A registry with LoRA (two tasks), bottleneck, IA3 and prefix adapters on the tiny base (see
+    ``mixed_world.py``); shared by the server test modules, which leave it as they found it."""
+    from mixed_world import build_mixed_world
+
+    return build_mixed_world(tmp_path_factory.mktemp("serve"), tiny_base_dir, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base_dir):
     from adapterhub.base import load_tokenizer
 

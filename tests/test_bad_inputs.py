@@ -223,19 +223,21 @@ def test_bad_input_matrix(env, tiny_base_dir, tiny_tokenizer):
 
 def test_taken_ports_and_bad_weights_fail_fast(env, tiny_base_dir):
     """A second server on a taken port exits 2 with one line (gRPC's default SO_REUSEPORT let it start
-    and take half the first one's requests); so does a taken --metrics-port (it printed a traceback),
-    and a weight that is no number is named as the weight (it was reported as a bad tag)."""
+    and take half the first one's requests); so does a taken --metrics-port (it printed a traceback)
+    or --http-port, and a weight that is no number is named as the weight (it was reported as a bad tag)."""
     import socket
 
     registry = env["root"] / "registry"
     serve = ["serve", "--base", str(tiny_base_dir), "--registry", str(registry), "--quantize", "none"]
-    with running_server(tiny_base_dir, registry) as server, socket.socket() as held:
+    with running_server(tiny_base_dir, registry, http_port=0) as server, socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         taken = held.getsockname()[1]
         cases = [
             ([*serve, "--port", str(server.port)], f"--port {server.port}", "already in use"),
             ([*serve, "--port", "0", "--metrics-port", str(taken)], f"--metrics-port {taken}", "already in use"),
+            ([*serve, "--port", "0", "--http-port", str(server.http_port)], f"--http-port {server.http_port}",
+             "already in use"),
             (["generate", "--server", f"127.0.0.1:{server.port}", "--adapter", "senti@2:abc", "hi"], "'abc'",
              "not a number"),
         ]

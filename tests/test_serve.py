@@ -7,8 +7,6 @@ served on its nf4 quantization. Offline references: plain ``peft.PeftModel.from_
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 import urllib.request
@@ -18,61 +16,17 @@ import grpc
 import pytest
 import torch
 
+from mixed_world import (MAX_NEW, bottleneck_after, chat, method_load, offline_tokens, offline_tokens_by_forward,
+                         peft_lora)
+
 from adapterhub.serve.client import Client
 
 PROMPTS = ["the good day", "a bad movie", "the food was fine", "dark cold room"]
-MAX_NEW = 8
-
-
-def _messages(text):
-    return [("user", f"sentiment?\n\n{text}")]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
-    """A registry with lora (x2 tasks), bottleneck adapter, ia3 and prefix adapters (+ variants)."""
-    from adapterhub.adapters import save_adapter
-    from adapterhub.base import fingerprint, load_base
-    from adapterhub.data import load_dataset
-    from adapterhub.manager import PluginManager
-    from adapterhub.registry import open_registry
-    from adapterhub.tasks import write_split
-    from adapterhub.training import TrainOptions
-
-    root = tmp_path_factory.mktemp("serve")
-    store = open_registry(root / "registry")
-    manager = PluginManager(autoload=False)
-    dirs = {}
-    for task, method_name, data_task, lr in [("senti", "lora", "sentiment", 5e-3), ("rev", "lora", "reverse", 1e-2),
-                                             ("bottle", "adapter", "sentiment", 5e-3), ("scale", "ia3", "sentiment", 3e-2),
-                                             ("pre", "prefix", "sentiment", 3e-2)]:
-        train, _ = write_split(data_task, root / f"data-{task}", n_train=48, n_test=4)
-        dataset = load_dataset(train, tiny_tokenizer, max_length=64)
-        method = manager.get_method(method_name)
-        config = method.make_config({})
-        options = TrainOptions(max_steps=12, lr=lr, batch_size=8, progress=False, seed=0,
-                               run_dir=str(root / f"run-{task}"))
-        result = method.train(load_base(tiny_base_dir, "none").model, dataset, config, options, tokenizer=tiny_tokenizer)
-        out = save_adapter(method, result.model, config, root / f"adapter-{task}",
-                           base={"name": "tiny", "fingerprint": fingerprint(tiny_base_dir)})
-        store.publish(task, out)
-        dirs[task] = out
-    store.set_tag("senti@1", "prod")
-    # an adapter that claims another base
-    other = root / "adapter-other"
-    shutil.copytree(dirs["senti"], other)
-    meta = json.loads((other / "adapterhub.json").read_text())
-    meta["base"]["fingerprint"] = "sha256:" + "0" * 64
-    (other / "adapterhub.json").write_text(json.dumps(meta))
-    store.publish("otherbase", other)
-    # the same LoRA weights under a method name whose plugin has no serving form (slow path)
-    noform = root / "adapter-noform"
-    shutil.copytree(dirs["senti"], noform)
-    meta = json.loads((noform / "adapterhub.json").read_text())
-    meta["method"] = "lora-noform"
-    (noform / "adapterhub.json").write_text(json.dumps(meta))
-    store.publish("noform", noform)
-    return {"root": root, "store": store, "dirs": dirs, "registry": root / "registry"}
+def world(mixed_world):
+    return mixed_world
 
 
 @pytest.fixture(scope="module")
@@ -90,84 +44,6 @@ def server(world, tiny_base_dir):
 def client(server):
     with Client(f"127.0.0.1:{server.port}", timeout=120) as c:
         yield c
-
-
-def offline_tokens(base_dir, tokenizer, messages, setup) -> list[int]:
-    """Greedy generation of one request alone on a fresh nf4 base with ``setup(model)`` applied."""
-    from adapterhub.base import load_base
-    from adapterhub.data import render_prompt
-
-    model = setup(load_base(base_dir, "nf4").model)
-    model.eval()
-    text = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in messages])
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
-def offline_tokens_by_forward(base_dir, tokenizer, messages, setup) -> list[int]:
-    """Greedy decoding by repeated full forward passes of the offline model (no generate()).
-
-    Used for prefix tuning: with peft 0.21 + transformers 5, PEFT's ``generate`` drops the prefix
-    on this setup (it returns the base model's tokens), while PEFT's ``forward`` applies it.
-    """
-    from adapterhub.base import load_base
-    from adapterhub.data import render_prompt
-
-    model = setup(load_base(base_dir, "nf4").model)
-    model.eval()
-    text = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in messages])
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    new: list[int] = []
-    with torch.inference_mode():
-        while len(new) < MAX_NEW and (not new or new[-1] != tokenizer.eos_token_id):
-            full = torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)
-            new.append(int(model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -1].argmax()))
-    return new
-
-
-def peft_lora(directory, weight=1.0):
-    def setup(model):
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(directory))
-        if weight != 1.0:
-            for module in peft_model.modules():
-                if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
-                    module.scaling["default"] *= weight
-        return peft_model
-    return setup
-
-
-def bottleneck_after(directory, setup_first=lambda m: m, weight=1.0):
-    """The saved bottleneck tensors applied by plain hooks after each module (LoRA first, if any)."""
-    from safetensors.torch import load_file
-
-    def setup(model):
-        model = setup_first(model)
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
-        act = getattr(torch.nn.functional, json.loads((directory / "adapter_config.json").read_text())["activation"])
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for key in [k for k in tensors if k.endswith(".bottleneck.down.weight")]:
-            name = key[: -len(".bottleneck.down.weight")]
-            p = {s: tensors[f"{name}.bottleneck.{s}"] for s in ("down.weight", "down.bias", "up.weight", "up.bias")}
-            module = base.get_submodule(name)
-
-            def hook(_m, _a, out, p=p):
-                return out + weight * (act(out @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])
-            module.register_forward_hook(hook)
-        return model
-    return setup
-
-
-def method_load(name, directory):
-    def setup(model):
-        from adapterhub.manager import PluginManager
-
-        return PluginManager(autoload=False).get_method(name).load(model, directory)
-    return setup
 
 
 # -- protos ---------------------------------------------------------------------------------------
@@ -206,7 +82,7 @@ def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_
     def call(job):
         name, text = job
         barrier.wait()
-        return client.generate(messages=_messages(text), adapters=combos[name][0], max_new_tokens=MAX_NEW)
+        return client.generate(messages=chat(text), adapters=combos[name][0], max_new_tokens=MAX_NEW)
 
     start = time.monotonic()
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -217,7 +93,7 @@ def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_
     for (name, text), response in zip(jobs, responses):
         if (name, text) not in expected:
             offline = offline_tokens_by_forward if name == "prefix" else offline_tokens
-            expected[(name, text)] = offline(tiny_base_dir, tiny_tokenizer, _messages(text), combos[name][1])
+            expected[(name, text)] = offline(tiny_base_dir, tiny_tokenizer, chat(text), combos[name][1])
         assert list(response.token_ids) == expected[(name, text)], f"{name} / {text!r} differs from offline"
     distinct = {tuple(v) for v in expected.values()}
     assert len(distinct) >= 4, "adapters should change the output"
@@ -258,12 +134,12 @@ def noform_plugin():
 
 
 def test_slow_path_method_without_form_equals_offline(world, client, noform_plugin, tiny_base_dir, tiny_tokenizer):
-    response = client.generate(messages=_messages("the good day"), adapters=["noform@1"], max_new_tokens=MAX_NEW)
-    expected = offline_tokens(tiny_base_dir, tiny_tokenizer, _messages("the good day"), peft_lora(world["dirs"]["senti"]))
+    response = client.generate(messages=chat("the good day"), adapters=["noform@1"], max_new_tokens=MAX_NEW)
+    expected = offline_tokens(tiny_base_dir, tiny_tokenizer, chat("the good day"), peft_lora(world["dirs"]["senti"]))
     assert list(response.token_ids) == expected
     assert [a.form for a in client.list_adapters().adapters if a.ref == "noform@1"] == [""]
-    base = client.generate(messages=_messages("the good day"), max_new_tokens=MAX_NEW)
-    base_expected = offline_tokens(tiny_base_dir, tiny_tokenizer, _messages("the good day"), lambda m: m)
+    base = client.generate(messages=chat("the good day"), max_new_tokens=MAX_NEW)
+    base_expected = offline_tokens(tiny_base_dir, tiny_tokenizer, chat("the good day"), lambda m: m)
     assert list(base.token_ids) == base_expected, "the slow path left the base changed"
     with pytest.raises(grpc.RpcError) as err:
         client.generate("x", adapters=["noform@1", "senti@1"], max_new_tokens=2)
@@ -295,8 +171,8 @@ def test_served_soft_prompt_equals_the_models_own_greedy_decoding(world, client,
     offline = method.load(load_base(tiny_base_dir, "nf4").model, directory)
     offline.eval()
     for text in ("the good day", "dark cold room"):
-        served = client.generate(messages=_messages(text), adapters=[ref], max_new_tokens=MAX_NEW)
-        ids = tiny_tokenizer(render_prompt(tiny_tokenizer, [{"role": "user", "content": _messages(text)[0][1]}]),
+        served = client.generate(messages=chat(text), adapters=[ref], max_new_tokens=MAX_NEW)
+        ids = tiny_tokenizer(render_prompt(tiny_tokenizer, [{"role": "user", "content": chat(text)[0][1]}]),
                              add_special_tokens=False)["input_ids"]
         expected = greedy_tokens(offline, tiny_tokenizer, [ids], max_new_tokens=MAX_NEW)[0]
         assert list(served.token_ids) == expected
