@@ -19,6 +19,7 @@ BENCHMARKS = {
     "training": "(d) training step time vs plain PEFT + Trainer",
     "memory": "(e) server memory, nf4 vs unquantized, per adapter",
     "vllm": "(f) against vLLM's CPU build, same base and LoRAs (skipped without vLLM)",
+    "doors": "(g) the OpenAI HTTP door against the gRPC door, same requests, same server",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 

@@ -285,7 +285,7 @@ class ServerProcess:
     """``adapterhub serve`` in a subprocess on 127.0.0.1 (so the load generator shares no GIL with it)."""
 
     def __init__(self, base_dir: Path, registry_dir: Path, *, quantize: str, max_adapters: int, max_batch: int = 32,
-                 lora_dtype: str = "auto"):
+                 lora_dtype: str = "auto", http: bool = False):
         import subprocess
         import sys
 
@@ -296,6 +296,9 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "adapterhub.cli", "serve", "--base", str(base_dir), "--registry", str(registry_dir),
                "--quantize", quantize, "--port", str(self.port), "--max-adapters", str(max_adapters),
                "--max-batch", str(max_batch), "--max-queue", "4096", "--max-new-tokens", "64", "--lora-dtype", lora_dtype]
+        self.http_port = free_port() if http else None  # the OpenAI HTTP API beside gRPC
+        if http:
+            cmd += ["--http-port", str(self.http_port)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
         deadline = time.monotonic() + 180

@@ -315,8 +315,10 @@ def test_models_lists_the_base_then_versions_and_tags(oai, http, mixed_world):
     assert http.get("/v1/models", params={"after": "nope"}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 400
 
 
-def test_admin_over_http(http):
+def test_admin_over_http(http, oai):
     admin, user = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {TOKEN}"}
+    with pytest.raises(openai.PermissionDeniedError):  # the openai client, holding the inference token
+        oai.post("/pin_adapter", body={"adapter": "rev@1"}, cast_to=object)
     denied = http.post("/v1/pin_adapter", json={"adapter": "rev@1"}, headers=user)
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
     assert http.post("/v1/pin_adapter", json={"adapter": "rev@1"}).status_code == 401
@@ -342,3 +344,19 @@ def test_health_and_metrics_are_open_on_the_http_port(http, oai):
     missing = http.get("/v2/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
+
+
+def test_graceful_shutdown_finishes_the_stream_in_flight(server, http):
+    """Last in the module: stopping lets a running stream finish, then the port refuses connections."""
+    body = {"model": "rev@1", "prompt": "abc", "max_tokens": 200, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: {")
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
+        stopper.start()
+        rest = [line for line in lines if line]
+    stopper.join(60)
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] in ("length", "stop")
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{server.http_port}/health", timeout=5)
