@@ -87,6 +87,28 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(choice: str | None) -> str:
+    """``--device``: ``auto`` (the first GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a GPU that is not there is a ConfigError, not a crash at the first forward pass."""
+    import torch
+
+    choice = (choice or "auto").strip()
+    if choice == "auto":
+        return default_device()
+    if choice == "cpu":
+        return "cpu"
+    kind, _, index = choice.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {choice}: torch sees no CUDA device here (torch {torch.__version__}); "
+                          "use --device cpu, or install a CUDA build of torch")
+    if index and int(index) >= count:
+        raise ConfigError(f"--device {choice}: there are {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return choice if index else "cuda:0"
+
+
 def resolve_dtype(choice: str | None, directory: str | Path, device: str | None = None) -> str:
     """The dtype name a ``--dtype`` choice means for this checkpoint on this device.
 

@@ -11,6 +11,7 @@ until one is released (logged), rather than failing the request.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -75,6 +76,7 @@ class AdapterCache:
         # the engine's resident stacks (admit/forget): a load writes its form into a stack slot
         # itself, while the hash check still runs, instead of the scheduler doing it between steps
         self.stacks: Any = None
+        self.loading: Callable[[], Any] = contextlib.nullcontext  # set by the engine (see CLora.loading)
         self._lock = threading.Lock()
         self._holds: collections.Counter[str] = collections.Counter()  # key -> requests holding it
         self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()
@@ -150,9 +152,7 @@ class AdapterCache:
         return entry
 
     def _load(self, version: AdapterVersion) -> LoadedAdapter:
-        from . import bgmv
-
-        with bgmv.yielding_cores():  # this needs the cores: passes meanwhile add their LoRA in line
+        with self.loading():  # tells the engine's LoRA backend that a load wants the cores
             return self._load_files(version)
 
     def _load_files(self, version: AdapterVersion) -> LoadedAdapter:

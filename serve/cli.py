@@ -19,6 +19,9 @@ def add_serve_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC (and OpenAI's HTTP API)")
     serve.add_argument("--base", required=True, help="base model directory or Hub id")
     serve.add_argument("--quantize", default="nf4", choices=QUANTIZE_CHOICES)
+    serve.add_argument("--device", default="auto",
+                       help="where the base, its KV cache, the adapter slots and sampling live: auto (the first GPU "
+                            "when there is one, else the CPU), cpu, cuda, cuda:N")
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
                             "a quantized base dequantizes to it")
@@ -34,6 +37,9 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--lora-overlap", default="auto", choices=("auto", "on", "off"),
                        help="run a mixed batch's LoRA on a core of its own while the base layers run (memory-bound "
                             "beside compute-bound work); auto = when torch's threads leave a core unused")
+    serve.add_argument("--lora-backend", default="auto", choices=("auto", "c", "triton", "torch"),
+                       help="mixed-batch LoRA: auto = the C kernel on the CPU, Triton on CUDA; torch = the plain "
+                            "PyTorch reference (any device)")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
     serve.add_argument("--max-adapters-per-request", type=int, default=4)
     serve.add_argument("--token-env", default=None,
@@ -103,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
         max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype,
-        lora_overlap=args.lora_overlap, http_port=args.http_port, http_host=args.http_host,
+        lora_overlap=args.lora_overlap, device=args.device, lora_backend=args.lora_backend, http_port=args.http_port, http_host=args.http_host,
         served_model_name=args.served_model_name)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)

@@ -37,7 +37,7 @@ import torch
 from adapterhub.data import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
 
-from . import attention, bgmv
+from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
@@ -212,7 +212,8 @@ def spare_core() -> bool:
 class Engine:
     def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
                  max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
-                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None, lora_overlap: bool | None = None):
+                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None, lora_overlap: bool | None = None,
+                 lora_backend: str = "auto"):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -229,7 +230,13 @@ class Engine:
         self.num_layers = self.model.config.num_hidden_layers
         self.hooks = RowHooks(self.model)
         self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
-        log.info("mixed-batch LoRA: %s; decode attention: %s", bgmv.describe(self.device),
+        # a mixed batch's LoRA on a core of its own while the base layers run (the C backend); by
+        # default when torch leaves a core unused
+        self.lora_overlap = spare_core() if lora_overlap is None else lora_overlap
+        self.backend = lora_backends.select(self.device, lora_backend, overlap=self.lora_overlap)
+        cache.loading = getattr(self.backend, "loading", cache.loading)  # a load tells the backend it wants the cores
+        log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s", self.backend.name, self.device,
+                 " (overlapped with the base layers)" if getattr(self.backend, "overlap", False) else "",
                  "C kernel" if self.fast_attention else self.model.config._attn_implementation)
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
         # deprecation wrapper on every forward; 4.x knows only the old one)
@@ -237,12 +244,9 @@ class Engine:
         # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
         # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
         self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
-        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=self.lora_dtype)
+        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=self.lora_dtype,
+                                     device=self.device)
         cache.stacks = self.stacks  # loads write their slots themselves, off the scheduler thread
-        # a mixed batch's LoRA on a core of its own while the base layers run (see BatchPlan); by
-        # default when torch leaves a core unused
-        self.lora_overlap = spare_core() if lora_overlap is None else lora_overlap
-        log.info("mixed-batch LoRA overlapped with the base layers: %s", "yes" if self.lora_overlap else "no")
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -415,7 +419,7 @@ class Engine:
         """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
         from transformers import DynamicCache
 
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, overlap=self.lora_overlap)
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, backend=self.backend)
         width = max(len(s.prompt_ids) for s in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -435,7 +439,7 @@ class Engine:
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
         """One token per row (its latest), attending to the cached keys/values."""
         rows = batch.rows
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, overlap=self.lora_overlap)
+        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, backend=self.backend)
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
                                  device=self.device)

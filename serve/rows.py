@@ -38,6 +38,7 @@ from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import BottleneckForm, LoraDeltas, LoraForm, PrefixForm, ScaleForm
 
 from . import bgmv
+from .lora_backends import LoraBackend, TokenSlots
 
 SUPPORTED_FORMS = (LoraForm, BottleneckForm, PrefixForm, ScaleForm)
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -88,8 +89,10 @@ def validate_composition(entries: Sequence[tuple[Any, float]]) -> None:
 class _Slots:
     """Per-row slot indices into a stack (0 = no adapter) and weights."""
 
-    index: torch.Tensor  # [B, K] long
+    index: torch.Tensor  # [B, K] long, on the batch's device
     weight: torch.Tensor  # [B, K] float
+    host_index: list[list[int]]  # the same on the host: what the step's plan is built from, without a sync
+    host_weight: list[list[float]]
 
 
 class SlotStack:
@@ -106,11 +109,12 @@ class SlotStack:
     """
 
     def __init__(self, parts_of, set_parts, pad: float, slots: int = 8, busy=lambda key: False,
-                 dtype: torch.dtype | None = None, copy=None, factors_of=lambda form: {}):
+                 dtype: torch.dtype | None = None, copy=None, factors_of=lambda form: {}, device: Any = "cpu"):
         self.parts_of = parts_of  # form -> {name: (tensor, ...)}
         self.set_parts = set_parts  # (form, {name: (tensor, ...)}) -> None: rebinds the form's tensors
         self.busy = busy  # key -> True while requests hold that adapter: its slot is never reused then
         self.dtype = dtype  # of the stacks (None: the forms' own); the slot write converts
+        self.device = torch.device(device)  # the base's: the slot write copies the forms' tensors there
         self.copy = copy or _copy_scaled  # (regions, sources, factors) -> None: the slot write's one copy call
         self.factors_of = factors_of  # form -> {name: (factor per tensor)}: written times that (missing: 1)
         self._dense: tuple[int, dict[str, tuple[torch.Tensor, ...]]] | None = None  # see dense()
@@ -257,7 +261,8 @@ class SlotStack:
         for name, ts in parts.items():
             old = self.tensors.get(name)
             if old is None:
-                self.tensors = {**self.tensors, name: [t.new_full((self.capacity + 1, *t.shape), self.pad, dtype=self.dtype or t.dtype)
+                self.tensors = {**self.tensors, name: [torch.full((self.capacity + 1, *t.shape), self.pad,
+                                                                  dtype=self.dtype or t.dtype, device=self.device)
                                                        for t in ts]}
             elif [t.shape for t in ts] != [o.shape[1:] for o in old] and \
                     any(any(a > b for a, b in zip(t.shape, o.shape[1:])) for t, o in zip(ts, old)):
@@ -274,9 +279,11 @@ class SlotStack:
         slot_of = self.slots(list({e.key: e for r in per_row for e, _ in r}.values()))
         pad = [(0, 0.0)] * width  # lists first, one tensor each: per-element writes cost ~2 ms at 128 rows
         cells = [[(slot_of[e.key], w) for e, w in row] + pad[len(row):] for row in per_row]
-        index = torch.tensor([[c[0] for c in row] for row in cells], dtype=torch.long)
-        weight = torch.tensor([[c[1] for c in row] for row in cells], dtype=torch.float32)
-        return _Slots(index.to(device), weight.to(device))
+        host_index = [[c[0] for c in row] for row in cells]
+        host_weight = [[c[1] for c in row] for row in cells]
+        index = torch.tensor(host_index, dtype=torch.long)
+        weight = torch.tensor(host_weight, dtype=torch.float32)
+        return _Slots(index.to(device), weight.to(device), host_index, host_weight)
 
 
 class LoraStack(SlotStack):
@@ -288,8 +295,9 @@ class LoraStack(SlotStack):
     2 ms through views). Anything else takes :meth:`SlotStack._write`.
     """
 
-    def __init__(self, slots: int = 8, busy=lambda key: False, dtype: torch.dtype | None = None):
-        super().__init__(_lora_parts, _set_lora_parts, 0.0, slots, busy, dtype, copy=_copy_lora, factors_of=_lora_factors)
+    def __init__(self, slots: int = 8, busy=lambda key: False, dtype: torch.dtype | None = None, device: Any = "cpu"):
+        super().__init__(_lora_parts, _set_lora_parts, 0.0, slots, busy, dtype, copy=_copy_lora, factors_of=_lora_factors,
+                         device=device)
         self._layout: tuple[Any, dict[str, list[tuple]], Any] = (None, {}, None)  # (the tensors it describes, see _slot_layout)
 
     def _write(self, slot: int, form: Any) -> Mapping[str, tuple[torch.Tensor, ...]]:
@@ -377,6 +385,10 @@ def _copy_scaled(regions: list[torch.Tensor], sources: list[torch.Tensor], facto
         sources = list(sources)
         for i, t in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], [factors[i] for i in scaled])):
             sources[i] = t
+    if regions and regions[0].device != sources[0].device:  # host forms into device slots
+        for region, source in zip(regions, sources):
+            region.copy_(source, non_blocking=False)
+        return
     torch._foreach_copy_(regions, sources)
 
 
@@ -441,10 +453,11 @@ def _scale_parts(form: ScaleForm) -> dict[str, tuple[torch.Tensor, ...]]:
 class ResidentStacks:
     """One :class:`SlotStack` per stackable form kind, kept for the engine's lifetime."""
 
-    def __init__(self, slots: int = 8, busy=lambda key: False, lora_dtype: torch.dtype | None = None):
-        self.lora = LoraStack(slots, busy, lora_dtype)
-        self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy)
-        self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy)
+    def __init__(self, slots: int = 8, busy=lambda key: False, lora_dtype: torch.dtype | None = None,
+                 device: Any = "cpu"):
+        self.lora = LoraStack(slots, busy, lora_dtype, device)
+        self.bottleneck = SlotStack(_bottleneck_parts, _set_bottleneck_parts, 0.0, slots, busy, device=device)
+        self.scale = SlotStack(_scale_parts, _set_scale_parts, 1.0, slots, busy, device=device)
         self._by_form = {LoraForm: self.lora, BottleneckForm: self.bottleneck, ScaleForm: self.scale}
 
     def admit(self, key: str, form: Any) -> bool:
@@ -466,35 +479,23 @@ class ResidentStacks:
 
 
 def _shared_slot(slots: _Slots | None) -> int | None:
-    """The one slot every row uses (one adapter, weight 1), or None: rows differ or compose."""
-    if slots is None or slots.index.shape[1] != 1:
+    """The one slot every row uses (one adapter, weight 1), or None: rows differ or compose (from the
+    host lists: no device synchronisation)."""
+    if slots is None or len(slots.host_index[0]) != 1:
         return None
-    first = slots.index[0, 0]
-    return int(first) if bool((slots.index == first).all()) and bool((slots.weight == 1).all()) else None
-
-
-def _bag_matmul(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Row ``t`` of the result is ``x[t] @ W[slot of t]`` where ``table`` is the stack ``W [S, d, k]``
-    flattened to ``[S * d, k]``: a weighted ``embedding_bag`` sum over the slot's ``d`` rows, so each
-    row reads its adapter's weights in place (a fused gather + matvec; no ``W[idx]`` copy)."""
-    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
-
-
-class _Bags:
-    """embedding_bag indices for one slot position: token t's bag is rows ``slot*d .. slot*d+d-1``."""
-
-    def __init__(self, index: torch.Tensor, tokens: int, dim: int):
-        slots = index.repeat_interleave(tokens)  # [B * T]
-        self.index = (slots[:, None] * dim + torch.arange(dim, device=index.device)).reshape(-1)
-        self.offsets = torch.arange(0, slots.numel() * dim, dim, device=index.device)
+    first = slots.host_index[0][0]
+    same = all(row == [first] for row in slots.host_index) and all(w == [1.0] for w in slots.host_weight)
+    return first if same else None
 
 
 class BatchPlan:
     """What the hooks apply for one batch (rows in batch order); built per step, stacks are not."""
 
     def __init__(self, rows: Sequence[Sequence[tuple[Any, float]]], stacks: ResidentStacks, device, *,
-                 overlap: bool = False):
+                 backend: LoraBackend):
         self.rows = rows
+        self.device = device
+        self.backend = backend
         self.scale_slots = stacks.scale.gather_slots(rows, ScaleForm, device)
         self.lora_slots = stacks.lora.gather_slots(rows, LoraForm, device)
         self.bottleneck_slots = stacks.bottleneck.gather_slots(rows, BottleneckForm, device)
@@ -507,17 +508,14 @@ class BatchPlan:
         self.modules = set(self.lora) | set(self.bottleneck) | set(self.scales["out"])
         self.input_modules = set(self.scales["in"])
         self.prefix_lengths = [sum(e.form.keys.shape[2] for e, _ in row if isinstance(e.form, PrefixForm)) for row in rows]
-        self._bags: dict[tuple, Any] = {}  # per-step index and weight tensors, shared by modules
+        self._tokens_of: dict[tuple[int, int], TokenSlots] = {}  # per slot position and tokens per row, for this step
         self.shared_lora_slot = _shared_slot(self.lora_slots)
         self.shared_lora = stacks.lora.dense(self.shared_lora_slot) if self.shared_lora_slot is not None else {}
-        self.lora_kernel = bgmv.available(device)  # else embedding_bag (no C extension, or not the CPU)
-        # with a core to spare, a mixed batch's LoRA is queued on the kernel's worker thread before
-        # the base layer runs (forward pre-hook) and added after it (forward hook): the gathers are
-        # bound by memory, the base matmul by arithmetic, so the two overlap
-        self.queued_modules = {m for m, (At, _) in self.lora.items() if bgmv.supports(At.dtype, At.shape[2])} \
-            if overlap and self.lora_kernel and self.shared_lora_slot is None else set()
-        self._queued: dict[str, tuple[list[bgmv.Queued], torch.Tensor]] = {}
-        self._busy = False  # whether this pass told the worker to stay awake (until drain)
+        # a backend that can run a mixed batch's LoRA meanwhile (the C kernel on a spare core) is
+        # handed it in a forward pre-hook, before the base layer runs, and it is added after
+        self.queued_modules = {m for m, (At, _) in self.lora.items() if backend.supports(At.dtype, At.shape[2])} \
+            if getattr(backend, "overlap", False) and self.shared_lora_slot is None else set()
+        self._queued: dict[str, Any] = {}
 
     def _scale(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.scale_slots
@@ -527,35 +525,21 @@ class BatchPlan:
     def apply_input(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return self._scale(self.scales["in"][module], x)
 
-    def _bag(self, k: int, tokens: int, dim: int) -> _Bags:
-        key = (k, tokens, dim)
-        if key not in self._bags:  # shared by every module of that input width, for this step
-            self._bags[key] = _Bags(self.lora_slots.index[:, k], tokens, dim)
-        return self._bags[key]
-
-    def _row_weights(self, k: int, tokens: int) -> torch.Tensor | None:
-        """Per-token weights of slot position ``k`` ``[B * T, 1]``; None when all are 1 (the usual case)."""
-        key = ("w", k, tokens)
-        if key not in self._bags:
-            w = self.lora_slots.weight[:, k]
-            self._bags[key] = None if bool((w == 1).all()) else w.repeat_interleave(tokens)[:, None]
-        return self._bags[key]
-
-    def _kernel_tokens(self, k: int, tokens: int, num_slots: int) -> bgmv.Tokens:
-        """Slot and weight of every token for slot position ``k`` (checked once per step, shared by modules)."""
-        key = ("kernel", k, tokens, num_slots)
-        if key not in self._bags:
-            weight = self._row_weights(k, tokens)
-            self._bags[key] = bgmv.Tokens(self.lora_slots.index[:, k].repeat_interleave(tokens),
-                                          None if weight is None else weight.flatten(), num_slots)
-        return self._bags[key]
+    def _tokens(self, k: int, tokens: int, num_slots: int) -> TokenSlots:
+        """Slot and weight of every token for slot position ``k`` (built once per step, shared by modules)."""
+        key = (k, tokens)
+        if key not in self._tokens_of:
+            s = self.lora_slots
+            self._tokens_of[key] = TokenSlots.from_rows([row[k] for row in s.host_index], [row[k] for row in s.host_weight],
+                                                        tokens, num_slots, self.device)
+        return self._tokens_of[key]
 
     def _lora_delta(self, module: str, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T`` as ``[B * T, out]``, added to ``into``
-        (a 2-D float tensor, changed in place) when given: the C kernel (or two fused
-        gather-matmuls) per slot position, or two plain matmuls when every row has the same one adapter."""
+        """``sum_k w[b,k] * (x_b @ A[slot].T) @ B[slot].T`` as ``[B * T, out]``, added to ``into`` (2-D,
+        changed in place) when given: the backend per slot position, or two plain matmuls when every
+        row has the same one adapter."""
         At, Bt = self.lora[module]
-        width, rank, out = At.shape[1], At.shape[2], Bt.shape[2]
+        width, out = At.shape[1], Bt.shape[2]
         if self.shared_lora_slot is not None:  # BLAS beats gathering when there is nothing to gather
             a, b = self.shared_lora[module]
             h = torch.mm(x.reshape(-1, width).to(a.dtype), a)
@@ -563,59 +547,37 @@ class BatchPlan:
                 return torch.mm(h, b)
             # the dense copy is float32; a half-precision base adds its delta in its own dtype
             return into.addmm_(h, b) if into.dtype == h.dtype else into.add_(torch.mm(h, b).to(into.dtype))
-        tokens = x.numel() // width // self.lora_slots.index.shape[0]
-        if self.lora_kernel and bgmv.supports(At.dtype, rank):
-            flat = x.reshape(-1, width).float().contiguous()
-            target = into if into is not None and into.dtype == torch.float32 else flat.new_zeros(flat.shape[0], out)
-            for k in range(self.lora_slots.index.shape[1]):
-                bgmv.lora_add(flat, At, Bt, self._kernel_tokens(k, tokens, At.shape[0]), target)
-            return target if target is into or into is None else into.add_(target.to(into.dtype))
-        flat = x.reshape(-1, width).to(At.dtype)
+        flat = x.reshape(-1, width)
+        tokens = flat.shape[0] // len(self.rows)
+        target = into if into is not None else flat.new_zeros(flat.shape[0], out, dtype=torch.float32)
         for k in range(self.lora_slots.index.shape[1]):  # slot positions (adapters composed in one request), not adapters
-            a, b = self._bag(k, tokens, width), self._bag(k, tokens, rank)
-            h = _bag_matmul(flat, At.view(-1, rank), a.index, a.offsets)
-            weight = self._row_weights(k, tokens)
-            if weight is not None:
-                h = h.mul_(weight)  # in the stacks' dtype
-            y = _bag_matmul(h, Bt.view(-1, out), b.index, b.offsets)
-            into = y if into is None else into.add_(y)
-        return into
+            self.backend.add(flat, At, Bt, self._tokens(k, tokens, At.shape[0]), target)
+        return target
 
     def queue_lora(self, module: str, x: torch.Tensor) -> None:
-        """Queue ``module``'s LoRA delta for input ``x`` on the worker thread (see ``queued_modules``)."""
-        if not self._busy:
-            bgmv.lora_busy(True)
-            self._busy = True
+        """Hand ``module``'s LoRA for input ``x`` to the backend to run meanwhile (see ``queued_modules``);
+        a backend that declines now leaves it to the forward hook, in line."""
         At, Bt = self.lora[module]
-        flat = x.reshape(-1, At.shape[1]).float().contiguous()
-        delta = flat.new_zeros(flat.shape[0], Bt.shape[2])
-        tokens = flat.shape[0] // self.lora_slots.index.shape[0]
-        jobs = [bgmv.lora_add_queued(flat, At, Bt, self._kernel_tokens(k, tokens, At.shape[0]), delta)
-                for k in range(self.lora_slots.index.shape[1])]
-        self._queued[module] = (jobs, delta)
+        tokens = x.numel() // At.shape[1] // len(self.rows)
+        pending = self.backend.start(x, [(At, Bt, self._tokens(k, tokens, At.shape[0]))
+                                         for k in range(self.lora_slots.index.shape[1])])
+        if pending is not None:
+            self._queued[module] = pending
 
     def drain(self) -> None:
         """Wait for every queued job (a forward pass that raised may leave some): their tensors are
         released only then."""
-        for jobs, _ in self._queued.values():
-            for job in jobs:
-                job.wait()
+        for pending in self._queued.values():
+            pending.wait()
         self._queued.clear()
-        if self._busy:
-            bgmv.lora_busy(False)
-            self._busy = False
+        if self.queued_modules:
+            self.backend.pass_ends()
 
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if module in self.scales["out"]:
             out = self._scale(self.scales["out"][module], out)
         if module in self._queued:
-            jobs, delta = self._queued.pop(module)
-            for job in jobs:
-                job.wait()
-            if out.dtype == torch.float32 and out.is_contiguous():
-                out.view(-1, out.shape[-1]).add_(delta)
-            else:
-                out = out + delta.to(out.dtype).view(out.shape)
+            out = self._queued.pop(module).finish(out)
         elif module in self.lora:
             if out.dtype == torch.promote_types(out.dtype, self.lora[module][0].dtype) and out.is_contiguous():  # this forward's own tensor
                 self._lora_delta(module, x, into=out.view(-1, out.shape[-1]))
@@ -627,7 +589,7 @@ class BatchPlan:
             for k in range(s.index.shape[1]):  # in the request's order
                 idx = s.index[:, k]
                 z = torch.einsum("bth,brh->btr", out.to(D.dtype), D[idx]) + Db[idx][:, None, :]
-                z = _activate(z, [self.activations.get(i, "") for i in idx.tolist()])
+                z = _activate(z, [self.activations.get(row[k], "") for row in s.host_index])
                 up = torch.einsum("btr,bhr->bth", z, U[idx]) + Ub[idx][:, None, :]
                 out = out + (up * s.weight[:, k, None, None]).to(out.dtype)
         return out
@@ -708,7 +670,7 @@ class RowHooks:
                 return None
             if name in plan.input_modules:
                 args = (plan.apply_input(name, args[0]),) + tuple(args[1:])
-            if name in plan.queued_modules and not bgmv.cores_wanted():  # else in line, in the hook
+            if name in plan.queued_modules:
                 plan.queue_lora(name, args[0])  # the input the module (and its forward hook) sees
             return args
 

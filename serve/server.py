@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from .adapter_source import AdapterSource
+from . import lora_backends
 from .auth import Tokens
 from .engine import Engine
 from .interceptors import BearerTokenInterceptor, ErrorInterceptor
@@ -61,6 +62,8 @@ class ServerOptions:
     served_model_name: str | None = None  # the base's name in the HTTP API (default: the --base directory's name)
     lora_dtype: str = "auto"  # of the resident LoRA stacks: auto (the base's compute dtype), float16, bfloat16, float32
     lora_overlap: str = "auto"  # mixed-batch LoRA on a core of its own: auto (when torch leaves one unused), on, off
+    device: str = "auto"  # of the base, its KV cache, the adapter slots and sampling: auto, cpu, cuda, cuda:N
+    lora_backend: str = "auto"  # mixed-batch LoRA: auto (C on the CPU, Triton on CUDA), c, triton, torch
 
 
 LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -93,23 +96,25 @@ class AdapterServer:
     """A running server; ``port`` is the bound port (ask for 0 to get a free one)."""
 
     def __init__(self, options: ServerOptions, *, base: Any = None):
-        from adapterhub.base import load_base
+        from adapterhub.base import load_base, resolve_device
 
         self.options = options
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         overlap = lora_overlap(options.lora_overlap)
+        device = resolve_device(options.device)
+        lora_backends.select(device, options.lora_backend)  # a backend that cannot run there fails before the base loads
         check_free(options.host, options.port, "--port")  # taken ports fail before the base loads
         if options.metrics_port is not None:
             check_free(options.host, options.metrics_port, "--metrics-port")
         if options.http_port is not None:
             check_free(self.http_host, options.http_port, "--http-port")
         self.metrics = Metrics()
-        base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype)
+        base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype, device=device)
         limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
-                                    lora_dtype=dtype, lora_overlap=overlap)
+                                    lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend)
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
         interceptors: list[grpc.ServerInterceptor] = []

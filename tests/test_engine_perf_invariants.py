@@ -128,7 +128,7 @@ def _decode_step_matmuls(engine, refs) -> int:
 
     entries = [[(engine.cache.acquire(r), 1.0)] if r else [] for r in refs]
     try:
-        plan = BatchPlan(entries, engine.stacks, engine.device)
+        plan = BatchPlan(entries, engine.stacks, engine.device, backend=engine.backend)
         engine.hooks.ensure(plan.modules, plan.input_modules)
         ids = torch.full((len(refs), 1), 65)
 
@@ -200,16 +200,19 @@ def test_slot_stack_grows_and_reuses_slots_exactly():
     assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
 
 
-def _logits_with(engine, refs, stacks, *, overlap=False):
+def _logits_with(engine, refs, stacks, *, overlap=False, backend=None):
     """Logits of one short prompt per row, row i with adapter refs[i] (or a list of (ref, weight)
-    to compose), through ``stacks``; ``overlap`` queues the LoRA on the kernel's worker thread."""
+    to compose), through ``stacks``; ``overlap`` queues the LoRA on the kernel's worker thread,
+    ``backend`` names a LoRA backend (default: the engine's)."""
+    from adapterhub.serve import lora_backends
     from adapterhub.serve.rows import BatchPlan
 
     entries = [[(engine.cache.acquire(r), w) for r, w in (ref if isinstance(ref, list) else [(ref, 1.0)])] if ref else []
                for ref in refs]
     plan = None
     try:
-        plan = BatchPlan(entries, stacks, engine.device, overlap=overlap)
+        chosen = lora_backends.select(engine.device, backend or engine.backend.name, overlap=overlap)
+        plan = BatchPlan(entries, stacks, engine.device, backend=chosen)
         engine.hooks.ensure(plan.modules, plan.input_modules | plan.queued_modules)
         engine.hooks.plan = plan
         with torch.inference_mode():
@@ -289,7 +292,9 @@ def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_s
 
     refs = ["t6@1", "t7@1"]
     entries = [[(engine.cache.acquire(r), 1.0)] for r in refs]
-    plan = BatchPlan(entries, ResidentStacks(), engine.device, overlap=True)
+    from adapterhub.serve.lora_backends.cpu_c import CLora
+
+    plan = BatchPlan(entries, ResidentStacks(), engine.device, backend=CLora(overlap=True))
     assert plan.queued_modules
 
     def fail(*_):

@@ -63,7 +63,33 @@ def test_generated_code_is_current(tmp_path):
 # -- exactness ------------------------------------------------------------------------------------
 
 
-def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_dir, tiny_tokenizer):
+def _backends() -> list[str]:
+    """The LoRA backends that can run here besides the default (``auto``)."""
+    from adapterhub.serve import lora_backends
+    from adapterhub.serve.lora_backends import cpu_c
+
+    return ["torch"] + (["c"] if cpu_c.available() and lora_backends.select("cpu").name != "c" else [])
+
+
+@pytest.mark.parametrize("backend", ["auto"] + _backends())
+def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_dir, tiny_tokenizer, backend):
+    """Every LoRA backend the machine has: the module's server takes the default, others their own."""
+    if backend == "auto":
+        return _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer)
+    from adapterhub.serve.server import AdapterServer, ServerOptions
+
+    options = ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), quantize="nf4", port=0,
+                            max_adapters=6, max_new_tokens=64, lora_backend=backend)
+    own = AdapterServer(options).start()
+    try:
+        assert own.engine.backend.name == backend
+        with Client(f"127.0.0.1:{own.port}", timeout=120) as own_client:
+            _check_mixed(world, own, own_client, tiny_base_dir, tiny_tokenizer)
+    finally:
+        own.stop(grace=1)
+
+
+def _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer):
     d = world["dirs"]
     combos = {
         "base": ([], lambda m: m),
@@ -99,7 +125,8 @@ def test_mixed_concurrent_batch_equals_offline(world, server, client, tiny_base_
     assert len(distinct) >= 4, "adapters should change the output"
     senti = next(r for (n, _), r in zip(jobs, responses) if n == "senti")
     assert [(a.requested, a.resolved) for a in senti.adapters] == [("senti@prod", "senti@1")]
-    print(f"{len(jobs)} concurrent requests served in {served_s:.2f}s, largest batch {server.engine.largest_batch}")
+    print(f"{len(jobs)} concurrent requests served in {served_s:.2f}s on the {server.engine.backend.name} backend, "
+          f"largest batch {server.engine.largest_batch}")
 
 
 class NoFormPlugin:
