@@ -235,14 +235,14 @@ def profile_steps(engines: dict, batch: int, ns, context: int = 48, repeats: int
     import torch
 
     from adapterhub.serve.engine import KVBatch
-    from adapterhub.serve.rows import BatchPlan
+    from adapterhub.serve.batch_plan import BatchPlan
 
     def step(engine, n: int) -> float:
         cfg = engine.model.config
         heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
         entries = [[(engine.cache.acquire(f"a{i % n}@1"), 1.0)] if n else [] for i in range(batch)]
         try:
-            plan = BatchPlan(entries, engine.stacks, engine.device, backend=engine.backend)
+            plan = BatchPlan(entries, engine.pool, engine.device, backend=engine.backend)
             ids, positions = torch.full((batch, 1), 65), torch.full((batch, 1), context)
             mask = torch.ones(batch, context + 1, dtype=torch.long)
             kv = KVBatch([], [(torch.randn(batch, heads, context, dim),) * 2 for _ in range(cfg.num_hidden_layers)],

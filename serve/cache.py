@@ -22,18 +22,22 @@ from typing import Any, Callable
 from adapterhub.errors import AdapterHubError, BaseMismatch, LimitExceeded, PluginError
 
 from .adapter_source import AdapterSource, AdapterVersion
+from .slot_pool import SlotPool
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
 class LoadedAdapter:
-    """A resident adapter: its version, method, directory and serving form (None: slow path)."""
+    """A resident adapter: its version, method, directory and how it is served (None: the slow path).
+
+    ``served`` holds no tensors of a stacked kind: those live in the engine's slot pool only.
+    """
 
     version: AdapterVersion
     method: Any
     checked_directory: Callable[[], Path] = dataclasses.field(repr=False)  # see AdapterFiles.directory_later
-    form: Any
+    served: Any
     pinned: bool = False
     in_use: int = 0
 
@@ -49,7 +53,7 @@ class LoadedAdapter:
 
     @property
     def form_kind(self) -> str:
-        return type(self.form).__name__ if self.form is not None else ""
+        return self.served.kind.form_type.__name__ if self.served is not None else ""
 
 
 class AdapterCache:
@@ -60,8 +64,7 @@ class AdapterCache:
         capacity: int,
         base_fingerprint: str,
         base_config: Any,
-        prepare_form: Callable[[Any], Any] = lambda form: form,
-        supported_forms: tuple[type, ...] = (),
+        pool: Any = None,
         metrics: Any = None,
     ):
         if capacity < 1:
@@ -70,12 +73,10 @@ class AdapterCache:
         self.capacity = capacity
         self.base_fingerprint = base_fingerprint
         self.base_config = base_config
-        self.prepare_form = prepare_form
-        self.supported_forms = supported_forms
         self.metrics = metrics
-        # the engine's resident stacks (admit/forget): a load writes its form into a stack slot
-        # itself, while the hash check still runs, instead of the scheduler doing it between steps
-        self.stacks: Any = None
+        # the engine's slot pool (admit/retire/forget): a load copies its form into the device
+        # slots itself, while the hash check still runs, instead of the scheduler between steps
+        self.pool: Any = pool if pool is not None else SlotPool("cpu")
         self.loading: Callable[[], Any] = contextlib.nullcontext  # set by the engine (see CLora.loading)
         self._lock = threading.Lock()
         self._holds: collections.Counter[str] = collections.Counter()  # key -> requests holding it
@@ -110,6 +111,8 @@ class AdapterCache:
             self._holds[entry.key] -= 1
             if self._holds[entry.key] <= 0:
                 del self._holds[entry.key]
+                if entry.key not in self._resident:  # unloaded while running: now it is let go
+                    self.pool.retire(entry.key)
             self._evict_locked()
 
     def in_use(self, key: str) -> bool:
@@ -160,19 +163,30 @@ class AdapterCache:
 
         method = get_manager().get_method(version.method)
         files = self.source.read(version)  # each file read once; their sha256 checks run meanwhile
-        wrote = False
+        served = None
         try:
-            form = self._servable(version, self._form(method, files, version))
-            if form is not None and self.stacks is not None:
-                wrote = self.stacks.admit(version.ref, form)  # overlaps the hash check
+            # the method's declared capability decides: only mixed-batch methods build a serving form
+            form = self._form(method, files, version) if method.capabilities.mixed_batch else None
+            if form is None and method.capabilities.mixed_batch:
+                log.warning("%s: method %s declares mixed_batch but gave no serving form; using the slow path",
+                            version.ref, method.name)
+            served = self._admit(method, version, form) if form is not None else None  # overlaps the hash check
             files.check()
         except BaseException:
-            if wrote:
-                self.stacks.forget(version.ref)
+            if served is not None and not self.in_use(version.ref):
+                self.pool.forget(version.ref)
             files.check()  # bad bytes: IntegrityError, over whatever error they caused; nothing is kept
             raise
-        log.info("loaded adapter %s (method %s, %s)", version.ref, method.name, type(form).__name__ if form else "slow path")
-        return LoadedAdapter(version=version, method=method, checked_directory=files.directory_later(), form=form)
+        log.info("loaded adapter %s (method %s, %s)", version.ref, method.name,
+                 served.kind.name if served is not None else "slow path")
+        return LoadedAdapter(version=version, method=method, checked_directory=files.directory_later(), served=served)
+
+    def _admit(self, method: Any, version: AdapterVersion, form: Any) -> Any:
+        try:
+            return self.pool.admit(version.ref, form)
+        except PluginError as exc:
+            raise PluginError(f"method plugin {method.name!r} ({getattr(method, 'origin', '?')}), adapter "
+                              f"{version.ref}: {exc}") from None
 
     def _form(self, method: Any, files: Any, version: AdapterVersion) -> Any:
         from adapterhub.method import build_serving_form
@@ -186,13 +200,6 @@ class AdapterCache:
                 f"method plugin {method.name!r} ({getattr(method, 'origin', '?')}) failed to prepare adapter "
                 f"{version.ref} for serving: {type(exc).__name__}: {exc}; fix or update the plugin") from exc
 
-    def _servable(self, version: AdapterVersion, form: Any) -> Any:
-        """The form as the engine takes it, or None (the slow path) for kinds it cannot stack."""
-        if form is not None and not isinstance(form, self.supported_forms):
-            log.warning("%s: serving form %s is not supported; using the slow path", version.ref, type(form).__name__)
-            return None
-        return self.prepare_form(form) if form is not None else None
-
     def _evict_locked(self, keep: str | None = None) -> None:
         while len(self._resident) > self.capacity:
             victim = next(
@@ -203,6 +210,8 @@ class AdapterCache:
                             len(self._resident), self.capacity)
                 return
             del self._resident[victim]
+            if victim not in self._holds:  # else the last request to let go retires it
+                self.pool.retire(victim)
             self._count("evictions")
             log.info("evicted adapter %s", victim)
 
@@ -225,6 +234,8 @@ class AdapterCache:
             if entry.pinned:
                 raise LimitExceeded(f"adapter {version.ref} is pinned; unpin it before unloading")
             del self._resident[version.ref]
+            if version.ref not in self._holds:
+                self.pool.retire(version.ref)
             return version.ref, True
 
     def set_pinned(self, ref: str, pinned: bool) -> LoadedAdapter:

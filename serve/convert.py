@@ -45,4 +45,4 @@ def chunk_to_proto(chunk: Any) -> inference_pb2.GenerateChunk:
 
 def resident_to_proto(entry: Any) -> admin_pb2.ResidentAdapter:
     return admin_pb2.ResidentAdapter(ref=entry.key, method=entry.method.name, pinned=entry.pinned,
-                                     mixed_batch=entry.form is not None, in_use=entry.in_use, form=entry.form_kind)
+                                     mixed_batch=entry.served is not None, in_use=entry.in_use, form=entry.form_kind)

@@ -4,16 +4,16 @@ Request threads tokenize, resolve references (tags resolve *now*) and load adapt
 engine lock), then enqueue a :class:`Sequence`. The scheduler thread keeps a running batch: before
 each decode step it admits waiting sequences (up to ``max_batch``) and drops finished, cancelled or
 expired ones, then runs ONE forward pass for all rows, each row with its own adapters (see
-:mod:`rows`). A sequence holds its adapters until it finishes, so a tag moved or an adapter evicted
+:mod:`batch_plan` and :mod:`kinds`). A sequence holds its adapters until it finishes, so a tag moved or an adapter evicted
 meanwhile does not change a running request.
 
 Decoding keeps a key/value cache (:class:`KVBatch`): a request joining the batch is prefilled once
 (with the other newcomers of that step, left-padded, its prefix adapters' keys/values in front),
 its cache is spliced into the running batch's, and from then on every step feeds ONE token per row.
 Rows leave by an ``index_select`` of the cache; the cache sits in buffers with spare columns, so a
-step writes its token in place instead of re-concatenating. Adapter tensors stay stacked for the
-engine's lifetime (:class:`~.rows.ResidentStacks`), so a step applies them with a fixed number of
-fused gather-matmuls whatever the mix of adapters.
+step writes its token in place instead of re-concatenating. Adapter tensors stay in the device
+slot pool (:class:`~.slot_pool.SlotPool`) while resident, so a step applies them with a fixed
+number of gathered matmuls (the LoRA backend's) whatever the mix of adapters.
 
 Adapters without a serving form take the slow path: the batch drains, the method attaches its
 adapter to the base (``method.load``), ``generate`` runs that request alone, ``method.detach``
@@ -41,7 +41,9 @@ from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, ShuttingDown
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
-from .rows import SUPPORTED_FORMS, BatchPlan, ResidentStacks, RowHooks, prepare_form, validate_composition
+from .batch_plan import BatchPlan, RowHooks
+from .kinds import check_composition
+from .slot_pool import SlotPool
 from .sampling import make_generator, next_tokens
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class Sequence:
         self.read_offset = 0
         self.done = threading.Event()  # set with the last event: result() waits on it, not on every token
         self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
-        self.slow = any(entry.form is None for entry, _ in entries)
+        self.slow = any(entry.served is None for entry, _ in entries)
         self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
 
     def cancel(self) -> None:
@@ -244,9 +246,8 @@ class Engine:
         # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
         # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
         self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
-        self.stacks = ResidentStacks(slots=max(8, cache.capacity), busy=cache.in_use, lora_dtype=self.lora_dtype,
-                                     device=self.device)
-        cache.stacks = self.stacks  # loads write their slots themselves, off the scheduler thread
+        self.pool = SlotPool(self.device, lora_dtype=self.lora_dtype, slots=max(8, cache.capacity))
+        cache.pool = self.pool  # loads write their slots themselves, off the scheduler thread
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -259,9 +260,7 @@ class Engine:
     @classmethod
     def create(cls, base: Any, source: Any, *, capacity: int, limits: Limits = Limits(), metrics: Any = None,
                **kwargs: Any) -> "Engine":
-        device = next(base.model.parameters()).device
         cache = AdapterCache(source, capacity=capacity, base_fingerprint=base.fingerprint, base_config=base.model.config,
-                             prepare_form=lambda f: prepare_form(f, device), supported_forms=SUPPORTED_FORMS,
                              metrics=metrics)
         limits = Limits(limits.max_new_tokens, limits.max_adapters_per_request,
                         min(limits.context_length, getattr(base.model.config, "max_position_embeddings", 10**9)))
@@ -288,8 +287,8 @@ class Engine:
         try:
             for spec in request.adapters:
                 entries.append((self.cache.acquire(spec.ref), spec.weight))
-            validate_composition(entries)
-            prefix = sum(e.form.keys.shape[2] for e, _ in entries if hasattr(e.form, "keys"))
+            check_composition(entries)
+            prefix = sum(e.served.positions for e, _ in entries if e.served is not None)
             total = prefix + len(prompt_ids) + request.params.max_new_tokens
             if total > self.limits.context_length:
                 raise LimitExceeded(
@@ -419,7 +418,7 @@ class Engine:
         """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
         from transformers import DynamicCache
 
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, backend=self.backend)
+        plan = BatchPlan([s.entries for s in rows], self.pool, self.device, backend=self.backend)
         width = max(len(s.prompt_ids) for s in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -439,7 +438,7 @@ class Engine:
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
         """One token per row (its latest), attending to the cached keys/values."""
         rows = batch.rows
-        plan = BatchPlan([s.entries for s in rows], self.stacks, self.device, backend=self.backend)
+        plan = BatchPlan([s.entries for s in rows], self.pool, self.device, backend=self.backend)
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
                                  device=self.device)
@@ -449,7 +448,7 @@ class Engine:
         return logits
 
     def _forward(self, plan: BatchPlan, ids, mask, positions, cache) -> torch.Tensor:
-        self.hooks.ensure(plan.modules, plan.input_modules | plan.queued_modules)
+        self.hooks.ensure(plan.modules, plan.input_modules)
         self.hooks.plan = plan
         try:
             with torch.inference_mode():

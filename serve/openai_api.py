@@ -350,7 +350,7 @@ def routes(ctx: HttpContext) -> FastAPI:
 
 def _resident(entry: Any) -> dict[str, Any]:
     return {"id": entry.key, "object": "adapter", "method": entry.method.name, "pinned": entry.pinned,
-            "in_use": entry.in_use, "mixed_batch": entry.form is not None, "form": entry.form_kind}
+            "in_use": entry.in_use, "mixed_batch": entry.served is not None, "form": entry.form_kind}
 
 
 def _epoch(iso: str) -> int:

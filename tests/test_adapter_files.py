@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 
 from adapterhub import AdapterFiles, Method
 from adapterhub.errors import IntegrityError, PluginError
-from adapterhub.method import build_serving_form
+from adapterhub.method import Capabilities, build_serving_form
 from adapterhub.registry import open_registry
 
 WEIGHTS = "adapter_model.safetensors"
@@ -228,13 +228,12 @@ def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
 def test_a_lora_read_from_its_file_goes_to_its_slot_without_a_tensor_made(tmp_path, dtype, monkeypatch):
     """Once the stacks have its modules and shapes, a LoRA form over a file's bytes is written
     from the bytes (one C call, no view made), bit for bit what the tensor path writes; a form of
-    other shapes takes the tensor path. Either way the form then reads its slot."""
-    from types import SimpleNamespace
-
+    other shapes takes the tensor path. Either way the slot holds A.T and the scaled B.T."""
     from adapterhub.adapter_files import TensorViews
     from adapterhub.manager import PluginManager
     from adapterhub.serve import bgmv
-    from adapterhub.serve.rows import ResidentStacks
+    from adapterhub.serve.kinds import region
+    from adapterhub.serve.slot_pool import SlotPool
     from adapterhub.serving_forms import LoraForm
 
     lora = PluginManager(autoload=False).get_method("lora")
@@ -242,22 +241,23 @@ def test_a_lora_read_from_its_file_goes_to_its_slot_without_a_tensor_made(tmp_pa
     view, transpose_raw = TensorViews._view, bgmv.transpose_raw
     monkeypatch.setattr(TensorViews, "_view", lambda self, *entry: made.append(entry) or view(self, *entry))
     monkeypatch.setattr(bgmv, "transpose_raw", lambda jobs, dt: raw_jobs.append(len(jobs)) or transpose_raw(jobs, dt))
-    from_file, from_tensors = ResidentStacks(slots=2, lora_dtype=dtype), ResidentStacks(slots=2, lora_dtype=dtype)
+    from_file, from_tensors = SlotPool(slots=2, lora_dtype=dtype), SlotPool(slots=2, lora_dtype=dtype)
     for i, size in enumerate([48, 48, 48, 40]):  # the last is narrower than the stacks: padded, by the tensor path
         directory = _lora_dir(tmp_path / f"a{i}", {}, size=size, seed=i)
         form = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
         made.clear()
-        from_file.lora.slots([SimpleNamespace(key=f"a{i}@1", form=form)])
+        from_file.admit(f"a{i}@1", form)
         assert bool(made) == (i in (0, 3)), f"adapter {i}: {len(made)} views made"
         state = load_file(str(directory / WEIGHTS))
         copies = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
         copies = LoraForm({m: (a.clone(), b.clone()) for m, (a, b) in copies.deltas.items()}, dict(copies.scales))
-        from_tensors.lora.slots([SimpleNamespace(key=f"a{i}@1", form=copies)])
+        from_tensors.admit(f"a{i}@1", copies)
+        slot = from_file.lora.slot_of[f"a{i}@1"]
         for key, tensor in state.items():
             module = key.split(".lora_")[0].removeprefix("base_model.model.")
-            a, b = form.deltas[module]
-            expected = tensor.to(dtype) if ".lora_A." in key else (tensor * 2.0).to(dtype)  # alpha / r = 8 / 4
-            assert torch.equal(a if ".lora_A." in key else b, expected), (i, key)
+            At, Bt = from_file.lora.tensors[module]
+            expected = tensor.T.to(dtype) if ".lora_A." in key else (tensor * 2.0).T.to(dtype)  # alpha / r = 8 / 4
+            assert torch.equal(region((At if ".lora_A." in key else Bt)[slot], expected.shape), expected), (i, key)
     assert raw_jobs == [4, 4], "the second and third adapters: 2 modules x (A, B), one call each"
     assert from_file.lora.rebuilds == from_tensors.lora.rebuilds
     for module, stacked in from_file.lora.tensors.items():
@@ -271,27 +271,27 @@ def test_a_lora_read_from_its_file_goes_to_its_slot_without_a_tensor_made(tmp_pa
 def cache(tmp_path):
     from adapterhub.serve.adapter_source import AdapterSource
     from adapterhub.serve.cache import AdapterCache
-    from adapterhub.serve.rows import SUPPORTED_FORMS, prepare_form
 
     store = open_registry(tmp_path / "registry")
     store.publish("big", _lora_dir(tmp_path / "big", {}, size=70_000))
     store.publish("small", _lora_dir(tmp_path / "small", {}, seed=1))
-    return AdapterCache(AdapterSource(tmp_path / "registry"), capacity=4, base_fingerprint=FINGERPRINT, base_config=None,
-                        prepare_form=lambda f: prepare_form(f, torch.device("cpu")), supported_forms=SUPPORTED_FORMS)
+    return AdapterCache(AdapterSource(tmp_path / "registry"), capacity=4, base_fingerprint=FINGERPRINT, base_config=None)
 
 
 @pytest.mark.parametrize("task", ["big", "small"])
 def test_cache_load_refuses_a_corrupted_blob_and_keeps_nothing(cache, task):
-    entry = cache.load(f"{task}@1")
-    expected = {m: (a.clone(), b.clone()) for m, (a, b) in entry.form.deltas.items()}
+    cache.load(f"{task}@1")
+    stack = cache.pool.lora
+    expected = {m: [t[stack.slot_of[f"{task}@1"]].clone() for t in ts] for m, ts in stack.tensors.items()}
     cache.unload(f"{task}@1")
     _corrupt(_blob(cache.source.store, f"{task}@1"))
     with pytest.raises(IntegrityError, match="sha256"):
         cache.load(f"{task}@1")
     assert [e.key for e in cache.snapshot()] == []
     _corrupt(_blob(cache.source.store, f"{task}@1"))  # repaired: loads again, the same form
-    again = cache.load(f"{task}@1").form.deltas
-    assert all(torch.equal(again[m][0], a) and torch.equal(again[m][1], b) for m, (a, b) in expected.items())
+    cache.load(f"{task}@1")
+    slot = stack.slot_of[f"{task}@1"]
+    assert all(torch.equal(t[slot], x) for m, ts in stack.tensors.items() for t, x in zip(ts, expected[m]))
 
 
 class _Plugin:
@@ -328,6 +328,7 @@ def _publish_as(cache, task: str, method: str, tmp_path) -> str:
 def test_a_form_built_from_corrupt_bytes_fails_as_an_integrity_error(cache, register_method, tmp_path):
     class Fragile(Method):
         name = "fragile"
+        capabilities = Capabilities(mixed_batch=True)  # else the server never asks for a serving form
 
         def serving_form_from_files(self, files, base_config):
             files.read_tensors()  # corrupt bytes may not even parse: the hash verdict must win
@@ -347,6 +348,7 @@ def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, r
 
     class ReadsTheDisk(Method):
         name = "reads-disk"
+        capabilities = Capabilities(mixed_batch=True)
 
         def serving_form(self, directory, base_config):
             calls.append(load_file(str(Path(directory) / WEIGHTS)))
@@ -354,7 +356,7 @@ def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, r
 
     register_method(ReadsTheDisk())
     ref = _publish_as(cache, "disk", "reads-disk", tmp_path)
-    assert cache.load(ref).form is None and len(calls) == 1
+    assert cache.load(ref).served is None and len(calls) == 1
     cache.unload(ref)
     _corrupt(_blob(cache.source.store, ref))
     with pytest.raises(IntegrityError):
@@ -385,54 +387,53 @@ def test_the_most_specific_serving_hook_is_called(tmp_path):
 
 
 def test_a_load_writes_its_stack_slot_and_a_failed_check_frees_it(cache):
-    """The loading thread writes the form into the engine's stacks while the hash runs; bytes that
+    """The loading thread writes the form into the engine's slot pool while the hash runs; bytes that
     fail the check leave no slot behind (a later load writes the repaired bytes afresh)."""
-    from adapterhub.serve.rows import ResidentStacks
+    from adapterhub.serve.slot_pool import SlotPool
 
     cache.load("big@1")  # its snapshot exists: the next load's only check is the one beside the form
     cache.unload("big@1")
-    cache.stacks = stacks = ResidentStacks(slots=2, busy=cache.in_use)
+    cache.pool = pool = SlotPool("cpu", slots=2)
     entry = cache.load("small@1")
-    slot = stacks.lora.slots([entry])["small@1"]
-    assert stacks.lora.writes == 1, "the first use wrote again: the load did not write the slot"
-    module, (a, _) = next(iter(entry.form.deltas.items()))
-    assert torch.equal(stacks.lora.tensors[module][0][slot, :, : a.shape[0]], a.T)
+    stack = pool.lora
+    assert stack.writes == 1 and "small@1" in stack.slot_of, "the load did not write the slot"
+    module, (a, _) = next(iter(entry.method.serving_form(entry.directory, None).deltas.items()))
+    assert torch.equal(stack.tensors[module][0][stack.slot_of["small@1"], :, : a.shape[0]], a.T)
     _corrupt(_blob(cache.source.store, "big@1"))
     with pytest.raises(IntegrityError, match="sha256"):
         cache.load("big@1")
-    assert stacks.lora.writes == 2, "the load did not write its slot before the check ended"
-    assert "big@1" not in stacks.lora._slot_of, "a slot kept for bytes that failed their check"
+    assert stack.writes == 2, "the load did not write its slot before the check ended"
+    assert "big@1" not in stack.slot_of, "a slot kept for bytes that failed their check"
     _corrupt(_blob(cache.source.store, "big@1"))  # repaired
     cache.load("big@1")
-    assert stacks.lora.writes == 3 and "big@1" in stacks.lora._slot_of
+    assert stack.writes == 3 and "big@1" in stack.slot_of
 
 
-def test_a_load_never_takes_the_slot_of_an_adapter_a_request_holds():
-    from types import SimpleNamespace
+def test_a_slot_outlives_its_residency_while_a_request_holds_it(cache):
+    """Unloaded while a request still runs on it, an adapter keeps its slot (a load meanwhile grows
+    the stacks rather than take it); once the request lets go, the slot may be reused."""
+    from adapterhub.serve.slot_pool import SlotPool
 
-    from adapterhub.serve.rows import SlotStack, _lora_parts, _set_lora_parts
-    from adapterhub.serving_forms import LoraForm
-
-    def form(value):
-        return LoraForm({"m": (torch.full((2, 4), value), torch.full((3, 2), value))})
-
-    held = {"a@1"}
-    stack = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots=2, busy=held.__contains__)
-    stack.slots([SimpleNamespace(key="a@1", form=form(1.0)), SimpleNamespace(key="b@1", form=form(2.0))])
-    slot_of = dict(stack._slot_of)
-    assert stack.admit("c@1", form(3.0))  # full: takes the least recently used slot no request holds
-    assert stack._slot_of["c@1"] == slot_of["b@1"] and stack._slot_of["a@1"] == slot_of["a@1"]
-    held.add("c@1")
-    assert stack.admit("d@1", form(4.0)) and stack.rebuilds == 1, "every slot held: must grow, not reuse"
-    assert torch.equal(stack.tensors["m"][0][slot_of["a@1"]], torch.ones(4, 2))
+    cache.pool = pool = SlotPool("cpu", slots=1)
+    entry = cache.acquire("small@1")
+    slot = pool.lora.slot_of["small@1"]
+    cache.unload("small@1")
+    cache.load("big@1")
+    assert pool.lora.slot_of["small@1"] == slot and pool.lora.slot_of["big@1"] != slot and pool.lora.rebuilds >= 1
+    assert "small@1" not in pool.lora.retired
+    cache.release(entry)
+    assert "small@1" in pool.lora.retired
+    cache.unload("big@1")
+    assert "big@1" in pool.lora.retired, "unloaded and held by no request: retired at once"
 
 
 def test_an_empty_lora_form_takes_a_slot_without_failing():
-    from adapterhub.serve.rows import ResidentStacks
+    from adapterhub.serve.slot_pool import SlotPool
     from adapterhub.serving_forms import LoraForm
 
-    stacks = ResidentStacks(slots=2)
-    assert stacks.admit("empty@1", LoraForm({})) and stacks.lora.writes == 1
+    pool = SlotPool(slots=2)
+    pool.admit("empty@1", LoraForm({}))
+    assert pool.lora.writes == 1
 
 
 def test_a_load_asks_the_spinning_lora_threads_to_yield_the_cores_meanwhile(cache, monkeypatch):

@@ -111,12 +111,11 @@ def test_bad_inputs_are_refused_before_the_c_code(case, message):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_lora_slot_write_is_the_scaled_transpose_rounded_once(dtype):
+def test_a_lora_slot_write_is_the_scaled_transpose_rounded_once(dtype, monkeypatch):
     """The slot write transposes the file's A and B into the stacks, B times its scale, converting
     once: exactly what ``(scale * B).T.to(dtype)`` gives, by the C path and by PyTorch's path alike."""
-    from types import SimpleNamespace
-
-    from adapterhub.serve.rows import ResidentStacks, _copy_scaled
+    from adapterhub.serve.kinds import copy_scaled, lora
+    from adapterhub.serve.slot_pool import SlotPool
     from adapterhub.serving_forms import LoraForm
 
     gen = torch.Generator().manual_seed(3)
@@ -125,19 +124,20 @@ def test_a_lora_slot_write_is_the_scaled_transpose_rounded_once(dtype):
     scales = {"m": 7 / 5, "n": 0.3}
     results = []
     for c_path in (True, False):
-        stacks = ResidentStacks(slots=2, lora_dtype=dtype)
+        stacks = SlotPool(slots=2, lora_dtype=dtype)
         if not c_path:
-            stacks.lora.copy = _copy_scaled
+            monkeypatch.setattr(lora, "_copy_lora", copy_scaled)
         form = LoraForm({m: (a.clone(), b.clone()) for m, (a, b) in deltas.items()}, dict(scales))
-        slot = stacks.lora.slots([SimpleNamespace(key="x@1", form=form)])["x@1"]
+        stacks.admit("x@1", form)
+        slot = stacks.lora.slot_of["x@1"]
         for m, (a, b) in deltas.items():
             At, Bt = stacks.lora.tensors[m]
             rank = a.shape[0]
             assert torch.equal(At[slot, :, :rank], a.T.to(dtype)), (m, c_path)
             assert torch.equal(Bt[slot, :rank], (b * scales[m]).T.to(dtype)), (m, c_path)
             assert not At[slot, :, rank:].any(), "rank padding must stay zero"
-        assert form.scales == {} and torch.equal(form.deltas["m"][1], (deltas["m"][1] * scales["m"]).to(dtype)), \
-            "the form now views its slot, which holds B scaled"
+        assert form.scales == scales and all(torch.equal(form.deltas[m][1], b) for m, (_, b) in deltas.items()), \
+            "the slot write must leave the plugin's form as it was"
         results.append(stacks.lora.tensors)
     assert all(torch.equal(x, y) for m in deltas for x, y in zip(results[0][m], results[1][m]))
 

@@ -124,11 +124,11 @@ def _count_matmuls(fn) -> int:
 
 
 def _decode_step_matmuls(engine, refs) -> int:
-    from adapterhub.serve.rows import BatchPlan
+    from adapterhub.serve.batch_plan import BatchPlan
 
     entries = [[(engine.cache.acquire(r), 1.0)] if r else [] for r in refs]
     try:
-        plan = BatchPlan(entries, engine.stacks, engine.device, backend=engine.backend)
+        plan = BatchPlan(entries, engine.pool, engine.device, backend=engine.backend)
         engine.hooks.ensure(plan.modules, plan.input_modules)
         ids = torch.full((len(refs), 1), 65)
 
@@ -162,62 +162,80 @@ def test_stacks_written_once_per_adapter_not_per_mix(engine):
             s.result()
 
     run(["t3@1", "t4@1", "t5@1"])
-    writes, rebuilds = engine.stacks.writes, engine.stacks.rebuilds
+    writes, rebuilds = engine.pool.writes, engine.pool.rebuilds
     run(["t3@1", "t5@1"])
     run(["t4@1"])
     run(["t5@1", "t4@1", "t3@1", None])
-    assert (engine.stacks.writes, engine.stacks.rebuilds) == (writes, rebuilds), "stacks rebuilt for a known set"
+    assert (engine.pool.writes, engine.pool.rebuilds) == (writes, rebuilds), "stacks rebuilt for a known set"
     run(["t8@1", "t3@1"])  # t8: used by no earlier test
-    assert engine.stacks.writes == writes + 1 and engine.stacks.rebuilds == rebuilds
+    assert engine.pool.writes == writes + 1 and engine.pool.rebuilds == rebuilds
 
 
-def test_slot_stack_grows_and_reuses_slots_exactly():
-    from types import SimpleNamespace
-
+def test_slot_pool_grows_reuses_only_retired_slots_and_never_touches_a_form():
+    from adapterhub.serve.slot_pool import SlotPool
     from adapterhub.serving_forms import LoraForm
-    from adapterhub.serve.rows import SlotStack, _lora_parts, _set_lora_parts
 
-    def adapter(key, rank, value):
-        return SimpleNamespace(key=key, form=LoraForm({"m": (torch.full((rank, 4), value), torch.full((3, rank), value))}))
+    def form(rank, value):
+        return LoraForm({"m": (torch.full((rank, 4), value), torch.full((3, rank), value))})
 
-    stack = SlotStack(_lora_parts, _set_lora_parts, 0.0, slots=2)
-    a, b, c = adapter("a@1", 2, 1.0), adapter("b@1", 2, 2.0), adapter("c@1", 4, 3.0)
-    slots = stack.slots([a, b])
-    assert stack.rebuilds == 0 and sorted(slots.values()) == [1, 2]
-    slots = stack.slots([a, b, c])  # full and all needed: grows once (also to rank 4)
+    pool = SlotPool("cpu", lora_dtype=torch.float32, slots=2)
+    fa = form(2, 1.0)
+    pool.admit("a@1", fa)
+    pool.admit("b@1", form(2, 2.0))
+    stack = pool.lora
+    assert stack.rebuilds == 0 and sorted(stack.slot_of.values()) == [1, 2]
+    pool.admit("c@1", form(4, 3.0))  # full and nothing retired: grows (also to rank 4)
     At, Bt = stack.tensors["m"]
+    a_slot = stack.slot_of["a@1"]
     assert stack.rebuilds >= 1 and At.shape[0] >= 4 and At.shape[2] == 4
-    assert torch.equal(At[slots["a@1"], :, :2], torch.ones(4, 2)) and not At[slots["a@1"], :, 2:].any()
-    assert torch.equal(Bt[slots["c@1"]], torch.full((4, 3), 3.0)) and not At[0].any()
+    assert torch.equal(At[a_slot, :, :2], torch.ones(4, 2)) and not At[a_slot, :, 2:].any()
+    assert torch.equal(Bt[stack.slot_of["c@1"]], torch.full((4, 3), 3.0)) and not At[0].any()
     before = stack.rebuilds
-    d = adapter("d@1", 2, 4.0)
-    stack.slots([d])  # a free slot exists: written in place, no rebuild
-    assert stack.rebuilds == before and stack.writes == 4
-    assert a.form.deltas["m"][0].data_ptr() == At[slots["a@1"]].data_ptr(), "a written form should view its slot"
-    e = adapter("e@1", 2, 5.0)
-    stack.slots([e])  # every slot taken: e takes the least recently used one (a's); a keeps its own copy
-    assert torch.equal(stack.tensors["m"][0][slots["a@1"], :, :2], torch.full((4, 2), 5.0))
-    assert torch.equal(a.form.deltas["m"][0], torch.ones(2, 4)) and torch.equal(a.form.deltas["m"][1], torch.ones(3, 2))
+    pool.retire("a@1")  # the cache let a go; a free slot still exists, so d takes that one
+    pool.admit("d@1", form(2, 4.0))
+    assert stack.rebuilds == before and stack.writes == 4 and stack.slot_of["a@1"] == a_slot
+    pool.admit("e@1", form(2, 5.0))  # no free slot: e takes the retired one (a's), not a live one
+    assert stack.slot_of["e@1"] == a_slot and "a@1" not in stack.slot_of and stack.rebuilds == before
+    assert torch.equal(stack.tensors["m"][0][a_slot, :, :2], torch.full((4, 2), 5.0))
+    assert torch.equal(fa.deltas["m"][0], torch.ones(2, 4)) and torch.equal(fa.deltas["m"][1], torch.ones(3, 2))
+    assert fa.deltas["m"][0].data_ptr() not in {t.data_ptr() for ts in stack.tensors.values() for t in ts}
+    pool.retire("b@1")
+    assert not pool.admit("b@1", form(2, 9.0)).positions and stack.writes == 5, "b kept its slot: not rewritten"
+    assert torch.equal(Bt[stack.slot_of["b@1"], :2], torch.full((2, 3), 2.0))
 
 
-def _logits_with(engine, refs, stacks, *, overlap=False, backend=None):
+def _pool_with(engine, refs, lora_dtype=None):
+    """A slot pool of its own (another LoRA dtype, say) holding the forms of ``refs``, read again
+    from their checked directories: the engine's cache keeps no tensors."""
+    from adapterhub.serve.slot_pool import SlotPool
+
+    pool = SlotPool(engine.device, lora_dtype=lora_dtype or engine.lora_dtype)
+    keys = {ref for item in refs if item for ref, _ in (item if isinstance(item, list) else [(item, 1.0)])}
+    for ref in sorted(keys):
+        entry = engine.cache.load(ref)
+        pool.admit(entry.key, entry.method.serving_form(entry.directory, engine.model.config))
+    return pool
+
+
+def _logits_with(engine, refs, pool=None, *, overlap=False, backend=None):
     """Logits of one short prompt per row, row i with adapter refs[i] (or a list of (ref, weight)
-    to compose), through ``stacks``; ``overlap`` queues the LoRA on the kernel's worker thread,
-    ``backend`` names a LoRA backend (default: the engine's)."""
+    to compose), through ``pool`` (default: the engine's); ``overlap`` queues the LoRA on the
+    kernel's worker thread, ``backend`` names a LoRA backend (default: the engine's)."""
     from adapterhub.serve import lora_backends
-    from adapterhub.serve.rows import BatchPlan
+    from adapterhub.serve.batch_plan import BatchPlan
 
     entries = [[(engine.cache.acquire(r), w) for r, w in (ref if isinstance(ref, list) else [(ref, 1.0)])] if ref else []
                for ref in refs]
     plan = None
     try:
         chosen = lora_backends.select(engine.device, backend or engine.backend.name, overlap=overlap)
-        plan = BatchPlan(entries, stacks, engine.device, backend=chosen)
-        engine.hooks.ensure(plan.modules, plan.input_modules | plan.queued_modules)
+        plan = BatchPlan(entries, pool or engine.pool, engine.device, backend=chosen)
+        engine.hooks.ensure(plan.modules, plan.input_modules)
         engine.hooks.plan = plan
         with torch.inference_mode():
             out = engine.model(input_ids=torch.tensor([[72, 105, 33]] * len(refs))).logits
-        return out, plan.shared_lora_slot is not None
+        lora = [p for p in plan.parts if hasattr(p, "shared_slot")]
+        return out, bool(lora) and lora[0].shared_slot is not None
     finally:
         engine.hooks.plan = None
         if plan is not None:
@@ -230,9 +248,7 @@ def _logits_with(engine, refs, stacks, *, overlap=False, backend=None):
 def test_shared_adapter_fast_path_equals_the_gathered_path(engine):
     """Rows of one adapter give the same logits whether the batch takes the dense path (every row
     the same adapter) or the gathered one (mixed with another adapter): exactly, in float32."""
-    from adapterhub.serve.rows import ResidentStacks
-
-    stacks = ResidentStacks(lora_dtype=torch.float32)
+    stacks = _pool_with(engine, ["t6@1", "t7@1"], torch.float32)
     shared, dense = _logits_with(engine, ["t6@1"] * 2, stacks)
     mixed, gathered = _logits_with(engine, ["t6@1", "t6@1", "t7@1"], stacks)
     assert dense and not gathered
@@ -246,13 +262,12 @@ def test_lora_queued_beside_the_base_layers_gives_the_in_line_logits(engine, dty
     base layer runs, and is added after it: the logits are the in-line path's (the delta is summed
     from zero, then added: one rounding more), composed and weighted rows included."""
     from adapterhub.serve import bgmv
-    from adapterhub.serve.rows import ResidentStacks
 
     queued = []
     real = bgmv.lora_add_queued
     monkeypatch.setattr(bgmv, "lora_add_queued", lambda *a: queued.append(a[4].shape) or real(*a))
     refs = ["t6@1", "t7@1", None, [("t6@1", 0.5), ("t8@1", 1.5)]]
-    stacks = ResidentStacks(lora_dtype=dtype)
+    stacks = _pool_with(engine, refs, dtype)
     in_line, _ = _logits_with(engine, refs, stacks)
     assert not queued
     overlapped, _ = _logits_with(engine, refs, stacks, overlap=True)
@@ -267,13 +282,12 @@ def test_while_an_adapter_loads_a_pass_adds_its_lora_in_line(engine, monkeypatch
     """A load wants both cores for ~4 ms (read and hash on two threads): a pass running meanwhile
     queues nothing on the worker and gives the same logits in line."""
     from adapterhub.serve import bgmv
-    from adapterhub.serve.rows import ResidentStacks
 
     queued = []
     real = bgmv.lora_add_queued
     monkeypatch.setattr(bgmv, "lora_add_queued", lambda *a: queued.append(1) or real(*a))
     refs = ["t6@1", "t7@1", None]
-    stacks = ResidentStacks()
+    stacks = _pool_with(engine, refs)
     in_line, _ = _logits_with(engine, refs, stacks)
     with bgmv.yielding_cores():
         assert bgmv.cores_wanted()
@@ -288,14 +302,13 @@ def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_s
     """The engine drains a pass in ``finally``: queued jobs are waited for (they write tensors the
     pass owns) and the worker stops spinning, whatever the model raised."""
     from adapterhub.serve import bgmv
-    from adapterhub.serve.rows import BatchPlan, ResidentStacks
+    from adapterhub.serve.batch_plan import BatchPlan
+    from adapterhub.serve.lora_backends.cpu_c import CLora
 
     refs = ["t6@1", "t7@1"]
     entries = [[(engine.cache.acquire(r), 1.0)] for r in refs]
-    from adapterhub.serve.lora_backends.cpu_c import CLora
-
-    plan = BatchPlan(entries, ResidentStacks(), engine.device, backend=CLora(overlap=True))
-    assert plan.queued_modules
+    plan = BatchPlan(entries, engine.pool, engine.device, backend=CLora(overlap=True))
+    assert plan.input_modules
 
     def fail(*_):
         raise RuntimeError("a layer failed")
@@ -309,7 +322,7 @@ def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_s
         handle.remove()
         for row in entries:
             engine.cache.release(row[0][0])
-    assert not plan._queued
+    assert not any(getattr(p, "_pending", None) for p in plan.parts)
     assert bgmv.lora_busy(True) == 1 and bgmv.lora_busy(False) == 0
 
 
@@ -329,13 +342,11 @@ def test_an_engine_with_lora_overlap_serves_the_same_tokens(engine, tiny_base_di
 
 
 def test_half_precision_stacks_keep_each_adapters_effect_within_one_percent(engine):
-    from adapterhub.serve.rows import ResidentStacks
-
     refs = ["t6@1", "t7@1", None, "t6@1"]
-    base, _ = _logits_with(engine, [None] * len(refs), ResidentStacks())
-    exact, _ = _logits_with(engine, refs, ResidentStacks(lora_dtype=torch.float32))
-    assert engine.stacks.lora.dtype == torch.float32, "the default follows the base's compute dtype"
-    half, _ = _logits_with(engine, refs, ResidentStacks(lora_dtype=torch.float16))
+    base, _ = _logits_with(engine, [None] * len(refs))
+    exact, _ = _logits_with(engine, refs, _pool_with(engine, refs, torch.float32))
+    assert engine.pool.lora.dtype == torch.float32, "the default follows the base's compute dtype"
+    half, _ = _logits_with(engine, refs, _pool_with(engine, refs, torch.float16))
     effect = (exact - base).norm()
     assert effect > 1.0, "the adapters change nothing: the comparison would be empty"
     assert (half - exact).norm() < 0.01 * effect, f"half precision moved logits by {(half - exact).norm() / effect:.2%} of the effect"

@@ -130,7 +130,8 @@ def _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer):
 
 
 class NoFormPlugin:
-    """A third-party-style plugin: LoRA without a serving form, so the server takes the slow path."""
+    """A third-party-style plugin: LoRA without a serving form (it declares no mixed batch), so the
+    server takes the slow path."""
 
     @staticmethod
     def make():
@@ -139,6 +140,7 @@ class NoFormPlugin:
         class NoFormLora(LoraMethod):
             name = "lora-noform"
             peft_type = None
+            capabilities = __import__("dataclasses").replace(LoraMethod.capabilities, mixed_batch=False, composable=False)
 
             def serving_form(self, directory, base_config):
                 return None
@@ -304,8 +306,8 @@ def test_lora_dtype_option_sets_the_stacks_and_a_bad_one_fails_before_the_base_l
     try:
         with Client(f"127.0.0.1:{srv.port}") as client:
             assert client.generate("abc", adapters=["senti@1"], max_new_tokens=2).completion_tokens == 2
-        assert srv.engine.stacks.lora.dtype == torch.float16
-        assert {t.dtype for ts in srv.engine.stacks.lora.tensors.values() for t in ts} == {torch.float16}
+        assert srv.engine.pool.lora.dtype == torch.float16
+        assert {t.dtype for ts in srv.engine.pool.lora.tensors.values() for t in ts} == {torch.float16}
     finally:
         srv.stop(grace=1)
 
