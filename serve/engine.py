@@ -156,11 +156,13 @@ class KVBatch:
     by ``index_select``; columns that no remaining row attends to are trimmed from the left.
     """
 
-    def __init__(self, rows: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
+    def __init__(self, rows: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                 starts: list[int]):
         slab = _slab_layer_class()
         self.rows = rows
         self.layers = [slab(k, v) for k, v in layers]
         self.mask = mask
+        self.starts = starts  # per row, its first column the mask attends (on the host: trimming reads no device)
 
     def cache(self) -> Any:
         """A ``DynamicCache`` over these layers: the model's forward appends to them in place."""
@@ -176,7 +178,8 @@ class KVBatch:
                    torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]))
                   for a, b in zip(self.layers, other.layers)]
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
-        return KVBatch(self.rows + other.rows, layers, mask)
+        starts = [s + width - self.mask.shape[1] for s in self.starts] + [s + width - other.mask.shape[1] for s in other.starts]
+        return KVBatch(self.rows + other.rows, layers, mask, starts)
 
     def keep_unfinished(self) -> None:
         keep = [i for i, s in enumerate(self.rows) if not s.finished]
@@ -184,10 +187,10 @@ class KVBatch:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
-        used = mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
+        start = min((self.starts[i] for i in keep), default=mask.shape[1])
         slab = _slab_layer_class()
         self.rows = [self.rows[i] for i in keep]
+        self.starts = [self.starts[i] - start for i in keep]
         self.mask = mask[:, start:]
         self.layers = [slab(layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index))
                        for layer in self.layers]
@@ -430,10 +433,14 @@ class Engine:
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         layers, prefix_mask = plan.prefix_cache(self.num_layers, self.device)
         cache = DynamicCache(ddp_cache_data=layers) if layers is not None else DynamicCache()
+        prefix_width = 0 if layers is None else prefix_mask.shape[1]
         if layers is not None:
             mask = torch.cat([prefix_mask, mask], dim=1)
+        # a row's first attended column: its prefix's (right-aligned in the prefix block), else its prompt's
+        starts = [prefix_width - p if p else prefix_width + width - len(s.prompt_ids)
+                  for s, p in zip(rows, plan.prefix_lengths)]
         logits = self._forward(plan, ids, mask, positions, cache)
-        return KVBatch(rows, [(layer.keys, layer.values) for layer in cache.layers], mask), logits
+        return KVBatch(rows, [(layer.keys, layer.values) for layer in cache.layers], mask, starts), logits
 
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
         """One token per row (its latest), attending to the cached keys/values."""

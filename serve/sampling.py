@@ -26,7 +26,14 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 def next_tokens(logits: torch.Tensor, params, generators) -> list[int]:
-    """Every row's next token from ``[B, vocab]`` logits: one argmax call for all greedy rows."""
+    """Every row's next token from ``[B, vocab]`` logits: one argmax for all greedy rows, and the
+    sampled rows' logits brought to the host in one copy (their generators are host generators, so
+    a seed gives the same tokens on every device): at most two reads from the device a step."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [g if p.temperature <= 0 else next_token(row, p.temperature, p.top_p, gen)
-            for g, row, p, gen in zip(greedy, logits, params, generators)]
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return greedy
+    rows = logits[sampled].float().cpu()
+    for row, i in zip(rows, sampled):
+        greedy[i] = next_token(row, params[i].temperature, params[i].top_p, generators[i])
+    return greedy

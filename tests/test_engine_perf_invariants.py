@@ -379,3 +379,81 @@ def test_a_burst_from_idle_is_prefilled_as_one_batch(engine):
         engine.admission_window, engine.admission_gap = window, gap
     assert shapes.shapes[0][0] == 6, f"the burst was split: forwards {shapes.shapes}"
     assert len(shapes.shapes) == 3, f"one prefill and two decode steps expected, got {shapes.shapes}"
+
+
+HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+
+def _reads_per_step(target, work) -> list[tuple[bool, int]]:
+    """(had a prefill, host reads of tensors) for every scheduler step of ``target`` while ``work``
+    runs: what becomes a device synchronisation when the engine runs on a GPU."""
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    seen, real = [], target._step
+
+    def counted():
+        before = len(target._batch.rows) if target._batch is not None else 0
+        with target._cond:
+            prefill = len(target._active) > before
+        with Reads() as reads:
+            real()
+        seen.append((prefill, reads.count))
+
+    target._step = counted
+    try:
+        work()
+    finally:
+        del target._step
+    return seen
+
+
+def test_a_decode_step_reads_the_device_once(engine, tiny_base_dir):
+    """On the device path (the torch backend, as on a GPU), a decode step of a mixed batch (LoRA
+    rows, a composition, the base) reads from the device once: the sampled tokens. The base
+    model's own forward reads are counted apart and allowed for."""
+    from adapterhub.base import load_base
+    from adapterhub.serve.engine import Engine
+
+    device_path = Engine.create(load_base(tiny_base_dir, "none"), engine.cache.source, capacity=16, max_batch=16,
+                                lora_backend="torch")
+    try:
+        refs = ["t0@1", "t1@1", None, "t2@1"]
+        seqs = []
+        steps = _reads_per_step(device_path, lambda: seqs.extend(
+            [device_path.submit(_request(f"prompt {i}", r, 12)) for i, r in enumerate(refs)]) or
+            [s.result() for s in seqs])
+        model = device_path.model
+        ids = torch.tensor([[65]] * len(refs))
+        baseline = _reads_per_step_of_forward(model, ids)
+    finally:
+        device_path.stop(grace=1)
+    decode = [n for prefill, n in steps if not prefill]
+    assert len(decode) >= 8, steps
+    print(f"host reads per decode step: {decode}; a bare forward: {baseline}")
+    assert max(decode) <= baseline + 1, f"decode steps read the device {decode} times; the bare forward {baseline}"
+
+
+def _reads_per_step_of_forward(model, ids) -> int:
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Reads(), torch.inference_mode():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return Reads.count
