@@ -20,6 +20,7 @@ BENCHMARKS = {
     "memory": "(e) server memory, nf4 vs unquantized, per adapter",
     "vllm": "(f) against vLLM's CPU build, same base and LoRAs (skipped without vLLM)",
     "doors": "(g) the OpenAI HTTP door against the gRPC door, same requests, same server",
+    "gpu": "(h) on a CUDA GPU: mixed-batch LoRA by backend (skipped without one)",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 

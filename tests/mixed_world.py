@@ -66,22 +66,24 @@ def build_mixed_world(root: Path, tiny_base_dir: Path, tiny_tokenizer) -> dict:
     return {"root": root, "store": store, "dirs": dirs, "registry": root / "registry"}
 
 
-def offline_tokens(base_dir, tokenizer, messages, setup, max_new: int = MAX_NEW) -> list[int]:
-    """Greedy generation of one request alone on a fresh nf4 base with ``setup(model)`` applied."""
+def offline_tokens(base_dir, tokenizer, messages, setup, max_new: int = MAX_NEW, *, quantize: str = "nf4",
+                   dtype: str = "auto", device: str | None = None) -> list[int]:
+    """Greedy generation of one request alone on a fresh base (nf4 by default) with ``setup(model)`` applied."""
     from adapterhub.base import load_base
     from adapterhub.data import render_prompt
 
-    model = setup(load_base(base_dir, "nf4").model)
+    model = setup(load_base(base_dir, quantize, dtype=dtype, device=device).model)
     model.eval()
     text = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in messages])
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
 
 
-def offline_tokens_by_forward(base_dir, tokenizer, messages, setup, max_new: int = MAX_NEW) -> list[int]:
+def offline_tokens_by_forward(base_dir, tokenizer, messages, setup, max_new: int = MAX_NEW, *, quantize: str = "nf4",
+                              dtype: str = "auto", device: str | None = None) -> list[int]:
     """Greedy decoding by repeated full forward passes of the offline model (no generate()).
 
     Used for prefix tuning: with peft 0.21 + transformers 5, PEFT's ``generate`` drops the prefix
@@ -90,14 +92,14 @@ def offline_tokens_by_forward(base_dir, tokenizer, messages, setup, max_new: int
     from adapterhub.base import load_base
     from adapterhub.data import render_prompt
 
-    model = setup(load_base(base_dir, "nf4").model)
+    model = setup(load_base(base_dir, quantize, dtype=dtype, device=device).model)
     model.eval()
     text = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in messages])
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     new: list[int] = []
     with torch.inference_mode():
         while len(new) < max_new and (not new or new[-1] != tokenizer.eos_token_id):
-            full = torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)
+            full = torch.cat([ids, torch.tensor([new], dtype=torch.long, device=ids.device)], dim=1)
             new.append(int(model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -1].argmax()))
     return new
 
@@ -130,7 +132,10 @@ def bottleneck_after(directory, setup_first=lambda m: m, weight=1.0):
             module = base.get_submodule(name)
 
             def hook(_m, _a, out, p=p):
-                return out + weight * (act(out @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])
+                q = {k: v.to(out.device, torch.float32) for k, v in p.items()}  # in float32, as the server
+                h = out.float()
+                up = act(h @ q["down.weight"].T + q["down.bias"]) @ q["up.weight"].T + q["up.bias"]
+                return out + (weight * up).to(out.dtype)
             module.register_forward_hook(hook)
         return model
     return setup
