@@ -119,7 +119,7 @@ def select(device: torch.device | str, choice: str = "auto", *, overlap: bool = 
 
     kind = torch.device(device).type
     has_triton = False
-    if kind == "cuda" or choice == "triton":  # triton is imported only where it may run
+    if kind == "cuda":  # triton is imported only where it may run
         try:
             from . import triton_sgmv
             has_triton = triton_sgmv.available()
