@@ -94,4 +94,11 @@ class PrefixForm:
     values: torch.Tensor
 
 
-ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm]
+@dataclasses.dataclass
+class BiasForm:
+    """Changes to Linear biases (BitFit): ``y = base(x) + b``, per module ``b [out]``."""
+
+    biases: dict[str, torch.Tensor]  # module -> [out]
+
+
+ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn as nn
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MergeError, MethodConfig, option
 from adapterhub.plugins import _modules as M
+from adapterhub.serving_forms import BiasForm
 
 CHILD = "bitfit"
 
@@ -61,8 +63,9 @@ class BitFitMethod(adapterhub.Method):
     # options (60 steps): flip 1.00.
     recommended_options = {"lr": 5e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = BitFitConfig
-    # No quantized base: merging writes base biases, and bitsandbytes layers are not our Linear.
-    capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=False, composable=False)
+    # No quantized base for training: merging writes base biases, and bitsandbytes layers are not our
+    # Linear. Served per row (BiasForm) on any base, the changes being added after the module.
+    capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=True, composable=True)
     description = "BitFit: train only bias terms (zero biases added where the base has none)."
 
     def attach(self, model: nn.Module, config: BitFitConfig) -> nn.Module:
@@ -103,6 +106,10 @@ class BitFitMethod(adapterhub.Method):
                 change.bias.copy_(tensors[key])
                 change.bias.requires_grad_(trainable)
         return model
+
+    def serving_form(self, directory: str | Path, base_config: Any) -> BiasForm:
+        """The bias changes by module (saved under the base's bias names)."""
+        return BiasForm({key.removesuffix(".bias"): t for key, t in M.read_tensors(directory).items()})
 
     def detach(self, model: nn.Module) -> nn.Module:
         for _, linear, change in changes(model):

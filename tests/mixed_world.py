@@ -22,7 +22,7 @@ def chat(text: str) -> list[tuple[str, str]]:
 
 
 def build_mixed_world(root: Path, tiny_base_dir: Path, tiny_tokenizer) -> dict:
-    """A registry with lora (x2 tasks), bottleneck adapter, ia3 and prefix adapters (+ variants)."""
+    """A registry with lora (x2 tasks), bottleneck adapter, ia3, prefix and bitfit adapters (+ variants)."""
     from adapterhub.adapters import save_adapter
     from adapterhub.base import fingerprint, load_base
     from adapterhub.data import load_dataset
@@ -36,7 +36,7 @@ def build_mixed_world(root: Path, tiny_base_dir: Path, tiny_tokenizer) -> dict:
     dirs = {}
     for task, method_name, data_task, lr in [("senti", "lora", "sentiment", 5e-3), ("rev", "lora", "reverse", 1e-2),
                                              ("bottle", "adapter", "sentiment", 5e-3), ("scale", "ia3", "sentiment", 3e-2),
-                                             ("pre", "prefix", "sentiment", 3e-2)]:
+                                             ("pre", "prefix", "sentiment", 3e-2), ("bias", "bitfit", "sentiment", 3e-2)]:
         train, _ = write_split(data_task, root / f"data-{task}", n_train=48, n_test=4)
         dataset = load_dataset(train, tiny_tokenizer, max_length=64)
         method = manager.get_method(method_name)
@@ -146,4 +146,19 @@ def method_load(name, directory):
         from adapterhub.manager import PluginManager
 
         return PluginManager(autoload=False).get_method(name).load(model, directory)
+    return setup
+
+
+def bias_after(directory, setup_first=lambda m: m, weight=1.0):
+    """The saved BitFit changes added after each module by plain hooks (any base, nf4 included)."""
+    from safetensors.torch import load_file
+
+    def setup(model):
+        model = setup_first(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for key, change in load_file(str(directory / "adapter_model.safetensors")).items():
+            def hook(_m, _a, out, change=change):
+                return out + (weight * change.to(out.device, torch.float32)).to(out.dtype)
+            base.get_submodule(key.removesuffix(".bias")).register_forward_hook(hook)
+        return model
     return setup

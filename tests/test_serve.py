@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 
-from mixed_world import (MAX_NEW, bottleneck_after, chat, method_load, offline_tokens, offline_tokens_by_forward,
+from mixed_world import (MAX_NEW, bias_after, bottleneck_after, chat, method_load, offline_tokens, offline_tokens_by_forward,
                          peft_lora)
 
 from adapterhub.serve.client import Client
@@ -99,6 +99,8 @@ def _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer):
         "ia3": ([("scale@1", 1.0)], method_load("ia3", d["scale"])),
         "prefix": ([("pre@1", 1.0)], method_load("prefix", d["pre"])),  # offline by forward, see above
         "lora+bottle": ([("senti@1", 0.5), ("bottle@1", 1.0)], bottleneck_after(d["bottle"], peft_lora(d["senti"], 0.5))),
+        "bitfit": ([("bias@1", 1.0)], bias_after(d["bias"])),
+        "bitfit+lora": ([("bias@1", 0.5), ("rev@1", 1.0)], bias_after(d["bias"], peft_lora(d["rev"]), 0.5)),
     }
     jobs = [(name, text) for text in PROMPTS for name in combos]
     jobs += [("lora+bottle", "warm kind team"), ("rev", "warm kind team")]
@@ -127,6 +129,30 @@ def _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer):
     assert [(a.requested, a.resolved) for a in senti.adapters] == [("senti@prod", "senti@1")]
     print(f"{len(jobs)} concurrent requests served in {served_s:.2f}s on the {server.engine.backend.name} backend, "
           f"largest batch {server.engine.largest_batch}")
+
+
+def test_a_full_precision_base_equals_each_methods_own_load(world, tiny_base_dir, tiny_tokenizer):
+    """On the unquantized base, mixed concurrent rows equal offline generation with each method's own
+    ``load`` (BitFit's refuses a 4-bit base, so the nf4 suite above checks it with plain hooks)."""
+    from adapterhub.serve.server import AdapterServer, ServerOptions
+
+    d = world["dirs"]
+    combos = {"bias@1": method_load("bitfit", d["bias"]), "scale@1": method_load("ia3", d["scale"]),
+              "bottle@1": method_load("adapter", d["bottle"]), "senti@1": method_load("lora", d["senti"]), "": lambda m: m}
+    srv = AdapterServer(ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), port=0, quantize="none",
+                                      max_adapters=6, max_new_tokens=64)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=120) as c, ThreadPoolExecutor(len(combos) * 2) as pool:
+            jobs = [(ref, text) for ref in combos for text in PROMPTS[:2]]
+            served = list(pool.map(lambda j: list(c.generate(messages=chat(j[1]), adapters=[j[0]] if j[0] else [],
+                                                              max_new_tokens=MAX_NEW).token_ids), jobs))
+    finally:
+        srv.stop(grace=1)
+    for (ref, text), tokens in zip(jobs, served):
+        expected = offline_tokens(tiny_base_dir, tiny_tokenizer, chat(text), combos[ref], quantize="none")
+        assert tokens == expected, f"{ref or 'base'} / {text!r} differs from the method's own load"
+    by_ref = {ref: [t for (r, _), t in zip(jobs, served) if r == ref] for ref in combos}
+    assert all(by_ref[ref] != by_ref[""] for ref in combos if ref), "an adapter that changes nothing proves nothing"
 
 
 class NoFormPlugin:

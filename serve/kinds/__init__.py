@@ -127,12 +127,14 @@ def write_parts(stack: Any, slot: int, parts: dict[str, tuple[torch.Tensor, ...]
 
 
 def _kinds() -> list[Kind]:
+    from .bias import BiasKind
     from .bottleneck import BottleneckKind
     from .lora import LoraKind
     from .prefix import PrefixKind
     from .scale import ScaleKind
 
-    return [ScaleKind(), LoraKind(), BottleneckKind(), PrefixKind()]  # the order they apply in a module
+    # the order they apply in a module: the layer's own bias, its output scale, then deltas, then after it
+    return [BiasKind(), ScaleKind(), LoraKind(), BottleneckKind(), PrefixKind()]
 
 
 KINDS: list[Kind] = _kinds()  # last: the kinds' modules import the helpers above

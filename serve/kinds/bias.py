@@ -1,0 +1,44 @@
+"""Bias changes (``BiasForm``, BitFit): per-row vectors gathered from a stack and added to a
+module's output, first of all kinds (they are part of the layer's own affine map)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapterhub.serving_forms import BiasForm
+
+from ..slot_pool import Served, Slots
+from . import Kind, Part, write_parts
+
+
+class BiasKind(Kind):
+    name = "bias"
+    form_type = BiasForm
+
+    def stack_dtype(self, pool: Any) -> torch.dtype:
+        return torch.float32
+
+    def admit(self, pool: Any, key: str, form: BiasForm) -> Served:
+        pool.stack(self).admit(key, form)
+        return Served(self)
+
+    def write(self, stack: Any, slot: int, form: BiasForm) -> None:
+        write_parts(stack, slot, {m: (b.detach(),) for m, b in form.biases.items()})
+
+    def step(self, rows, pool, device, backend) -> Part | None:
+        stack = pool.stack(self)
+        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
+        return None if slots is None else BiasPart(slots, stack.tensors)
+
+
+class BiasPart(Part):
+    def __init__(self, slots: Slots, tensors: dict[str, list[torch.Tensor]]):
+        self.slots, self.tensors = slots, tensors
+        self.output_modules = frozenset(tensors)
+
+    def after(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        s = self.slots
+        b = (self.tensors[module][0][s.index] * s.weight[:, :, None]).sum(dim=1)  # [B, out]
+        return out + b[:, None, :].to(out.dtype)
