@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt serve/_bgmv.c registry/_chunksha.c
+$(STAMP): pyproject.toml constraints.txt serve/_bgmv.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned to the local CPU build, then everything else under the same constraint.

@@ -1,5 +1,6 @@
 """Per-chunk sha256s: recorded at publish, parsed strictly, checked on a load by two threads
-(``_chunksha.c``) and by ``registry verify``; manifests without them still load."""
+(``registry/hashing.py``'s ``Verifier``, one hashlib call per chunk) and by ``registry verify``;
+manifests without them still load."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from adapterhub.registry.manifest import FileEntry
 
 WEIGHTS = "adapter_model.safetensors"
 CHUNK = hashing.MIN_CHUNK
-needs_c = pytest.mark.skipif(hashing.Verifier is None, reason="registry/_chunksha.c was not built")
 
 
 def _digests(data: bytes, chunk: int) -> list[str]:
@@ -41,12 +41,6 @@ def _rewrite_manifest(store, edit) -> None:
 @pytest.fixture
 def store(tmp_path):
     return open_registry(tmp_path / "registry")
-
-
-def test_the_chunk_verifier_is_built_here():
-    """Optional for users (the load falls back to one sha256), required in CI: lose it and this fails."""
-    assert hashing.Verifier is not None, \
-        "adapterhub.registry._chunksha was not built; `make venv` needs a C compiler and OpenSSL's headers (libssl-dev)"
 
 
 # -- what publish records ---------------------------------------------------------------------
@@ -100,7 +94,6 @@ def test_malformed_chunk_entries_are_refused_naming_the_file(store, tmp_path, ed
         store.manifest("t@1")
 
 
-@needs_c
 def test_a_server_load_checks_the_chunks_on_the_hasher_and_the_loading_thread(store, tmp_path, monkeypatch):
     """The hasher thread starts on the chunks while the read goes on; check() (the loading thread)
     takes whatever is left. Every chunk is hashed once, by one of them."""
@@ -147,14 +140,13 @@ def test_chunk_digests_that_do_not_match_their_blob_fail_the_load_and_verify(sto
     assert [p.message for p in problems if "chunk digests" in p.message], problems
 
 
-# -- the C verifier -----------------------------------------------------------------------------
+# -- the verifier ------------------------------------------------------------------------------
 
 
 def _verifier(data: bytearray, chunk: int = 4096, expected: list[str] | None = None):
     return hashing.Verifier(data, chunk, b"".join(bytes.fromhex(d) for d in expected or _digests(bytes(data), chunk)))
 
 
-@needs_c
 @pytest.mark.parametrize("where", [0, 4095, 4096, 3 * 4096 + 17, -1])
 def test_verifier_names_the_chunk_with_a_flipped_bit(where):
     data = bytearray(random.Random(1).randbytes(5 * 4096 + 100))
@@ -167,7 +159,6 @@ def test_verifier_names_the_chunk_with_a_flipped_bit(where):
     assert verifier.wait() == [(where % len(data)) // 4096]
 
 
-@needs_c
 def test_verifier_reports_chunks_the_read_never_brought_as_failed():
     data = bytearray(random.Random(2).randbytes(4 * 4096))
     verifier = _verifier(data)
@@ -177,7 +168,6 @@ def test_verifier_reports_chunks_the_read_never_brought_as_failed():
     assert verifier.wait() == [2, 3]
 
 
-@needs_c
 def test_verifier_threads_share_the_chunks_and_follow_the_read():
     """Three threads take chunks while a reader brings the bytes in, slice by slice; each chunk is
     hashed once, only after it is all in, and all match."""
@@ -201,7 +191,6 @@ def test_verifier_threads_share_the_chunks_and_follow_the_read():
     assert verifier.wait() == [] and sum(counts) == 65
 
 
-@needs_c
 def test_verifier_refuses_digests_that_do_not_fit_the_buffer():
     with pytest.raises(ValueError, match="need 3 digests"):
         hashing.Verifier(bytearray(3 * 4096), 4096, bytes(64))
@@ -211,11 +200,10 @@ def test_verifier_refuses_digests_that_do_not_fit_the_buffer():
         _verifier(bytearray(10)).advanced(11)
 
 
-@needs_c
 def test_a_verifier_keeps_its_buffer_from_being_resized():
     data = bytearray(8192)
     verifier = _verifier(data)
     with pytest.raises(BufferError):
-        data.extend(b"more")  # the C threads read it without the GIL: it must not move
+        data.extend(b"more")  # hashlib reads it without the GIL: it must not move
     del verifier
     data.extend(b"more")
