@@ -101,4 +101,17 @@ class BiasForm:
     biases: dict[str, torch.Tensor]  # module -> [out]
 
 
-ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm]
+@dataclasses.dataclass
+class DoraForm:
+    """Weight-decomposed LoRA (DoRA): ``y = m / ||W + s BA||_row * (W x + s B A x)`` (+ the bias).
+
+    ``lora`` is the low-rank part as a :class:`LoraForm`; ``magnitudes[m] [out]`` the learned
+    magnitude. The server computes the row norms of ``W + s BA`` once, when the adapter loads
+    (dequantising a 4-bit base weight for that once), so a row costs a LoRA delta and a channel scale.
+    """
+
+    lora: LoraForm
+    magnitudes: dict[str, torch.Tensor]  # module -> [out]
+
+
+ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm, DoraForm]

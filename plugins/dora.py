@@ -1,8 +1,8 @@
 """DoRA: weight-decomposed LoRA (Liu et al., 2024), PEFT's ``use_dora``.
 
-Each adapted weight is split into a magnitude vector and a direction that LoRA updates. The
-column-norm of ``W + BA`` makes the change full-rank, so it has no low-rank serving form: DoRA
-adapters are served one at a time (or merged).
+Each adapted weight is split into a magnitude vector and a direction that LoRA updates. Served in
+mixed batches as a :class:`~adapterhub.serving_forms.DoraForm`: the LoRA part, and the magnitudes
+the server divides by the row norms of ``W + BA`` once, when the adapter loads.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import adapterhub
-from adapterhub import Capabilities
-from adapterhub.plugins.lora import LoraConfig, LoraMethod
+from adapterhub import AdapterFiles, Capabilities, DataError
+from adapterhub.plugins._peft import base_module_name
+from adapterhub.plugins.lora import LoraConfig, LoraMethod, peft_lora_form
 
 
 @dataclasses.dataclass
@@ -27,7 +28,7 @@ class DoraMethod(LoraMethod):
     # options (60 steps): flip 0.97.
     recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = DoraConfig
-    capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=False, composable=False)
+    capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "Weight-decomposed LoRA: a learned magnitude plus a LoRA-updated direction (PEFT use_dora)."
     peft_type = "LORA"
 
@@ -35,7 +36,19 @@ class DoraMethod(LoraMethod):
         return super().peft_config(config, use_dora=True, **extra)
 
     def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return None  # the magnitude normalisation is not a low-rank delta
+        return self.serving_form_from_files(AdapterFiles.from_directory(directory), base_config)
+
+    def serving_form_from_files(self, files: AdapterFiles, base_config: Any) -> Any:
+        from adapterhub.serving_forms import DoraForm
+
+        views = files.tensor_views("adapter_model.safetensors")
+        suffix = ".lora_magnitude_vector"
+        magnitudes = {base_module_name(k[: -len(suffix)]): views[k] for k in views if k.endswith(suffix)}
+        lora = peft_lora_form(files)
+        if set(magnitudes) != set(lora.deltas):
+            raise DataError(f"not a DoRA adapter: it has magnitude vectors for {len(magnitudes)} of "
+                            f"{len(lora.deltas)} LoRA modules; publish it with the method it was trained with")
+        return DoraForm(lora, magnitudes)
 
 
 @adapterhub.hookimpl

@@ -24,7 +24,7 @@ class BatchPlan:
         self.rows = rows
         self.parts: list[Part] = []
         for kind in KINDS:
-            mine = [[(e.key, w, e.served) for e, w in row if e.served is not None and e.served.kind is kind] for row in rows]
+            mine = [[(e.key, w, e.served) for e, w in row if e.served is not None and kind in e.served.kinds] for row in rows]
             part = kind.step(mine, pool, device, backend) if any(mine) else None
             if part is not None:
                 self.parts.append(part)

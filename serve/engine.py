@@ -249,7 +249,7 @@ class Engine:
         # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
         # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
         self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
-        self.pool = SlotPool(self.device, lora_dtype=self.lora_dtype, slots=max(8, cache.capacity))
+        self.pool = SlotPool(self.device, lora_dtype=self.lora_dtype, slots=max(8, cache.capacity), model=self.model)
         cache.pool = self.pool  # loads write their slots themselves, off the scheduler thread
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()

@@ -45,8 +45,9 @@ Parts = dict[str, tuple[torch.Tensor, ...]]  # stack name (a module, or "out:mod
 class SlotStack:
     """One kind's stacks: per name, one tensor ``[capacity + 1, *shape]`` per part of the form."""
 
-    def __init__(self, kind: Any, device: torch.device, dtype: torch.dtype | None, slots: int):
-        self.kind = kind  # parts(form), factors(form), write(stack, slot, form), pad
+    def __init__(self, kind: Any, device: torch.device, dtype: torch.dtype | None, slots: int, pool: Any = None):
+        self.kind = kind  # write(stack, slot, form), pad
+        self.pool = pool  # the pool it belongs to (a kind may read the pool's base model when it writes)
         self.device, self.dtype = device, dtype  # dtype None: the forms' own
         self.capacity = max(1, slots)
         # replaced, never changed in place, when a stack is added or grown: a plan built earlier
@@ -155,19 +156,26 @@ class SlotStack:
 @dataclasses.dataclass(eq=False)
 class Served:
     """What the cache keeps of a servable adapter: its kind, the key positions it adds in front
-    of a row (prefixes), and whatever the kind keeps off the stacks (a prefix's device tensors)."""
+    of a row (prefixes), whatever the kind keeps off the stacks (a prefix's device tensors), and
+    every kind whose step applies it (DoRA: the LoRA kind's delta, then its own channel scale)."""
 
     kind: Any
     positions: int = 0
     data: Any = None
+    kinds: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.kinds = self.kinds or (self.kind,)
 
 
 class SlotPool:
     """The stacks of every stacked kind on one device, with one dtype for LoRA (``--lora-dtype``)."""
 
-    def __init__(self, device: torch.device | str = "cpu", *, lora_dtype: torch.dtype | None = None, slots: int = 8):
+    def __init__(self, device: torch.device | str = "cpu", *, lora_dtype: torch.dtype | None = None, slots: int = 8,
+                 model: Any = None):
         self.device = torch.device(device)
         self.lora_dtype = lora_dtype
+        self.model = model  # the base, for kinds that read its weights once when an adapter loads (DoRA)
         self.slots = slots
         self._stacks: dict[str, SlotStack] = {}
         self._lock = threading.Lock()
@@ -175,7 +183,7 @@ class SlotPool:
     def stack(self, kind: Any) -> SlotStack:
         with self._lock:
             if kind.name not in self._stacks:
-                self._stacks[kind.name] = SlotStack(kind, self.device, kind.stack_dtype(self), self.slots)
+                self._stacks[kind.name] = SlotStack(kind, self.device, kind.stack_dtype(self), self.slots, self)
             return self._stacks[kind.name]
 
     def admit(self, key: str, form: Any) -> Served:

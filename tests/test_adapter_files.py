@@ -367,7 +367,7 @@ def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, r
 def test_the_most_specific_serving_hook_is_called(tmp_path):
     from adapterhub.plugins.lora import LoraMethod
 
-    class OwnForm(LoraMethod):  # a subclass written against serving_form only (as DoRA is)
+    class OwnForm(LoraMethod):  # a subclass written against serving_form only
         name = "own-form"
 
         def serving_form(self, directory, base_config):
@@ -382,7 +382,6 @@ def test_the_most_specific_serving_hook_is_called(tmp_path):
 
     assert build_serving_form(OwnForm(), files, None) == ("own", tmp_path / "a")
     assert build_serving_form(FromFiles(), files, None) == "from files"
-    assert build_serving_form(PluginManager(autoload=False).get_method("dora"), files, None) is None
     assert type(build_serving_form(LoraMethod(), files, None)).__name__ == "LoraForm"
 
 

@@ -67,7 +67,7 @@ def apply_form_by_hand(base, form, batch) -> torch.Tensor:
     """The reference application of a serving form to a plain base model: hooks / past_key_values."""
     from transformers import DynamicCache
 
-    from adapterhub.serving_forms import LoraForm, PrefixForm, ScaleForm
+    from adapterhub.serving_forms import DoraForm, LoraForm, PrefixForm, ScaleForm
 
     modules = dict(base.named_modules())
     handles = []
@@ -77,6 +77,12 @@ def apply_form_by_hand(base, form, batch) -> torch.Tensor:
                 b = b.float() * form.scales.get(name, 1.0)
                 handles.append(modules[name].register_forward_hook(
                     lambda m, args, out, a=a.float(), b=b: out + (args[0].float() @ a.T @ b.T).to(out.dtype)))
+        elif isinstance(form, DoraForm):  # c * (W x + s B A x), c = m / ||W + s B A||_row (no bias here)
+            for name, (a, b) in form.lora.deltas.items():
+                a, b = a.float(), b.float() * form.lora.scales.get(name, 1.0)
+                c = form.magnitudes[name].float() / (modules[name].weight.float() + b @ a).norm(p=2, dim=1)
+                handles.append(modules[name].register_forward_hook(
+                    lambda m, args, out, a=a, b=b, c=c: (c * (out.float() + args[0].float() @ a.T @ b.T)).to(out.dtype)))
         elif isinstance(form, ScaleForm):
             for name, s in form.input_scales.items():
                 handles.append(modules[name].register_forward_pre_hook(lambda m, args, s=s: (args[0] * s,)))

@@ -101,6 +101,8 @@ def _check_mixed(world, server, client, tiny_base_dir, tiny_tokenizer):
         "lora+bottle": ([("senti@1", 0.5), ("bottle@1", 1.0)], bottleneck_after(d["bottle"], peft_lora(d["senti"], 0.5))),
         "bitfit": ([("bias@1", 1.0)], bias_after(d["bias"])),
         "bitfit+lora": ([("bias@1", 0.5), ("rev@1", 1.0)], bias_after(d["bias"], peft_lora(d["rev"]), 0.5)),
+        "dora": ([("dora@1", 1.0)], method_load("dora", d["dora"])),
+        "dora+bottle": ([("dora@1", 1.0), ("bottle@1", 1.0)], bottleneck_after(d["bottle"], method_load("dora", d["dora"]))),
     }
     jobs = [(name, text) for text in PROMPTS for name in combos]
     jobs += [("lora+bottle", "warm kind team"), ("rev", "warm kind team")]
@@ -138,6 +140,7 @@ def test_a_full_precision_base_equals_each_methods_own_load(world, tiny_base_dir
 
     d = world["dirs"]
     combos = {"bias@1": method_load("bitfit", d["bias"]), "scale@1": method_load("ia3", d["scale"]),
+              "dora@1": method_load("dora", d["dora"]),
               "bottle@1": method_load("adapter", d["bottle"]), "senti@1": method_load("lora", d["senti"]), "": lambda m: m}
     srv = AdapterServer(ServerOptions(base=str(tiny_base_dir), registry=str(world["registry"]), port=0, quantize="none",
                                       max_adapters=6, max_new_tokens=64)).start()
@@ -279,6 +282,8 @@ def test_tag_moves_for_new_requests(world, client):
     (dict(prompt="x" * 600), grpc.StatusCode.INVALID_ARGUMENT),
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
     (dict(adapters=["otherbase@1"]), grpc.StatusCode.FAILED_PRECONDITION),
+    (dict(adapters=["dora@1", "senti@1"]), grpc.StatusCode.INVALID_ARGUMENT),  # DoRA rescales what LoRA changes
+    (dict(adapters=[("dora@1", 0.5)]), grpc.StatusCode.INVALID_ARGUMENT),  # its norm is fixed at load
 ])
 def test_errors_map_to_status_and_server_keeps_serving(client, kwargs, code):
     kwargs = {"prompt": "abc", "max_new_tokens": 2, **kwargs}

@@ -53,6 +53,10 @@ class Kind:
     def check_weight(self, key: str, weight: float) -> None:
         """Refuse a weight this kind cannot apply (LimitExceeded: INVALID_ARGUMENT)."""
 
+    def check_company(self, key: str, others: Sequence[Any]) -> None:
+        """Refuse composing with ``others`` (the request's other adapters' ``Served``) where the maths
+        has no defined result (LimitExceeded, saying why)."""
+
     def step(self, rows: Sequence[Sequence[tuple[str, float, Any]]], pool: Any, device: Any, backend: Any) -> Part | None:
         """This kind's part of a step for ``rows`` (per row: (key, weight, served) of this kind, in
         request order), or None when no row has one."""
@@ -80,6 +84,7 @@ def check_composition(entries: Sequence[tuple[Any, float]]) -> None:
                 raise LimitExceeded(f"adapter {entry.key} is served on the slow path, which supports weight 1 only")
         else:
             entry.served.kind.check_weight(entry.key, weight)
+            entry.served.kind.check_company(entry.key, [e.served for e, _ in entries if e is not entry])
 
 
 def copy_scaled(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:
@@ -129,12 +134,15 @@ def write_parts(stack: Any, slot: int, parts: dict[str, tuple[torch.Tensor, ...]
 def _kinds() -> list[Kind]:
     from .bias import BiasKind
     from .bottleneck import BottleneckKind
+    from .dora import DoraKind
     from .lora import LoraKind
     from .prefix import PrefixKind
     from .scale import ScaleKind
 
-    # the order they apply in a module: the layer's own bias, its output scale, then deltas, then after it
-    return [BiasKind(), ScaleKind(), LoraKind(), BottleneckKind(), PrefixKind()]
+    # the order they apply in a module: the layer's own bias, its output scale, the low-rank deltas,
+    # DoRA's channel scale over base + its delta, then what comes after the layer
+    lora = LoraKind()
+    return [BiasKind(), ScaleKind(), lora, DoraKind(lora), BottleneckKind(), PrefixKind()]
 
 
 KINDS: list[Kind] = _kinds()  # last: the kinds' modules import the helpers above
