@@ -21,6 +21,7 @@ BENCHMARKS = {
     "vllm": "(f) against vLLM's CPU build, same base and LoRAs (skipped without vLLM)",
     "doors": "(g) the OpenAI HTTP door against the gRPC door, same requests, same server",
     "gpu": "(h) on a CUDA GPU: mixed-batch LoRA by backend (skipped without one)",
+    "chunk_hashing": "(i) a registry read + chunk sha256 check, hashlib per chunk vs one sha256 per file",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 
