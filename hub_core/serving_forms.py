@@ -114,4 +114,12 @@ class DoraForm:
     magnitudes: dict[str, torch.Tensor]  # module -> [out]
 
 
-ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm, DoraForm]
+@dataclasses.dataclass
+class SoftPromptForm:
+    """Virtual-token embeddings put in front of a row's input embeddings (prompt tuning, P-tuning's
+    saved encoder output): ``[num_virtual_tokens, hidden]``. They take positions 0..P-1."""
+
+    embeddings: torch.Tensor
+
+
+ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm, DoraForm, SoftPromptForm]

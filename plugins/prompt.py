@@ -1,8 +1,7 @@
 """Prompt tuning: a trained soft prompt prepended to the input embeddings (Lester et al., 2021).
 
-PEFT's PromptTuning. Only ``num_virtual_tokens x hidden`` parameters train. Not mergeable, and no
-serving form: the prompt's keys/values depend on the base weights, so it is served by the
-one-adapter-at-a-time path.
+PEFT's PromptTuning. Only ``num_virtual_tokens x hidden`` parameters train. Not mergeable; served
+in mixed batches as a :class:`~adapterhub.serving_forms.SoftPromptForm` in front of each row's input.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class PromptMethod(PromptLearningMethod):
     # options (80 steps): flip 0.81 (lr 3e-2: 0.72).
     recommended_options = {"lr": 1e-1, "epochs": 4.0, "warmup_steps": 5}
     config_class = PromptConfig
-    capabilities = Capabilities(mergeable=False, quantized_base=True, mixed_batch=False, composable=False)
+    capabilities = Capabilities(mergeable=False, quantized_base=True, mixed_batch=True, composable=True)
     description = "Prompt tuning: a trained soft prompt at the input (PEFT PromptTuning)."
     peft_type = "PROMPT_TUNING"
 

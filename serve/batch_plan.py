@@ -31,6 +31,7 @@ class BatchPlan:
         self.modules = frozenset().union(*(p.output_modules for p in self.parts))
         self.input_modules = frozenset().union(*(p.input_modules for p in self.parts))
         self.prefix_lengths = [sum(e.served.positions for e, _ in row if e.served is not None) for row in rows]
+        self.soft_lengths = [sum(e.served.tokens for e, _ in row if e.served is not None) for row in rows]
 
     def before(self, module: str, x: torch.Tensor) -> torch.Tensor:
         for part in self.parts:
@@ -43,6 +44,14 @@ class BatchPlan:
             if module in part.output_modules:
                 out = part.after(module, x, out)
         return out
+
+    def input_prefix(self) -> list[torch.Tensor | None] | None:
+        """Per row, embeddings to put in front of its prompt's (soft prompts), or None when no row has any."""
+        for part in self.parts:
+            found = part.input_prefix()
+            if found is not None:
+                return found
+        return None
 
     def prefix_cache(self, num_layers: int, device: Any) -> tuple[list | None, torch.Tensor | None]:
         """Per-layer (keys, values) ``[B, kv_heads, P, head_dim]`` in front of the rows, and their mask ``[B, P]``."""

@@ -291,7 +291,7 @@ class Engine:
             for spec in request.adapters:
                 entries.append((self.cache.acquire(spec.ref), spec.weight))
             check_composition(entries)
-            prefix = sum(e.served.positions for e, _ in entries if e.served is not None)
+            prefix = sum(e.served.positions + e.served.tokens for e, _ in entries if e.served is not None)
             total = prefix + len(prompt_ids) + request.params.max_new_tokens
             if total > self.limits.context_length:
                 raise LimitExceeded(
@@ -422,24 +422,26 @@ class Engine:
         from transformers import DynamicCache
 
         plan = BatchPlan([s.entries for s in rows], self.pool, self.device, backend=self.backend)
-        width = max(len(s.prompt_ids) for s in rows)
+        # a row's input: its soft prompts' virtual tokens (if any), then its prompt; left-padded
+        lengths = [soft + len(s.prompt_ids) for s, soft in zip(rows, plan.soft_lengths)]
+        width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, s in enumerate(rows):
+        for b, (s, n) in enumerate(zip(rows, lengths)):
             ids[b, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[b, width - len(s.prompt_ids):] = 1
-            s.prefix_len = plan.prefix_lengths[b]
+            mask[b, width - n:] = 1
+            s.prefix_len = plan.prefix_lengths[b] + plan.soft_lengths[b]  # positions before its prompt
         positions = (mask.cumsum(-1) - 1).clamp_min(0) + torch.tensor(plan.prefix_lengths)[:, None]
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        inputs = self._soft_prompted(ids, plan.input_prefix(), lengths, width)
         layers, prefix_mask = plan.prefix_cache(self.num_layers, self.device)
         cache = DynamicCache(ddp_cache_data=layers) if layers is not None else DynamicCache()
         prefix_width = 0 if layers is None else prefix_mask.shape[1]
         if layers is not None:
             mask = torch.cat([prefix_mask, mask], dim=1)
         # a row's first attended column: its prefix's (right-aligned in the prefix block), else its prompt's
-        starts = [prefix_width - p if p else prefix_width + width - len(s.prompt_ids)
-                  for s, p in zip(rows, plan.prefix_lengths)]
-        logits = self._forward(plan, ids, mask, positions, cache)
+        starts = [prefix_width - p if p else prefix_width + width - n for n, p in zip(lengths, plan.prefix_lengths)]
+        logits = self._forward(plan, inputs, mask, positions, cache)
         return KVBatch(rows, [(layer.keys, layer.values) for layer in cache.layers], mask, starts), logits
 
     def _decode(self, batch: "KVBatch") -> torch.Tensor:
@@ -454,12 +456,27 @@ class Engine:
         batch.mask = mask
         return logits
 
-    def _forward(self, plan: BatchPlan, ids, mask, positions, cache) -> torch.Tensor:
+    def _soft_prompted(self, ids: torch.Tensor, soft: list | None, lengths: list[int], width: int) -> dict:
+        """The forward's input: ``input_ids``, or where some row has soft prompts, ``inputs_embeds``
+        with each row's virtual-token embeddings in front of its prompt's."""
+        if soft is None:
+            return {"input_ids": ids}
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(ids)
+            for b, (prompt, n) in enumerate(zip(soft, lengths)):
+                if prompt is not None:
+                    embeds[b, width - n: width - n + prompt.shape[0]] = prompt.to(embeds.dtype)
+        return {"inputs_embeds": embeds}
+
+    def _forward(self, plan: BatchPlan, inputs: Any, mask, positions, cache) -> torch.Tensor:
+        """One forward pass with ``plan``'s adapters; ``inputs`` is ``input_ids`` (a tensor) or a dict
+        naming the model's input (``inputs_embeds`` for soft prompts)."""
+        inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
         self.hooks.ensure(plan.modules, plan.input_modules)
         self.hooks.plan = plan
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache},
+                out = self.model(**inputs, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache},
                                  use_cache=True, logits_to_keep=1)
         finally:
             self.hooks.plan = None

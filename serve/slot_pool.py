@@ -155,14 +155,16 @@ class SlotStack:
 
 @dataclasses.dataclass(eq=False)
 class Served:
-    """What the cache keeps of a servable adapter: its kind, the key positions it adds in front
-    of a row (prefixes), whatever the kind keeps off the stacks (a prefix's device tensors), and
-    every kind whose step applies it (DoRA: the LoRA kind's delta, then its own channel scale)."""
+    """What the cache keeps of a servable adapter: its kind, the key/value positions it puts in front
+    of a row's cache (prefixes), the input tokens it puts in front of the row's prompt (soft
+    prompts), whatever the kind keeps off the stacks (their device tensors), and every kind whose
+    step applies it (DoRA: the LoRA kind's delta, then its own channel scale)."""
 
     kind: Any
     positions: int = 0
     data: Any = None
     kinds: tuple = ()
+    tokens: int = 0
 
     def __post_init__(self) -> None:
         self.kinds = self.kinds or (self.kind,)

@@ -22,7 +22,8 @@ def chat(text: str) -> list[tuple[str, str]]:
 
 
 def build_mixed_world(root: Path, tiny_base_dir: Path, tiny_tokenizer) -> dict:
-    """A registry with lora (x2 tasks), bottleneck adapter, ia3, prefix, bitfit and dora adapters (+ variants)."""
+    """A registry with lora (x2 tasks), bottleneck adapter, ia3, prefix, bitfit, dora, prompt-tuning
+    and p-tuning adapters (+ variants)."""
     from adapterhub.adapters import save_adapter
     from adapterhub.base import fingerprint, load_base
     from adapterhub.data import load_dataset
@@ -37,7 +38,8 @@ def build_mixed_world(root: Path, tiny_base_dir: Path, tiny_tokenizer) -> dict:
     for task, method_name, data_task, lr in [("senti", "lora", "sentiment", 5e-3), ("rev", "lora", "reverse", 1e-2),
                                              ("bottle", "adapter", "sentiment", 5e-3), ("scale", "ia3", "sentiment", 3e-2),
                                              ("pre", "prefix", "sentiment", 3e-2), ("bias", "bitfit", "sentiment", 3e-2),
-                                             ("dora", "dora", "reverse", 1e-2)]:
+                                             ("dora", "dora", "reverse", 1e-2), ("soft", "prompt", "sentiment", 1e-1),
+                                             ("ptune", "ptuning", "reverse", 3e-2)]:
         train, _ = write_split(data_task, root / f"data-{task}", n_train=48, n_test=4)
         dataset = load_dataset(train, tiny_tokenizer, max_length=64)
         method = manager.get_method(method_name)

@@ -67,7 +67,7 @@ def apply_form_by_hand(base, form, batch) -> torch.Tensor:
     """The reference application of a serving form to a plain base model: hooks / past_key_values."""
     from transformers import DynamicCache
 
-    from adapterhub.serving_forms import DoraForm, LoraForm, PrefixForm, ScaleForm
+    from adapterhub.serving_forms import DoraForm, LoraForm, PrefixForm, ScaleForm, SoftPromptForm
 
     modules = dict(base.named_modules())
     handles = []
@@ -88,6 +88,13 @@ def apply_form_by_hand(base, form, batch) -> torch.Tensor:
                 handles.append(modules[name].register_forward_pre_hook(lambda m, args, s=s: (args[0] * s,)))
             for name, s in form.output_scales.items():
                 handles.append(modules[name].register_forward_hook(lambda m, args, out, s=s: out * s))
+        elif isinstance(form, SoftPromptForm):  # virtual tokens in front; their logits dropped
+            rows, tokens = batch["input_ids"].shape[0], form.embeddings.shape[0]
+            embeds = base.get_input_embeddings()(batch["input_ids"])
+            embeds = torch.cat([form.embeddings.to(embeds.dtype).expand(rows, -1, -1), embeds], 1)
+            mask = torch.cat([torch.ones(rows, tokens, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1)
+            with torch.no_grad():
+                return base(inputs_embeds=embeds, attention_mask=mask).logits[:, tokens:].float()
         elif isinstance(form, PrefixForm):
             rows, tokens = batch["input_ids"].shape[0], form.keys.shape[2]
             cache = DynamicCache()

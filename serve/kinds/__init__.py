@@ -27,6 +27,10 @@ class Part:
     def after(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
 
+    def input_prefix(self) -> list[torch.Tensor | None] | None:
+        """Per row, embeddings ``[P, hidden]`` to put in front of its input embeddings (or None)."""
+        return None
+
     def kv_prefix(self, num_layers: int, device: Any) -> tuple[list, torch.Tensor] | None:
         """Per-layer (keys, values) to put in front of the rows' own, and their mask ``[B, P]``."""
         return None
@@ -138,11 +142,12 @@ def _kinds() -> list[Kind]:
     from .lora import LoraKind
     from .prefix import PrefixKind
     from .scale import ScaleKind
+    from .soft_prompt import SoftPromptKind
 
     # the order they apply in a module: the layer's own bias, its output scale, the low-rank deltas,
     # DoRA's channel scale over base + its delta, then what comes after the layer
     lora = LoraKind()
-    return [BiasKind(), ScaleKind(), lora, DoraKind(lora), BottleneckKind(), PrefixKind()]
+    return [BiasKind(), ScaleKind(), lora, DoraKind(lora), BottleneckKind(), PrefixKind(), SoftPromptKind()]
 
 
 KINDS: list[Kind] = _kinds()  # last: the kinds' modules import the helpers above
