@@ -246,7 +246,7 @@ def profile_steps(engines: dict, batch: int, ns, context: int = 48, repeats: int
             ids, positions = torch.full((batch, 1), 65), torch.full((batch, 1), context)
             mask = torch.ones(batch, context + 1, dtype=torch.long)
             kv = KVBatch([], [(torch.randn(batch, heads, context, dim),) * 2 for _ in range(cfg.num_hidden_layers)],
-                         mask[:, :-1])
+                         mask[:, :-1], [0] * batch)
             start = time.perf_counter()
             engine._forward(plan, ids, mask, positions, kv.cache())
             return time.perf_counter() - start
