@@ -128,7 +128,6 @@ class Counting:
 
 def main() -> dict:
     from adapterhub.manager import get_manager
-    from adapterhub.method import build_serving_form
     from adapterhub.registry import hashing, open_registry
     from adapterhub.serve.adapter_source import AdapterSource
 
@@ -169,7 +168,7 @@ def main() -> dict:
         start = time.perf_counter()
         files = source.read(version)
         if scenario == "read+form+check":
-            form = build_serving_form(lora, files, None)
+            form = lora.serving_form(files, None)
             assert form is not None
         files.check()
         return time.perf_counter() - start

@@ -125,7 +125,7 @@ def main() -> dict:
             assert check.matches()
             chunks_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        lora.serving_form_from_files(files, None)
+        lora.serving_form(files, None)
         form_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         entry = engine.cache.load(ref)

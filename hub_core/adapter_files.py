@@ -1,4 +1,4 @@
-"""An adapter's files read once into memory: the input of :meth:`Method.serving_form_from_files`.
+"""An adapter's files read once into memory: the input of :meth:`Method.serving_form`.
 
 The server reads each file of a registry version exactly once and checks those same bytes against
 the version's sha256 in a background thread while the method builds its serving form from them;
@@ -30,8 +30,7 @@ class AdapterFiles:
 
     Read them with :meth:`read_bytes`, :meth:`read_json` and :meth:`read_tensors`. ``directory`` is
     where the files lie on disk, for code that must read them itself: on the server, asking for it
-    waits until every file passed its hash check, so such code never reads an unchecked file (what
-    :meth:`Method.serving_form` always got).
+    waits until every file passed its hash check, so such code never reads an unchecked file.
     """
 
     def __init__(self, data: Mapping[str, bytes], directory: str | Path, *, check: Callable[[], None] = lambda: None,

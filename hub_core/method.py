@@ -166,39 +166,52 @@ class Method:
 
     # -- serving -------------------------------------------------------------------------------
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> "ServingForm | None":
-        """The adapter in ``directory`` as plain tensors the server can apply per row.
+    def serving_form(self, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
+        """The adapter in ``files`` as plain tensors the server can apply per row of a mixed batch.
 
-        Return ``None`` (the default) to be served by the slower one-adapter-at-a-time path.
+        ``files`` holds the adapter's files as the server read them, once: build the form from those
+        bytes (``files.read_json(name)``, ``files.read_tensors()``, ``files.tensor_views()``) while
+        the server checks them against the registry's hashes in parallel; the form is used only if
+        every check passes. Code that must read the files itself uses ``files.directory``, which
+        waits for the checks first, so it never reads an unchecked file. Outside the server,
+        ``AdapterFiles.from_directory(directory)`` gives the files of a plain directory.
+
+        Return ``None`` (the default) to be served by the slower one-adapter-at-a-time path; a
+        method that declares ``mixed_batch`` must return a form of a kind the server applies.
         """
         return None
 
-    def serving_form_from_files(self, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
-        """The same form, built from ``files``: the adapter's files as the server read them, once.
-
-        Override this instead of :meth:`serving_form` to build the form from those bytes (e.g.
-        ``files.read_tensors()``) while the server checks them against the registry's hashes, in
-        parallel; the form is used only if every check passes. The default reads the files again
-        from ``files.directory`` through :meth:`serving_form`, after the checks.
-        """
-        return self.serving_form(files.directory, base_config)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _adapt_legacy_serving_hooks(cls)
 
     def __repr__(self) -> str:
         return f"<Method {self.name} from {self.origin}>"
 
 
-def build_serving_form(method: Method, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
-    """Call the method's most specific serving hook (the host calls this, never the hooks directly).
+def _adapt_legacy_serving_hooks(cls: type) -> None:
+    """Deprecated (issue 24), to be removed in the next minor release: plugins written against the
+    two serving hooks that came before the one :meth:`Method.serving_form`.
 
-    That is :meth:`Method.serving_form_from_files`, unless a subclass overrides only
-    :meth:`Method.serving_form` below the class that defines it: a plugin that subclasses a built-in
-    method and changes its form (as DoRA does LoRA's, or one written before the files hook existed)
-    gets its own ``serving_form``, not the inherited one.
+    ``serving_form(directory, base_config)`` (first parameter named ``directory``) is called with
+    ``files.directory``, which waits for the hash checks; ``serving_form_from_files(files,
+    base_config)`` becomes ``serving_form``. Each warns once, when the class is defined.
     """
-    def owner(name: str) -> type:
-        return next(cls for cls in type(method).__mro__ if name in vars(cls))
+    import inspect
+    import warnings
 
-    by_directory, by_files = owner("serving_form"), owner("serving_form_from_files")
-    if by_directory is not by_files and issubclass(by_directory, by_files):
-        return method.serving_form(files.directory, base_config)
-    return method.serving_form_from_files(files, base_config)
+    own = vars(cls)
+    if "serving_form_from_files" in own and "serving_form" not in own:
+        warnings.warn(f"{cls.__qualname__}.serving_form_from_files(files, base_config) is deprecated: rename it "
+                      "serving_form(files, base_config), the one serving hook", DeprecationWarning, stacklevel=3)
+        cls.serving_form = own["serving_form_from_files"]
+    elif "serving_form" in own and list(inspect.signature(own["serving_form"]).parameters)[1:2] == ["directory"]:
+        warnings.warn(f"{cls.__qualname__}.serving_form(directory, base_config) is deprecated: the hook now takes "
+                      "an AdapterFiles (read files.directory where you need the directory)", DeprecationWarning,
+                      stacklevel=3)
+        by_directory = own["serving_form"]
+
+        def serving_form(self: Method, files: "AdapterFiles", base_config: Any) -> "ServingForm | None":
+            return by_directory(self, files.directory, base_config)
+
+        cls.serving_form = serving_form

@@ -1,6 +1,6 @@
 """Adapters as plain tensors, in the few shapes the server knows how to apply per row.
 
-A method's ``serving_form`` (or ``serving_form_from_files``) turns its saved adapter into one of
+A method's ``serving_form`` hook turns its saved adapter into one of
 these; the server's engine stacks forms of the same kind from many adapters and applies them with
 gathered batched matmuls, so one forward pass serves rows with different adapters. Module names
 are those of the *base* model (``model.layers.0.self_attn.q_proj``), never of a PEFT wrapper.

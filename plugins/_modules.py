@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapterhub import architectures as A
+from adapterhub.adapter_files import AdapterFiles
 from adapterhub.errors import ConfigError, MergeError, NotFound
 from adapterhub.plugins._peft import is_quantized
 
@@ -44,12 +45,17 @@ def write_adapter(directory: str | Path, adapter_type: str, config: dict[str, An
     (directory / config_file).write_text(json.dumps({"adapter_type": adapter_type, **config}, indent=2) + "\n")
 
 
-def read_config(directory: str | Path, adapter_type: str, *, config_file: str = CONFIG_FILE) -> dict[str, Any]:
-    """The config stored in ``directory`` (without ``adapter_type``), checked to be ours."""
-    path = Path(directory) / config_file
-    if not path.is_file():
-        raise NotFound(f"{path} does not exist; is {directory} a saved {adapter_type!r} adapter?")
-    stored = json.loads(path.read_text())
+def read_config(directory: str | Path | AdapterFiles, adapter_type: str, *,
+                config_file: str = CONFIG_FILE) -> dict[str, Any]:
+    """The config stored in ``directory`` (or the serving hook's files), without ``adapter_type``,
+    checked to be ours."""
+    if isinstance(directory, AdapterFiles):
+        path, stored = config_file, dict(directory.read_json(config_file))
+    else:
+        path = Path(directory) / config_file
+        if not path.is_file():
+            raise NotFound(f"{path} does not exist; is {directory} a saved {adapter_type!r} adapter?")
+        stored = json.loads(path.read_text())
     found = stored.pop("adapter_type", None)
     if found != adapter_type:
         raise ConfigError(

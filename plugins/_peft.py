@@ -93,7 +93,7 @@ class PromptLearningMethod(PeftMethod):
     The loss is computed inside the base model before the hook runs, so training is unaffected.
     """
 
-    def serving_form_from_files(self, files: Any, base_config: Any) -> Any:
+    def serving_form(self, files: Any, base_config: Any) -> Any:
         """The saved virtual-token embeddings (for P-tuning PEFT saves the encoder's output), served
         in front of each row's input embeddings."""
         from adapterhub.serving_forms import SoftPromptForm
@@ -102,11 +102,6 @@ class PromptLearningMethod(PeftMethod):
         if "prompt_embeddings" not in views:
             raise KeyError("adapter_model.safetensors has no prompt_embeddings tensor")
         return SoftPromptForm(views["prompt_embeddings"])
-
-    def serving_form(self, directory: Any, base_config: Any) -> Any:
-        from adapterhub import AdapterFiles
-
-        return self.serving_form_from_files(AdapterFiles.from_directory(directory), base_config)
 
     def attach(self, model: Any, config: Any) -> Any:
         return align_logits(super().attach(model, config))

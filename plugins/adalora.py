@@ -10,14 +10,12 @@ callback re-reads the Trainer's own ``max_steps`` when training begins and alloc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import adapterhub
-from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
 from adapterhub.plugins._peft import PeftMethod, base_module_name
 
 
@@ -135,8 +133,8 @@ class AdaLoraMethod(PeftMethod):
     def trainer_callbacks(self, model: Any, config: AdaLoraConfig, options: Any) -> list[Any]:
         return [_budget_callback(config)]
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return adalora_form(directory)
+    def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
+        return adalora_form(files)
 
 
 def _budget_callback(config: AdaLoraConfig) -> Any:
@@ -156,20 +154,17 @@ def _budget_callback(config: AdaLoraConfig) -> Any:
     return AdaLoraBudget()
 
 
-def adalora_form(directory: str | Path) -> Any:
+def adalora_form(files: AdapterFiles) -> Any:
     """LoraForm of a PEFT AdaLoRA directory: ``delta = x (A)^T (B diag(E) * alpha / (init_r + 1e-5))^T``.
 
     PEFT divides by the *initial* rank (``ranknum``) even after pruning, and adds 1e-5 to it.
     """
-    from safetensors.torch import load_file
-
     from adapterhub.serving_forms import LoraForm
 
-    directory = Path(directory)
-    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg = files.read_json("adapter_config.json")
     alpha = cfg.get("lora_alpha") or 0
     scale = (alpha if alpha > 0 else cfg["init_r"]) / (cfg["init_r"] + 1e-5)
-    state = load_file(str(directory / "adapter_model.safetensors"))
+    state = files.read_tensors()
     deltas = {}
     for key, a in state.items():
         if ".lora_A" not in key:

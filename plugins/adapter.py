@@ -182,11 +182,11 @@ class AdapterMethod(adapterhub.Method):
         model.__dict__.pop("adapterhub_adapter_config", None)
         return model
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
+    def serving_form(self, files: adapterhub.AdapterFiles, base_config: Any) -> Any:
         from adapterhub.serving_forms import BottleneckForm
 
-        config = self.make_config(M.read_config(directory, "bottleneck"))
-        tensors = M.read_tensors(directory)
+        config = self.make_config(M.read_config(files, "bottleneck"))
+        tensors = files.read_tensors()
         suffix = f".{CHILD}.down.weight"
         layers = {}
         for key in sorted(k for k in tensors if k.endswith(suffix)):

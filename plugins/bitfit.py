@@ -107,9 +107,9 @@ class BitFitMethod(adapterhub.Method):
                 change.bias.requires_grad_(trainable)
         return model
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> BiasForm:
+    def serving_form(self, files: adapterhub.AdapterFiles, base_config: Any) -> BiasForm:
         """The bias changes by module (saved under the base's bias names)."""
-        return BiasForm({key.removesuffix(".bias"): t for key, t in M.read_tensors(directory).items()})
+        return BiasForm({key.removesuffix(".bias"): t for key, t in files.read_tensors().items()})
 
     def detach(self, model: nn.Module) -> nn.Module:
         for _, linear, change in changes(model):

@@ -8,7 +8,6 @@ the server divides by the row norms of ``W + BA`` once, when the adapter loads.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import adapterhub
@@ -35,10 +34,7 @@ class DoraMethod(LoraMethod):
     def peft_config(self, config: DoraConfig, **extra: Any) -> Any:
         return super().peft_config(config, use_dora=True, **extra)
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return self.serving_form_from_files(AdapterFiles.from_directory(directory), base_config)
-
-    def serving_form_from_files(self, files: AdapterFiles, base_config: Any) -> Any:
+    def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
         from adapterhub.serving_forms import DoraForm
 
         views = files.tensor_views("adapter_model.safetensors")

@@ -10,11 +10,10 @@ architecture, found when the adapter is attached (:func:`adapterhub.architecture
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import adapterhub
-from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
 from adapterhub.plugins._peft import PeftMethod, base_module_name
 
 AUTO = "auto"  # resolved from the base's architecture (adapterhub.architectures.ia3_defaults)
@@ -76,8 +75,8 @@ class IA3Method(PeftMethod):
             task_type="CAUSAL_LM",
         )
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return ia3_form(directory)
+    def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
+        return ia3_form(files)
 
 
 def resolve_modules(config: IA3Config, model: Any = None) -> tuple[list[str] | None, list[str] | None]:
@@ -96,12 +95,10 @@ def resolve_modules(config: IA3Config, model: Any = None) -> tuple[list[str] | N
     return targets, [m for m in default_feedforward if m in targets]
 
 
-def ia3_form(directory: str | Path) -> Any:
-    from safetensors.torch import load_file
-
+def ia3_form(files: AdapterFiles) -> Any:
     from adapterhub.serving_forms import ScaleForm
 
-    state = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    state = files.read_tensors()
     inputs, outputs = {}, {}
     for key, vector in state.items():
         if not key.endswith(".ia3_l") and ".ia3_l." not in key:

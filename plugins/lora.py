@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import adapterhub
@@ -63,10 +62,7 @@ class LoraMethod(PeftMethod):
             **extra,
         )
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return peft_lora_form(AdapterFiles.from_directory(directory))
-
-    def serving_form_from_files(self, files: AdapterFiles, base_config: Any) -> Any:
+    def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
         return peft_lora_form(files)
 
 

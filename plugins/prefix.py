@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import adapterhub
-from adapterhub import Capabilities, ConfigError, option
+from adapterhub import AdapterFiles, Capabilities, ConfigError, option
 from adapterhub.config import MethodConfig
 from adapterhub.plugins._peft import PromptLearningMethod
 
@@ -67,24 +67,21 @@ class PrefixMethod(PromptLearningMethod):
             )
         return super().load(model, directory, trainable=trainable)
 
-    def serving_form(self, directory: str | Path, base_config: Any) -> Any:
-        return prefix_form(directory)
+    def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
+        return prefix_form(files)
 
 
-def prefix_form(directory: str | Path) -> Any:
+def prefix_form(files: AdapterFiles) -> Any:
     """Keys/values ``[layers, kv_heads, tokens, head_dim]`` from PEFT's saved prompt embeddings.
 
     PEFT lays one token's prefix out as ``[layers * 2, kv_heads, head_dim]`` (key and value of
     layer ``l`` at rows ``2l`` and ``2l + 1``); ``token_dim`` and ``num_attention_heads`` in its
     config already count key/value heads (grouped-query attention).
     """
-    from safetensors.torch import load_file
-
     from adapterhub.serving_forms import PrefixForm
 
-    directory = Path(directory)
-    cfg = json.loads((directory / "adapter_config.json").read_text())
-    table = load_file(str(directory / "adapter_model.safetensors"))["prompt_embeddings"].float()
+    cfg = files.read_json("adapter_config.json")
+    table = files.read_tensors()["prompt_embeddings"].float()
     tokens, layers, heads = cfg["num_virtual_tokens"], cfg["num_layers"], cfg["num_attention_heads"]
     head_dim = cfg["token_dim"] // heads
     kv = table.view(tokens, layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # [2L, H, T, D]

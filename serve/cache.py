@@ -189,10 +189,8 @@ class AdapterCache:
                               f"{version.ref}: {exc}") from None
 
     def _form(self, method: Any, files: Any, version: AdapterVersion) -> Any:
-        from adapterhub.method import build_serving_form
-
         try:
-            return build_serving_form(method, files, self.base_config)
+            return method.serving_form(files, self.base_config)
         except AdapterHubError:
             raise
         except Exception as exc:  # a plugin bug fails only the requests that use this adapter

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 
 from adapterhub import AdapterFiles, Method
 from adapterhub.errors import IntegrityError, PluginError
-from adapterhub.method import Capabilities, build_serving_form
+from adapterhub.method import Capabilities
 from adapterhub.registry import open_registry
 
 WEIGHTS = "adapter_model.safetensors"
@@ -210,7 +210,7 @@ def test_lora_form_equals_the_plain_computation_exactly(tmp_path, config):
     directory = _lora_dir(tmp_path / "a", config)
     cfg = json.loads((directory / "adapter_config.json").read_text())
     state = load_file(str(directory / WEIGHTS))
-    form = PluginManager(autoload=False).get_method("lora").serving_form(directory, None)
+    form = PluginManager(autoload=False).get_method("lora").serving_form(AdapterFiles.from_directory(directory), None)
     assert len(form.deltas) == 2
     for key, a in state.items():
         if ".lora_A." not in key:
@@ -244,12 +244,12 @@ def test_a_lora_read_from_its_file_goes_to_its_slot_without_a_tensor_made(tmp_pa
     from_file, from_tensors = SlotPool(slots=2, lora_dtype=dtype), SlotPool(slots=2, lora_dtype=dtype)
     for i, size in enumerate([48, 48, 48, 40]):  # the last is narrower than the stacks: padded, by the tensor path
         directory = _lora_dir(tmp_path / f"a{i}", {}, size=size, seed=i)
-        form = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
+        form = lora.serving_form(AdapterFiles.from_directory(directory), None)
         made.clear()
         from_file.admit(f"a{i}@1", form)
         assert bool(made) == (i in (0, 3)), f"adapter {i}: {len(made)} views made"
         state = load_file(str(directory / WEIGHTS))
-        copies = lora.serving_form_from_files(AdapterFiles.from_directory(directory), None)
+        copies = lora.serving_form(AdapterFiles.from_directory(directory), None)
         copies = LoraForm({m: (a.clone(), b.clone()) for m, (a, b) in copies.deltas.items()}, dict(copies.scales))
         from_tensors.admit(f"a{i}@1", copies)
         slot = from_file.lora.slot_of[f"a{i}@1"]
@@ -330,7 +330,7 @@ def test_a_form_built_from_corrupt_bytes_fails_as_an_integrity_error(cache, regi
         name = "fragile"
         capabilities = Capabilities(mixed_batch=True)  # else the server never asks for a serving form
 
-        def serving_form_from_files(self, files, base_config):
+        def serving_form(self, files, base_config):
             files.read_tensors()  # corrupt bytes may not even parse: the hash verdict must win
             raise ValueError("these bytes make no sense")
 
@@ -343,18 +343,34 @@ def test_a_form_built_from_corrupt_bytes_fails_as_an_integrity_error(cache, regi
         cache.load(ref)
 
 
-def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, register_method, tmp_path):
-    calls = []
-
+def _reads_the_disk(calls: list, *, legacy: bool) -> Method:
+    """A method whose serving hook reads its weights from the directory, not from the bytes given."""
     class ReadsTheDisk(Method):
         name = "reads-disk"
         capabilities = Capabilities(mixed_batch=True)
 
-        def serving_form(self, directory, base_config):
-            calls.append(load_file(str(Path(directory) / WEIGHTS)))
+        def serving_form(self, files, base_config):
+            calls.append(load_file(str(files.directory / WEIGHTS)))
             return None
 
-    register_method(ReadsTheDisk())
+    if not legacy:
+        return ReadsTheDisk()
+    with pytest.warns(DeprecationWarning, match=r"serving_form\(directory, base_config\) is deprecated"):
+        class Legacy(Method):  # written against the hook of 0.1, which took the directory
+            name = "reads-disk"
+            capabilities = Capabilities(mixed_batch=True)
+
+            def serving_form(self, directory, base_config):
+                calls.append(load_file(str(Path(directory) / WEIGHTS)))
+                return None
+
+    return Legacy()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["files.directory", "deprecated-directory-hook"])
+def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, register_method, tmp_path, legacy):
+    calls = []
+    register_method(_reads_the_disk(calls, legacy=legacy))
     ref = _publish_as(cache, "disk", "reads-disk", tmp_path)
     assert cache.load(ref).served is None and len(calls) == 1
     cache.unload(ref)
@@ -364,25 +380,41 @@ def test_a_plugin_that_reads_its_directory_never_sees_an_unchecked_file(cache, r
     assert len(calls) == 1, "serving_form ran on a file that had not passed its hash check"
 
 
-def test_the_most_specific_serving_hook_is_called(tmp_path):
+def test_one_serving_hook_and_the_deprecated_ones_adapted(tmp_path):
+    """``serving_form(files, base_config)`` is the only hook the host calls; a subclass overriding it
+    gets its own, by plain inheritance. The two hooks it replaced still work, each with a
+    DeprecationWarning when the class is defined: ``serving_form(directory, ...)`` gets the
+    directory (after the checks), ``serving_form_from_files`` becomes ``serving_form``."""
+    import warnings
+
     from adapterhub.plugins.lora import LoraMethod
 
-    class OwnForm(LoraMethod):  # a subclass written against serving_form only
-        name = "own-form"
+    directory = _lora_dir(tmp_path / "a", {})
+    files = AdapterFiles.from_directory(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current hook warns about nothing
 
-        def serving_form(self, directory, base_config):
-            return ("own", Path(directory))
+        class OwnForm(LoraMethod):
+            name = "own-form"
 
-    class FromFiles(OwnForm):
-        def serving_form_from_files(self, files, base_config):
-            return "from files"
+            def serving_form(self, files, base_config):
+                return ("own", files.read_json("adapter_config.json")["r"])
 
-    files = AdapterFiles.from_directory(_lora_dir(tmp_path / "a", {}))
-    from adapterhub.manager import PluginManager
+    with pytest.warns(DeprecationWarning, match=r"ByDirectory.serving_form\(directory, base_config\)"):
+        class ByDirectory(LoraMethod):
+            def serving_form(self, directory, base_config):
+                return ("directory", Path(directory))
 
-    assert build_serving_form(OwnForm(), files, None) == ("own", tmp_path / "a")
-    assert build_serving_form(FromFiles(), files, None) == "from files"
-    assert type(build_serving_form(LoraMethod(), files, None)).__name__ == "LoraForm"
+    with pytest.warns(DeprecationWarning, match=r"FromFiles.serving_form_from_files.*rename it serving_form"):
+        class FromFiles(OwnForm):
+            def serving_form_from_files(self, files, base_config):
+                return ("from files", sorted(files.names()))
+
+    assert type(LoraMethod().serving_form(files, None)).__name__ == "LoraForm"
+    assert OwnForm().serving_form(files, None) == ("own", 4)
+    assert ByDirectory().serving_form(files, None) == ("directory", directory)
+    assert FromFiles().serving_form(files, None) == ("from files", files.names())
+    assert not hasattr(LoraMethod(), "serving_form_from_files"), "the second hook is gone"
 
 
 def test_a_load_writes_its_stack_slot_and_a_failed_check_frees_it(cache):
@@ -396,7 +428,7 @@ def test_a_load_writes_its_stack_slot_and_a_failed_check_frees_it(cache):
     entry = cache.load("small@1")
     stack = pool.lora
     assert stack.writes == 1 and "small@1" in stack.slot_of, "the load did not write the slot"
-    module, (a, _) = next(iter(entry.method.serving_form(entry.directory, None).deltas.items()))
+    module, (a, _) = next(iter(entry.method.serving_form(AdapterFiles.from_directory(entry.directory), None).deltas.items()))
     assert torch.equal(stack.tensors[module][0][stack.slot_of["small@1"], :, : a.shape[0]], a.T)
     _corrupt(_blob(cache.source.store, "big@1"))
     with pytest.raises(IntegrityError, match="sha256"):

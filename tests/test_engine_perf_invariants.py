@@ -207,13 +207,14 @@ def test_slot_pool_grows_reuses_only_retired_slots_and_never_touches_a_form():
 def _pool_with(engine, refs, lora_dtype=None):
     """A slot pool of its own (another LoRA dtype, say) holding the forms of ``refs``, read again
     from their checked directories: the engine's cache keeps no tensors."""
+    from adapterhub import AdapterFiles
     from adapterhub.serve.slot_pool import SlotPool
 
     pool = SlotPool(engine.device, lora_dtype=lora_dtype or engine.lora_dtype)
     keys = {ref for item in refs if item for ref, _ in (item if isinstance(item, list) else [(item, 1.0)])}
     for ref in sorted(keys):
         entry = engine.cache.load(ref)
-        pool.admit(entry.key, entry.method.serving_form(entry.directory, engine.model.config))
+        pool.admit(entry.key, entry.method.serving_form(AdapterFiles.from_directory(entry.directory), engine.model.config))
     return pool
 
 

@@ -31,14 +31,14 @@ class FaultyPlugin:
             name = "lora-formraises"
             peft_type = None
 
-            def serving_form(self, directory, base_config):
+            def serving_form(self, files, base_config):
                 raise RuntimeError("serving hook exploded")
 
         class LoadRaises(LoraMethod):
             name = "lora-loadraises"
             peft_type = None
 
-            def serving_form(self, directory, base_config):
+            def serving_form(self, files, base_config):
                 return None  # slow path, which calls load()
 
             def load(self, model, directory):

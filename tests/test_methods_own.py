@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterhub import ConfigError, MergeError
+from adapterhub import AdapterFiles, ConfigError, MergeError
 from adapterhub.manager import PluginManager
 from adapterhub.training import TrainOptions
 
@@ -109,7 +109,7 @@ def test_bottleneck_form_matches_module(nf4_adapter, tiny_base_dir):
     _, out = nf4_adapter
     m = method("adapter")
     model = m.load(load_base(tiny_base_dir, "none").model, out)
-    form = m.serving_form(out, model.config)
+    form = m.serving_form(AdapterFiles.from_directory(out), model.config)
     modules = {n: b for n, _, b in bottlenecks(model)}
     assert set(form.layers) == set(modules) and len(modules) == 2 * model.config.num_hidden_layers
     h = torch.randn(3, 5, model.config.hidden_size)

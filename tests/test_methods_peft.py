@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from adapterhub import MergeError
+from adapterhub import AdapterFiles, MergeError
 from adapterhub.manager import PluginManager
 from adapterhub.training import TrainOptions
 
@@ -116,7 +116,7 @@ def test_serving_form_reproduces_peft_logits(name, tiny_base_dir, tiny_tokenizer
     method = method_named(name)
     quantize = method.default_quantize or "none"
     directory = random_adapter(method, tiny_base_dir, tmp_path / name, quantize)
-    form = method.serving_form(directory, load_base(tiny_base_dir).config)
+    form = method.serving_form(AdapterFiles.from_directory(directory), load_base(tiny_base_dir).config)
     assert (form is not None) == method.capabilities.mixed_batch, f"{name}: mixed_batch flag disagrees with serving_form"
     if form is None:
         return
@@ -141,7 +141,7 @@ def test_prefix_form_with_projection_matches(tiny_base_dir, tiny_tokenizer, tmp_
     method.save(model, tmp_path)
     batch = probe(tiny_tokenizer)
     want = logits(method.load(load_base(tiny_base_dir), tmp_path), batch)
-    form = method.serving_form(tmp_path, None)
+    form = method.serving_form(AdapterFiles.from_directory(tmp_path), None)
     cfg = load_base(tiny_base_dir).config
     assert form.keys.shape == (cfg.num_hidden_layers, cfg.num_key_value_heads, 16,
                                cfg.hidden_size // cfg.num_attention_heads)

@@ -175,7 +175,7 @@ class NoFormPlugin:
             peft_type = None
             capabilities = __import__("dataclasses").replace(LoraMethod.capabilities, mixed_batch=False, composable=False)
 
-            def serving_form(self, directory, base_config):
+            def serving_form(self, files, base_config):
                 return None
 
         return NoFormLora()
