@@ -1,53 +1,36 @@
 """Adapter directories: a method's own files plus ``adapterhub.json``, our metadata.
 
-``adapterhub.json`` records which method wrote the adapter, its config, the base-model fingerprint
-it was trained on and how it was trained. PEFT ignores the extra file, so a directory stays
-loadable by plain ``PeftModel.from_pretrained``. Directories without it (plain PEFT adapters) are
-recognised by ``adapter_config.json``'s ``peft_type``.
+``adapterhub.json`` (its fields and checks: :mod:`adapterhub.metadata`) records which method wrote
+the adapter, its config, the base-model fingerprint it was trained on and how it was trained. PEFT
+ignores the extra file, so a directory stays loadable by plain ``PeftModel.from_pretrained``.
+Directories without it (plain PEFT adapters) are recognised by ``adapter_config.json``'s ``peft_type``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import BaseMismatch, ConfigError, IntegrityError, NotFound, PluginError
+from .errors import ConfigError, IntegrityError, NotFound, PluginError
 from .manager import PluginManager, get_manager
+from .metadata import METADATA_FILE, Metadata, check_base, read_metadata, write_metadata
 from .method import Method
 
-log = logging.getLogger(__name__)
-
-METADATA_FILE = "adapterhub.json"
+PEFT_CONFIG = "adapter_config.json"
 
 
-def write_metadata(directory: str | Path, metadata: dict[str, Any]) -> None:
-    path = Path(directory) / METADATA_FILE
-    tmp = path.with_suffix(".json.incomplete")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """Our metadata, or what can be inferred from a plain PEFT ``adapter_config.json``."""
+def adapter_metadata(directory: str | Path) -> Metadata | None:
+    """The ``adapterhub.json`` of an adapter directory; None for a plain PEFT adapter (only
+    ``adapter_config.json``). Pickle-format files are refused."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NotFound(f"adapter directory {directory} does not exist")
     refuse_pickles(directory)
-    meta_path = directory / METADATA_FILE
-    if meta_path.is_file():
-        try:
-            return json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise IntegrityError(f"{meta_path} is not valid JSON ({exc.msg}); re-export the adapter") from None
-    peft_path = directory / "adapter_config.json"
-    if peft_path.is_file():
-        cfg = json.loads(peft_path.read_text())
-        return {"method": None, "peft_type": cfg.get("peft_type"), "use_dora": cfg.get("use_dora", False)}
-    raise NotFound(
-        f"{directory} is not an adapter directory: it has neither {METADATA_FILE} nor adapter_config.json"
-    )
+    meta = read_metadata(directory, required=False)
+    if meta is None and not (directory / PEFT_CONFIG).is_file():
+        raise NotFound(f"{directory} is not an adapter directory: it has neither {METADATA_FILE} nor {PEFT_CONFIG}")
+    return meta
 
 
 def refuse_pickles(directory: Path) -> None:
@@ -61,13 +44,16 @@ def refuse_pickles(directory: Path) -> None:
             )
 
 
-def method_for_directory(directory: str | Path, manager: PluginManager | None = None) -> Method:
+def method_for_directory(directory: str | Path, manager: PluginManager | None = None,
+                         meta: Metadata | None = None) -> Method:
+    """The method that wrote the adapter: ``adapterhub.json``'s, else the one of its PEFT type."""
     manager = manager or get_manager()
-    meta = read_metadata(directory)
-    if meta.get("method"):
-        return manager.get_method(meta["method"])
-    peft_type = meta.get("peft_type")
-    if meta.get("use_dora") and "dora" in manager.methods():
+    meta = meta or adapter_metadata(directory)
+    if meta is not None:
+        return manager.get_method(meta.method)
+    cfg = json.loads((Path(directory) / PEFT_CONFIG).read_text())
+    peft_type = cfg.get("peft_type")
+    if cfg.get("use_dora") and "dora" in manager.methods():
         return manager.get_method("dora")
     method = manager.method_for_peft_type(peft_type) if peft_type else None
     if method is None:
@@ -90,33 +76,16 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     method.save(model, directory)
-    write_metadata(
-        directory,
-        {
-            "method": method.name,
-            "method_config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-            "base": {"name": base.get("name"), "fingerprint": base.get("fingerprint")},
-            "training": training or {},
-            "metrics": metrics or {},
-            "parent": parent,
-        },
-    )
+    write_metadata(directory, Metadata(
+        method=method.name,
+        method_config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        base_name=base.get("name") or "",
+        base_fingerprint=base.get("fingerprint"),
+        training=training or {},
+        metrics=metrics or {},
+        parent=parent,
+    ))
     return directory
-
-
-def check_base(meta: dict[str, Any], fingerprint: str, *, where: str, allow_mismatch: bool = False) -> None:
-    """Refuse an adapter trained on another base; names both fingerprints."""
-    trained_on = (meta.get("base") or {}).get("fingerprint")
-    if not trained_on or trained_on == fingerprint:
-        return
-    message = (
-        f"adapter {where} was trained on base {meta['base'].get('name')} ({trained_on}), "
-        f"but the loaded base has fingerprint {fingerprint}; load it on the base it was trained on"
-    )
-    if allow_mismatch:
-        log.warning("loading anyway (base mismatch allowed): %s", message)
-        return
-    raise BaseMismatch(message + " (or pass --allow-base-mismatch to override)")
 
 
 def load_adapter(
@@ -129,10 +98,10 @@ def load_adapter(
     manager: PluginManager | None = None,
 ) -> tuple[Method, Any]:
     """Attach the adapter in ``directory`` to ``model`` with the method that wrote it."""
-    meta = read_metadata(directory)
-    if base_fingerprint:
+    meta = adapter_metadata(directory)
+    if base_fingerprint and meta is not None:
         check_base(meta, base_fingerprint, where=str(directory), allow_mismatch=allow_base_mismatch)
-    method = method_for_directory(directory, manager)
+    method = method_for_directory(directory, manager, meta)
     return method, method.load(model, directory, trainable=trainable)
 
 

@@ -45,10 +45,11 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
 
     Everything a user can get wrong (paths, --from, checkpoint) is checked before the base loads.
     """
-    from .adapters import check_base, save_adapter
+    from .adapters import save_adapter
     from .base import load_base
     from .data import load_dataset
     from .manager import get_manager
+    from .metadata import check_base
     from .training import resolve_checkpoint, seed_everything
 
     quantize = top.get("quantize") or getattr(method, "default_quantize", None) or "none"
@@ -110,22 +111,22 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     return TrainOutcome(directory=out_dir, reference=reference, metrics=result.metrics)
 
 
-def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Path, str, dict[str, Any], Any]:
-    """For ``--from``: the parent's directory, reference, metadata and config.
+def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Path, str, Any, Any]:
+    """For ``--from``: the parent's directory, reference, metadata (None: a plain PEFT dir) and config.
 
     Incremental fine-tuning keeps the parent's method and config (its weights have that shape), so a
     ``--set`` that contradicts the parent is refused rather than silently ignored.
     """
-    from .adapters import read_metadata
+    from .adapters import adapter_metadata
 
     directory, reference = resolve_adapter_dir(top["from_adapter"], top.get("registry"))
-    meta = read_metadata(directory)
-    if meta.get("method") and meta["method"] != method.name:
+    meta = adapter_metadata(directory)
+    if meta is not None and meta.method != method.name:
         raise ConfigError(
-            f"--from {top['from_adapter']} is a {meta['method']!r} adapter; continue it with --plugin {meta['method']}"
+            f"--from {top['from_adapter']} is a {meta.method!r} adapter; continue it with --plugin {meta.method}"
         )
-    if meta.get("method_config"):
-        parent_config = method.make_config(meta["method_config"])
+    if meta is not None and meta.method_config:
+        parent_config = method.make_config(meta.method_config)
         if config != parent_config and config != method.make_config({}):
             changed = sorted(k for k, v in config.to_dict().items() if parent_config.to_dict().get(k) != v)
             raise ConfigError(

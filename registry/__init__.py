@@ -33,8 +33,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from adapterhub.metadata import Metadata, check_base
+
 from .filestore import DEFAULT_MAX_FILE_BYTES, FileStore
-from .manifest import FileEntry, Manifest, Metadata, check_base
+from .manifest import FileEntry, Manifest
 from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
 from .store import AdapterStore, Problem, RefLike
 from .transfer import export_dir, import_dir

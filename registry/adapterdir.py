@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapterhub.errors import ConfigError, IntegrityError, LimitExceeded, NotFound
 
-from .manifest import METADATA_FILE, RESERVED_FILES, Metadata
+from .manifest import RESERVED_FILES
 from .names import validate_file_name
 
 # Formats that run code when loaded (pickle and its wrappers). Safetensors is the only weight format.
@@ -79,20 +79,6 @@ def _check_safetensors_header(path: Path, size: int) -> None:
                 ok = False
     if not ok:
         raise IntegrityError(f"{path} is not a valid safetensors file (bad header); refusing to store it")
-
-
-def read_metadata(adapter_dir: Path) -> Metadata:
-    path = adapter_dir / METADATA_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{adapter_dir} has no {METADATA_FILE}; publish needs it (method, base fingerprint, ...). "
-            "For a plain PEFT directory use import (adapterhub registry import DIR --task T --base BASE_DIR)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    return Metadata.from_dict(data, source=str(path))
 
 
 def infer_method(adapter_dir: Path) -> tuple[str, dict]:

@@ -21,11 +21,13 @@ from typing import Any, Iterator
 
 import filelock
 
-from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
+from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, InvalidReference, LimitExceeded, NotFound
 
 from . import fsutil, hashing
-from .adapterdir import adapter_files, read_metadata
-from .manifest import FileEntry, Manifest, Metadata, software_versions, utc_now
+from adapterhub.metadata import METADATA_FILE, Metadata, read_metadata
+
+from .adapterdir import adapter_files
+from .manifest import FileEntry, Manifest, software_versions, utc_now
 from .names import parse_reference, validate_file_name, validate_tag, validate_task
 from .store import AdapterStore, Problem, RefLike, VersionRead
 
@@ -329,6 +331,12 @@ class FileStore(AdapterStore):
             raise ConfigError(f"extra is not JSON-serializable: {exc}") from exc
         if parent is not None:
             parse_reference(parent)
+        elif metadata.parent is not None:  # adapterhub.json may name a directory (continued with --from DIR)
+            try:
+                parse_reference(metadata.parent)
+            except InvalidReference as exc:
+                raise InvalidReference(f"{adapter_dir / METADATA_FILE}: parent {metadata.parent!r} is not a registry "
+                                       f"reference ({exc}); publish with parent=REF (--parent) instead") from None
 
         entries = {name: self._store_blob(path) for name, path in sources.items()}
         with self._locked():

@@ -10,18 +10,15 @@ import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
-import logging
 import re
 from typing import Any, Mapping
 
-from adapterhub.errors import BaseMismatch, ConfigError, IntegrityError
+from adapterhub.errors import IntegrityError
+from adapterhub.metadata import METADATA_FILE, Metadata  # the publish input: adapterhub.json
 
 from .names import Reference, parse_reference, validate_file_name, validate_task
 
-log = logging.getLogger(__name__)
-
 FORMAT = "adapterhub.manifest/1"
-METADATA_FILE = "adapterhub.json"  # the publish input: method, base, training, metrics, parent
 MANIFEST_FILE = "manifest.json"  # written next to exports; never stored as a version file
 RESERVED_FILES = frozenset({METADATA_FILE, MANIFEST_FILE})
 
@@ -69,56 +66,6 @@ class FileEntry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Metadata:
-    """What a publisher says about an adapter (the ``adapterhub.json`` of an adapter directory)."""
-
-    method: str
-    base_fingerprint: str
-    base_name: str = ""
-    method_config: dict = dataclasses.field(default_factory=dict)
-    training: dict = dataclasses.field(default_factory=dict)
-    metrics: dict = dataclasses.field(default_factory=dict)
-    parent: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: object, *, source: str = METADATA_FILE) -> "Metadata":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        method = data.get("method")
-        if not isinstance(method, str) or not method:
-            raise ConfigError(f"{source}: 'method' must be a non-empty string such as \"lora\", got {method!r}")
-        base = data.get("base")
-        if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str) or not base["fingerprint"]:
-            raise ConfigError(
-                f"{source}: 'base' must be an object with a 'fingerprint' string "
-                f"(from adapterhub.base.fingerprint(base_dir)), got {base!r}"
-            )
-        base_name = base.get("name") or ""
-        if not isinstance(base_name, str):
-            raise ConfigError(f"{source}: 'base.name' must be a string, got {base_name!r}")
-        fields = {}
-        for key in ("method_config", "training", "metrics"):
-            value = data.get(key) or {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {key!r} must be a JSON object, got {type(value).__name__}")
-            fields[key] = value
-        parent = data.get("parent")
-        if parent is not None:
-            parse_reference(parent)  # syntax only; the store resolves it
-        return cls(method=method, base_fingerprint=base["fingerprint"], base_name=base_name, parent=parent, **fields)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "method_config": self.method_config,
-            "base": {"name": self.base_name, "fingerprint": self.base_fingerprint},
-            "training": self.training,
-            "metrics": self.metrics,
-            "parent": self.parent,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
 class Manifest:
     task: str
     version: int
@@ -161,8 +108,7 @@ class Manifest:
     def described_files(self) -> dict[str, bytes]:
         """``adapterhub.json`` and ``manifest.json`` as written next to the files in snapshots and
         exports, so a loaded directory describes itself. Deterministic, hence verifiable."""
-        metadata = json.dumps(self.metadata().to_dict(), indent=2, sort_keys=True) + "\n"
-        return {METADATA_FILE: metadata.encode(), MANIFEST_FILE: self.to_json().encode()}
+        return {METADATA_FILE: self.metadata().to_json().encode(), MANIFEST_FILE: self.to_json().encode()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -245,20 +191,3 @@ def software_versions() -> dict[str, str]:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def check_base(manifest: Manifest, fingerprint: str, *, allow_mismatch: bool = False, base_name: str = "") -> bool:
-    """Refuse to put an adapter on a base it was not trained on; True when the bases match.
-
-    ``allow_mismatch`` is for deliberate experiments (e.g. a fine-tuned variant of the same base):
-    the mismatch is logged as a warning instead of raised.
-    """
-    if manifest.base_fingerprint == fingerprint:
-        return True
-    trained = f"{manifest.base_name or 'unnamed base'} ({manifest.base_fingerprint})"
-    given = f"{base_name or 'the loaded base'} ({fingerprint})"
-    message = f"adapter {manifest.ref} was trained on {trained}, not on {given}"
-    if allow_mismatch:
-        log.warning("%s; loading anyway because allow_mismatch is set", message)
-        return False
-    raise BaseMismatch(f"{message}; use the matching base or pass allow_mismatch to override")

@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 from adapterhub.errors import ConfigError, NotFound
+from adapterhub.metadata import METADATA_FILE, Metadata
 
 from . import fsutil
 from .adapterdir import infer_method
-from .manifest import METADATA_FILE, Manifest, Metadata
+from .manifest import Manifest
 from .store import AdapterStore, RefLike
 
 

@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from adapterhub.errors import AdapterHubError, BaseMismatch, LimitExceeded, PluginError
+from adapterhub.errors import AdapterHubError, LimitExceeded, PluginError
+from adapterhub.metadata import check_base
 
 from .adapter_source import AdapterSource, AdapterVersion
 from .slot_pool import SlotPool
@@ -88,12 +89,8 @@ class AdapterCache:
 
     def resolve(self, ref: str) -> AdapterVersion:
         version = self.source.resolve(ref)
-        if version.base_fingerprint and version.base_fingerprint != self.base_fingerprint:
-            raise BaseMismatch(
-                f"adapter {ref} ({version.ref}) was trained on base {version.base_name or '?'} "
-                f"({version.base_fingerprint}), but this server runs base {self.base_fingerprint}; "
-                "send it to a server with that base, or retrain the adapter on this one"
-            )
+        check_base(version, self.base_fingerprint, where=f"{ref} ({version.ref})", base_name="this server's base",
+                   advice="send it to a server with that base, or retrain the adapter on this one")
         return version
 
     def acquire(self, ref: str) -> LoadedAdapter:

@@ -203,6 +203,42 @@ def test_metadata_is_required_and_validated(store, tmp_path):
     assert store.list_versions("t") == []
 
 
+def test_the_host_and_the_registry_share_one_metadata_schema(store, tmp_path):
+    """``adapterhub.json`` is defined once (adapterhub.metadata): what the host writes the registry
+    publishes, and its export reads back on the host as the same fields; the base check is one too."""
+    import adapterhub.registry
+    from adapterhub import metadata
+    from adapterhub.adapters import adapter_metadata
+
+    assert adapterhub.registry.Metadata is metadata.Metadata and check_base is metadata.check_base
+    written = metadata.Metadata(method="lora", base_fingerprint=FINGERPRINT, base_name="tiny",
+                                method_config={"r": 4}, training={"lr": 0.001}, metrics={"loss": 0.5})
+    directory = make_adapter(tmp_path / "a", metadata=False)
+    metadata.write_metadata(directory, written)
+    manifest = store.publish("t", directory)
+    assert manifest.metadata() == written == adapter_metadata(export_dir(store, manifest, tmp_path / "out"))
+    with pytest.raises(BaseMismatch, match=f"trained on base tiny \\({FINGERPRINT}\\), not on other "
+                                           f"\\({OTHER_FINGERPRINT}\\).*allow-base-mismatch"):
+        check_base(adapter_metadata(directory), OTHER_FINGERPRINT, base_name="other")
+
+
+def test_a_directory_parent_loads_on_the_host_but_is_not_published(store, tmp_path):
+    """A child continued from a directory (``--from DIR``) records that directory as its parent:
+    the host reads it, the registry refuses it (it records references only) before storing a byte."""
+    from adapterhub import metadata
+    from adapterhub.adapters import adapter_metadata
+
+    child = make_adapter(tmp_path / "child", parent=str(tmp_path / "parent"))
+    assert adapter_metadata(child).parent == str(tmp_path / "parent")
+    with pytest.raises(InvalidReference, match=r"adapterhub.json: parent '.*' is not a registry reference"):
+        store.publish("t", child)
+    assert not list((store.root / "blobs").glob("*")) and store.list_tasks() == []
+    (child / metadata.METADATA_FILE).write_text(json.dumps({"method": "lora", "base": {"fingerprint": FINGERPRINT},
+                                                            "parent": 3}))
+    with pytest.raises(ConfigError, match="'parent' must be a reference"):
+        adapter_metadata(child)
+
+
 # -- tags and removal ------------------------------------------------------------------------
 
 
@@ -388,7 +424,7 @@ def test_check_base(store, adapter, caplog):
         check_base(manifest, OTHER_FINGERPRINT, base_name="other-base")
     message = str(info.value)
     assert FINGERPRINT in message and OTHER_FINGERPRINT in message and "tiny" in message and "other-base" in message
-    with caplog.at_level(logging.WARNING, logger="adapterhub.registry.manifest"):
+    with caplog.at_level(logging.WARNING, logger="adapterhub.metadata"):
         assert check_base(manifest, OTHER_FINGERPRINT, allow_mismatch=True) is False
     assert OTHER_FINGERPRINT in caplog.text
 
