@@ -52,12 +52,9 @@ def method_for_directory(directory: str | Path, manager: PluginManager | None = 
     if meta is not None:
         return manager.get_method(meta.method)
     cfg = json.loads((Path(directory) / PEFT_CONFIG).read_text())
-    peft_type = cfg.get("peft_type")
-    if cfg.get("use_dora") and "dora" in manager.methods():
-        return manager.get_method("dora")
-    method = manager.method_for_peft_type(peft_type) if peft_type else None
+    method = manager.method_for_peft_config(cfg)
     if method is None:
-        raise PluginError(f"no installed method handles PEFT adapters of type {peft_type!r} in {directory}")
+        raise PluginError(f"no installed method handles PEFT adapters of type {cfg.get('peft_type')!r} in {directory}")
     return method
 
 

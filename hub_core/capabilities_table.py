@@ -1,8 +1,9 @@
 """The README's method tables (capabilities, config keys, recommended training options), generated
-from the registered plugins (never written by hand).
+from the registered plugins (never written by hand), and the built-in PEFT formats table of
+:mod:`adapterhub.metadata` (the registry's torch-free copy of what the plugins declare).
 
-``python -m adapterhub.capabilities_table --write README.md`` rewrites the table between the
-markers; a test fails when the README's copy is stale.
+``python -m adapterhub.capabilities_table --write README.md`` rewrites the tables between the
+markers; a test fails when a copy is stale.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 KEYS_BEGIN, KEYS_END = "<!-- method-configs:begin -->", "<!-- method-configs:end -->"
 DEFAULTS_BEGIN, DEFAULTS_END = "<!-- method-defaults:begin -->", "<!-- method-defaults:end -->"
+PEFT_BEGIN, PEFT_END = "    # peft-formats:begin", "    # peft-formats:end"
 
 
 def trainable_share(method, base_dir) -> float:
@@ -76,6 +78,16 @@ def render_defaults() -> str:
     return "\n".join(lines)
 
 
+def render_peft_formats() -> str:
+    """The body of ``adapterhub.metadata.BUILTIN_PEFT_FORMATS``, from the built-ins' declarations."""
+    from adapterhub.manager import PluginManager
+
+    formats = PluginManager(autoload=False).peft_formats()
+    text = lambda value: "None" if value is None else f'"{value}"'  # noqa: E731
+    return "\n".join(f"    ({text(peft_type)}, {text(variant)}): {text(formats[peft_type, variant])},"
+                     for peft_type, variant in sorted(formats, key=lambda key: (key[0], key[1] or "")))
+
+
 def replace_between(readme: str, begin: str, end: str, body: str) -> str:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
@@ -102,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         text = replace_table(path.read_text(), table)
         text = replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys())
         path.write_text(replace_between(text, DEFAULTS_BEGIN, DEFAULTS_END, render_defaults()))
+        from adapterhub import metadata
+
+        source = Path(metadata.__file__)
+        source.write_text(replace_between(source.read_text(), PEFT_BEGIN, PEFT_END, render_peft_formats()))
     else:
         sys.stdout.write(table + "\n")
     return 0

@@ -178,12 +178,21 @@ class PluginManager:
             "Install a plugin package that provides it, or check the spelling."
         )
 
-    def method_for_peft_type(self, peft_type: str) -> Method | None:
-        """The method that stores adapters in PEFT's format with this ``peft_type``."""
+    def peft_formats(self) -> dict[tuple[str, str | None], str]:
+        """``(peft_type, variant flag) -> method name``, from the methods' own ``peft_type`` and
+        ``peft_variant``; the first method registered for a format reads plain PEFT dirs of it."""
+        formats: dict[tuple[str, str | None], str] = {}
         for method in self.methods().values():
-            if method.peft_type == peft_type:
-                return method
-        return None
+            if method.peft_type:
+                formats.setdefault((method.peft_type, method.peft_variant), method.name)
+        return formats
+
+    def method_for_peft_config(self, config: dict[str, Any]) -> Method | None:
+        """The method that reads a plain PEFT adapter with this ``adapter_config.json``."""
+        from .metadata import peft_method
+
+        name = peft_method(config, self.peft_formats())
+        return self.get_method(name) if name else None
 
     def trainer_callbacks(self, method: Method, options: Any) -> list[Any]:
         """Callbacks from every plugin's ``adapterhub_trainer_callbacks`` hook, concatenated."""

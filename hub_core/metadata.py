@@ -7,7 +7,8 @@ adapter and reads it when it loads or continues one; the registry reads it on pu
 the version's manifest and writes it back beside snapshots and exports. Both use this module (the
 field names, reading, validation and the base check), which imports neither torch nor the plugins.
 
-Plain PEFT directories have no ``adapterhub.json``; their method comes from ``adapter_config.json``.
+Plain PEFT directories have no ``adapterhub.json``; their method comes from ``adapter_config.json``
+(:func:`peft_method`): its ``peft_type``, and the flag a method declares as its ``peft_variant``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,30 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import BaseMismatch, ConfigError
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "adapterhub.json"
+
+# (peft_type, variant flag) -> the built-in method that reads plain PEFT directories of that format.
+# Derived from the built-in methods' own peft_type / peft_variant (PluginManager.peft_formats), and
+# written out here only so that the registry can tell a plain PEFT directory's method without
+# importing the plugins (and torch). Generated: `python -m adapterhub.capabilities_table --write
+# README.md` rewrites it; tests/test_plugins.py fails when it differs from the derived table.
+BUILTIN_PEFT_FORMATS: dict[tuple[str, str | None], str] = {
+    # peft-formats:begin
+    ("ADALORA", None): "adalora",
+    ("IA3", None): "ia3",
+    ("LORA", None): "lora",
+    ("LORA", "use_dora"): "dora",
+    ("PREFIX_TUNING", None): "prefix",
+    ("PROMPT_TUNING", None): "prompt",
+    ("P_TUNING", None): "ptuning",
+    # peft-formats:end
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +126,19 @@ def write_metadata(directory: str | Path, metadata: Metadata) -> None:
     tmp = path.with_suffix(".json.incomplete")
     tmp.write_text(metadata.to_json())
     tmp.replace(path)
+
+
+def peft_method(config: Mapping[str, Any], formats: Mapping[tuple[str, str | None], str]) -> str | None:
+    """The method, under ``formats``, of a plain PEFT adapter with this ``adapter_config.json``: the
+    one whose variant flag is set in it, else the plain one of its ``peft_type``; None if none."""
+    peft_type = str(config.get("peft_type") or "").upper()
+    plain = None
+    for (ptype, variant), name in formats.items():
+        if ptype == peft_type and variant is None:
+            plain = plain or name
+        elif ptype == peft_type and config.get(variant):
+            return name
+    return plain
 
 
 def check_base(described: Any, fingerprint: str, *, where: str | None = None, base_name: str = "",

@@ -56,6 +56,10 @@ class Method:
     description: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` for methods stored in PEFT's format (lets plain PEFT dirs be loaded)."""
+    peft_variant: ClassVar[str | None] = None
+    """The ``adapter_config.json`` flag that marks this method's adapters among the others of its
+    ``peft_type`` (DoRA: ``use_dora``). Of the methods declaring one format, the first registered
+    reads plain PEFT directories of it (built-ins first: ``lora``, not ``qlora``)."""
     default_quantize: ClassVar[str | None] = None
     """``--quantize`` used when the user gives none (QLoRA: "nf4"); None means full precision."""
     recommended_options: ClassVar[dict[str, Any]] = {}

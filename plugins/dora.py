@@ -30,6 +30,7 @@ class DoraMethod(LoraMethod):
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "Weight-decomposed LoRA: a learned magnitude plus a LoRA-updated direction (PEFT use_dora)."
     peft_type = "LORA"
+    peft_variant = "use_dora"
 
     def peft_config(self, config: DoraConfig, **extra: Any) -> Any:
         return super().peft_config(config, use_dora=True, **extra)

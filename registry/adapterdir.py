@@ -11,22 +11,13 @@ import struct
 from pathlib import Path
 
 from adapterhub.errors import ConfigError, IntegrityError, LimitExceeded, NotFound
+from adapterhub.metadata import BUILTIN_PEFT_FORMATS, peft_method
 
 from .manifest import RESERVED_FILES
 from .names import validate_file_name
 
 # Formats that run code when loaded (pickle and its wrappers). Safetensors is the only weight format.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-# PEFT's peft_type -> adapterhub method name.
-PEFT_METHODS = {
-    "LORA": "lora",
-    "IA3": "ia3",
-    "ADALORA": "adalora",
-    "PREFIX_TUNING": "prefix",
-    "PROMPT_TUNING": "prompt",
-    "P_TUNING": "ptuning",
-}
 
 
 def adapter_files(adapter_dir: Path, *, max_file_bytes: int | None) -> dict[str, Path]:
@@ -92,12 +83,15 @@ def infer_method(adapter_dir: Path) -> tuple[str, dict]:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA" and config.get("use_dora"):
-        return "dora", config
-    if peft_type not in PEFT_METHODS:
-        raise ConfigError(
-            f"{path}: cannot infer the method from peft_type={config.get('peft_type')!r} "
-            f"(known: {', '.join(PEFT_METHODS)}); pass --method NAME"
-        )
-    return PEFT_METHODS[peft_type], config
+    method = peft_method(config, BUILTIN_PEFT_FORMATS)
+    if method is None:  # a format only a third-party plugin reads: ask the plugins (they may import torch)
+        from adapterhub.manager import get_manager
+
+        formats = get_manager().peft_formats()
+        method = peft_method(config, formats)
+        if method is None:
+            raise ConfigError(
+                f"{path}: cannot infer the method from peft_type={config.get('peft_type')!r} "
+                f"(known: {', '.join(sorted({t for t, _ in formats}))}); pass --method NAME"
+            )
+    return method, config

@@ -166,12 +166,50 @@ def test_hook_is_exercised_by_a_test(hook):
     assert f"def {hook}(" in (ROOT / "README.md").read_text(), f"README's plugin guide does not show {hook}"
 
 
-def test_registry_peft_type_table_agrees_with_the_plugins():
-    """The registry infers methods of plain PEFT dirs without importing torch (so without the
-    plugins); its table must say what the plugins' own ``peft_type`` declarations say."""
-    from adapterhub.registry.adapterdir import PEFT_METHODS
+def test_peft_formats_come_from_the_plugins_and_the_registry_copy_matches():
+    """Which method reads a plain PEFT directory is what the methods declare (``peft_type``,
+    ``peft_variant``); the registry's torch-free copy for the built-ins must say the same."""
+    from adapterhub.metadata import BUILTIN_PEFT_FORMATS
 
     manager = PluginManager(autoload=False)
-    for peft_type, name in PEFT_METHODS.items():
-        assert manager.get_method(name).peft_type == peft_type
-        assert manager.method_for_peft_type(peft_type).name == name
+    assert BUILTIN_PEFT_FORMATS == manager.peft_formats(), \
+        "adapterhub.metadata.BUILTIN_PEFT_FORMATS is stale: python -m adapterhub.capabilities_table --write README.md"
+    assert ("LORA", "use_dora") in BUILTIN_PEFT_FORMATS and ("LORA", None) in BUILTIN_PEFT_FORMATS
+    for (peft_type, variant), name in BUILTIN_PEFT_FORMATS.items():
+        method = manager.get_method(name)
+        assert (method.peft_type, method.peft_variant) == (peft_type, variant)
+        config = {"peft_type": peft_type, **({variant: True} if variant else {})}
+        assert manager.method_for_peft_config(config) is method
+    assert manager.method_for_peft_config({"peft_type": "LORA", "use_dora": False}).name == "lora"
+    assert manager.method_for_peft_config({"peft_type": "MYSTERY"}) is None
+    for name in ("qlora", "loraplus"):  # same format as lora, registered after it
+        assert manager.get_method(name).peft_type == "LORA" and manager.peft_formats()["LORA", None] == "lora"
+
+
+def test_a_plugin_declares_the_peft_format_it_reads(plugin_manager, tmp_path):
+    """A third-party method's ``peft_type`` / ``peft_variant`` is all it takes for the host and the
+    registry to read plain PEFT directories of its format: no table to edit."""
+    from adapterhub.plugins.lora import LoraMethod
+    from adapterhub.registry.adapterdir import infer_method
+
+    class Vera(adapterhub.Method):
+        name = "vera-test"
+        description = "a format of its own"
+        peft_type = "VERA"
+
+    class RsLora(LoraMethod):
+        name = "rslora-test"
+        peft_variant = "use_rslora"
+
+    class Formats:
+        @adapterhub.hookimpl
+        def adapterhub_register_methods(self, register):
+            register(Vera())
+            register(RsLora())
+
+    plugin_manager.register(Formats(), name="formats")
+    assert plugin_manager.method_for_peft_config({"peft_type": "VERA"}).name == "vera-test"
+    assert plugin_manager.method_for_peft_config({"peft_type": "LORA", "use_rslora": True}).name == "rslora-test"
+    assert plugin_manager.method_for_peft_config({"peft_type": "LORA"}).name == "lora"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
+    assert infer_method(tmp_path)[0] == "vera-test"  # the registry asks the plugins for a format it has no copy of

@@ -160,3 +160,13 @@ def test_registry_imports_stay_light():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'huggingface_hub') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_registry_infers_a_plain_peft_dirs_method_without_the_plugins(tmp_path):
+    """``registry import`` of a plain PEFT dir tells its method (DoRA by its flag) without torch."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    code = ("import sys; from adapterhub.registry.adapterdir import infer_method; "
+            f"print(infer_method(__import__('pathlib').Path({str(tmp_path)!r}))[0], "
+            "sorted(m for m in ('torch', 'peft', 'adapterhub.plugins.dora') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "dora []"
