@@ -25,16 +25,24 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What a method can do; shown by ``adapterhub plugins`` and used by the server."""
+    """What a method can do; shown by ``adapterhub plugins`` and used by the server.
+
+    Each flag is checked against what the method does by the contract tests
+    (``tests/test_method_contract.py``), for built-in and third-party methods alike.
+    """
 
     mergeable: bool = False
-    """``merge`` folds the adapter into the base weights (and ``unmerge`` undoes it)."""
+    """``merge`` folds the adapter into the base weights (and ``unmerge`` undoes it); without it both
+    raise ``NotMergeable``."""
     quantized_base: bool = False
-    """Trains and loads on a bitsandbytes 4-/8-bit base."""
+    """Trains and loads on a bitsandbytes 4-/8-bit base; without it ``attach`` and ``load`` refuse
+    one with a ``ConfigError``."""
     mixed_batch: bool = False
-    """Provides a serving form, so the server batches it with other adapters row by row."""
+    """:meth:`Method.serving_form` returns a form of a kind the server applies, so the server batches
+    the adapter with others row by row; without it, no form (the one-at-a-time path)."""
     composable: bool = False
-    """Can be combined with other adapters in one request."""
+    """The server composes the adapter with other adapters in one request (so it needs
+    ``mixed_batch``: the one-at-a-time path serves an adapter alone)."""
 
     def as_dict(self) -> dict[str, bool]:
         return dataclasses.asdict(self)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from adapterhub import architectures as A
 from adapterhub.adapter_files import AdapterFiles
 from adapterhub.errors import ConfigError, MergeError, NotFound
-from adapterhub.plugins._peft import is_quantized
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -106,14 +105,6 @@ def out_features(module: nn.Module) -> int:
     if shape is None:
         raise ConfigError(f"{type(module).__name__} is not a Linear layer; adapters attach to Linear layers only")
     return shape[1]
-
-
-def refuse_quantized(model: nn.Module, method: str) -> None:
-    if is_quantized(model):
-        raise ConfigError(
-            f"method {method!r} changes base weights and cannot train or load on a quantized base; "
-            "load the base with --quantize none, or use adapter/lora/qlora on a quantized base"
-        )
 
 
 def freeze_all(model: nn.Module) -> None:

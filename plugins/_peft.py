@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from adapterhub.errors import MergeError
+from adapterhub.errors import ConfigError, MergeError
 from adapterhub.method import Method
 
 
@@ -22,6 +22,16 @@ def is_quantized(model: Any) -> bool:
     base = getattr(model, "get_base_model", lambda: model)()
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                 or getattr(base, "is_quantized", False))
+
+
+def refuse_quantized(method: Method, model: Any) -> None:
+    """``quantized_base``, enforced: a method that does not declare it refuses to attach or load on a
+    bitsandbytes 4-/8-bit base with a clear error, instead of failing (or not) somewhere inside."""
+    if is_quantized(model) and not method.capabilities.quantized_base:
+        raise ConfigError(
+            f"method {method.name!r} cannot train or load on a quantized base (it declares quantized_base=False); "
+            "load the base with --quantize none, or pick a method that declares it (adapterhub plugins)"
+        )
 
 
 def tuner_layers(model: Any) -> list[Any]:
@@ -40,6 +50,7 @@ class PeftMethod(Method):
     def attach(self, model: Any, config: Any) -> Any:
         from peft import get_peft_model
 
+        refuse_quantized(self, model)
         return get_peft_model(model, self.peft_config(config))
 
     def save(self, model: Any, directory: str | Path) -> None:
@@ -48,6 +59,7 @@ class PeftMethod(Method):
     def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
         from peft import PeftModel
 
+        refuse_quantized(self, model)
         return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
 
     def detach(self, model: Any) -> Any:

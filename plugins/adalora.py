@@ -16,7 +16,7 @@ from typing import Any
 
 import adapterhub
 from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
-from adapterhub.plugins._peft import PeftMethod, base_module_name
+from adapterhub.plugins._peft import PeftMethod, base_module_name, refuse_quantized
 
 
 @dataclasses.dataclass
@@ -116,6 +116,7 @@ class AdaLoraMethod(PeftMethod):
         passes the planned count, and the callback re-syncs it to the Trainer's own when it starts."""
         from peft import get_peft_model
 
+        refuse_quantized(self, model)  # PEFT's AdaLoRA runs on a 4-bit base, but it is untried here: not declared
         return get_peft_model(model, self.peft_config(config, total_step or PLACEHOLDER_TOTAL_STEP))
 
     def train(self, model: Any, dataset: Any, config: AdaLoraConfig, options: Any, *, eval_dataset: Any = None,

@@ -19,6 +19,7 @@ import torch.nn as nn
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MergeError, MethodConfig, option
 from adapterhub.plugins import _modules as M
+from adapterhub.plugins._peft import refuse_quantized
 from adapterhub.serving_forms import BiasForm
 
 CHILD = "bitfit"
@@ -69,7 +70,7 @@ class BitFitMethod(adapterhub.Method):
     description = "BitFit: train only bias terms (zero biases added where the base has none)."
 
     def attach(self, model: nn.Module, config: BitFitConfig) -> nn.Module:
-        M.refuse_quantized(model, self.name)
+        refuse_quantized(self, model)
         if changes(model):
             raise ConfigError("bitfit: the model already carries a bitfit adapter; detach it first")
         targets = M.decoder_linears(model, config.target_modules)

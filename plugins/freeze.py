@@ -19,6 +19,7 @@ import adapterhub
 from adapterhub import Capabilities, ConfigError, MethodConfig, option
 from adapterhub.architectures import layer_index_of
 from adapterhub.plugins import _modules as M
+from adapterhub.plugins._peft import refuse_quantized
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class FreezeMethod(adapterhub.Method):
     description = "Layer freezing: train the top-k decoder layers or parameters matching patterns; saves the delta."
 
     def attach(self, model: nn.Module, config: FreezeConfig) -> nn.Module:
-        M.refuse_quantized(model, self.name)
+        refuse_quantized(self, model)
         if M.overlays(model):
             raise ConfigError("freeze: the model already carries a freeze/full adapter; detach it first")
         M.freeze_all(model)
@@ -95,7 +96,7 @@ class FreezeMethod(adapterhub.Method):
         M.write_adapter(directory, self.name, config, deltas)
 
     def load(self, model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
-        M.refuse_quantized(model, self.name)
+        refuse_quantized(self, model)
         config = self.make_config(M.read_config(directory, self.name))
         deltas = M.read_tensors(directory)
         if trainable:  # continue training: apply the change in place, keep originals

@@ -21,6 +21,7 @@ import torch.nn as nn
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MethodConfig, NotFound, option
 from adapterhub.plugins import _modules as M
+from adapterhub.plugins._peft import refuse_quantized
 
 # Not adapter_config.json: from_pretrained would take the directory for a PEFT adapter.
 CONFIG_FILE = "full_config.json"
@@ -43,7 +44,7 @@ class FullMethod(adapterhub.Method):
     description = "Full fine-tuning: every weight trains; saved as a plain Hugging Face model directory."
 
     def attach(self, model: nn.Module, config: FullConfig) -> nn.Module:
-        M.refuse_quantized(model, self.name)
+        refuse_quantized(self, model)
         frozen = set() if config.train_embeddings else {id(p) for p in model.get_input_embeddings().parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) not in frozen)
@@ -63,7 +64,7 @@ class FullMethod(adapterhub.Method):
         M.write_adapter(directory, self.name, config, None, config_file=CONFIG_FILE)
 
     def load(self, model: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
-        M.refuse_quantized(model, self.name)
+        refuse_quantized(self, model)
         config = self.make_config(M.read_config(directory, self.name, config_file=CONFIG_FILE))
         tuned = _read_model_weights(Path(directory))
         params = dict(model.named_parameters())

@@ -2,18 +2,21 @@
 
 Each method: trains a few steps and its loss drops; save -> load gives the same logits; merge gives
 the logits of the unmerged forward and unmerge restores the base weights (or a clear NotMergeable);
-bad config is rejected before training.
+bad config is rejected before training. Its capability flags are checked against what it does, so
+no flag can drift from the behaviour: ``mergeable`` (merge works, else NotMergeable),
+``quantized_base`` (attach, a training step and load on an nf4 base work, else a clear ConfigError),
+``mixed_batch`` (the serving hook returns a form of a kind the server applies, and the server takes
+it) and ``composable`` (the server composes it with some other adapter).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
 
-from adapterhub import ConfigError, NotMergeable
+from adapterhub import AdapterFiles, ConfigError, NotMergeable
 from adapterhub.manager import PluginManager
 from adapterhub.training import TrainOptions
 
@@ -115,6 +118,8 @@ def test_save_load_same_logits(name, trained, tiny_base_dir, tiny_tokenizer):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_merge_unmerge(name, trained, tiny_base_dir, tiny_tokenizer):
+    """mergeable: merge folds the adapter in (same logits, changed weights), unmerge restores the
+    base; without the flag both raise NotMergeable naming the method."""
     from adapterhub.base import load_base
 
     method, _, _, out = trained(name)
@@ -139,6 +144,87 @@ def test_merge_unmerge(name, trained, tiny_base_dir, tiny_tokenizer):
         if key in after and value.numel():  # AdaLoRA may prune a matrix to rank 0 (empty tensors)
             assert (after[key] - value).abs().max() <= 1e-6, f"{name}: unmerge did not restore {key}"
     assert close(logits(model, batch), unmerged, 1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_quantized_base_flag(name, trained, tiny_base_dir, tiny_tokenizer):
+    """quantized_base: attach, a training step and load on an nf4 base work; else both are refused
+    with a ConfigError that says so (not some error from deep inside)."""
+    from adapterhub.base import load_base
+    from adapterhub.plugins._peft import is_quantized
+
+    method, config, _, out = trained(name)
+    nf4 = lambda: load_base(tiny_base_dir, "nf4").model  # noqa: E731
+    if not method.capabilities.quantized_base:
+        with pytest.raises(ConfigError, match="quantized base"):
+            method.attach(nf4(), config)
+        with pytest.raises(ConfigError, match="quantized base"):
+            method.load(nf4(), out)
+        return
+    model = method.attach(nf4(), config)
+    assert is_quantized(model)
+    batch = probe_batch(tiny_tokenizer)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), \
+        f"{name}: a step on the nf4 base does not reach the adapter"
+    loaded = method.load(nf4(), out)
+    got = logits(loaded.eval(), batch)
+    assert torch.isfinite(got).all() and not close(got, logits(nf4(), batch), 1e-6), f"{name}: loads on nf4 as a no-op"
+
+
+def served_form(method, directory, base):
+    """What the server does with a method's adapter: the form its hook returns, and the slot pool's
+    ``Served`` (None on the slow path)."""
+    from adapterhub.serve.kinds import kind_of
+    from adapterhub.serve.slot_pool import SlotPool
+
+    form = method.serving_form(AdapterFiles.from_directory(directory), base.config)
+    if form is None or kind_of(form) is None:
+        return form, None
+    return form, SlotPool(model=base).admit(f"{method.name}@1", form)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_mixed_batch_flag(name, trained, tiny_base_dir):
+    """mixed_batch: the serving hook returns a form of a kind the server applies, which its slot pool
+    takes; without the flag, no form (the server would not ask for one)."""
+    from adapterhub.base import load_base
+    from adapterhub.serve.kinds import kind_of
+
+    method, _, _, out = trained(name)
+    form, served = served_form(method, out, load_base(tiny_base_dir, "none").model)
+    assert (served is not None) == method.capabilities.mixed_batch, (
+        f"{name}: declares mixed_batch={method.capabilities.mixed_batch} but its serving hook returned "
+        f"{type(form).__name__} (kind {getattr(kind_of(form), 'name', None)})")
+    if served is not None:
+        assert served.kind is kind_of(form)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_composable_flag(name, trained, tiny_base_dir):
+    """composable: the server composes the method's adapter with an adapter of at least one kind
+    (the slow path composes with nothing, so composable needs mixed_batch)."""
+    from types import SimpleNamespace
+
+    from adapterhub.base import load_base
+    from adapterhub.errors import LimitExceeded
+    from adapterhub.serve.kinds import KINDS, check_composition
+    from adapterhub.serve.slot_pool import Served
+
+    method, _, _, out = trained(name)
+    _, served = served_form(method, out, load_base(tiny_base_dir, "none").model)
+    entry = SimpleNamespace(key=f"{name}@1", method=method, served=served)
+    company = []
+    for kind in KINDS:
+        other = SimpleNamespace(key=f"{kind.name}@1", method=None, served=Served(kind))
+        try:
+            check_composition([(entry, 1.0), (other, 1.0)])
+        except LimitExceeded:
+            continue
+        company.append(kind.name)
+    assert bool(company) == method.capabilities.composable, (
+        f"{name}: declares composable={method.capabilities.composable}; the server composes it with {company or 'nothing'}")
 
 
 @pytest.mark.parametrize("name", METHODS)

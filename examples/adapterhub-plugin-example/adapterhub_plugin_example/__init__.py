@@ -43,6 +43,7 @@ class LohaMethod(adapterhub.Method):
     def attach(self, model: Any, config: LohaConfig) -> Any:
         from peft import LoHaConfig, get_peft_model
 
+        refuse_quantized(model)
         peft_config = LoHaConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules),
                                  task_type="CAUSAL_LM")
         return get_peft_model(model, peft_config)
@@ -53,6 +54,7 @@ class LohaMethod(adapterhub.Method):
     def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
         from peft import PeftModel
 
+        refuse_quantized(model)
         return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
 
     def detach(self, model: Any) -> Any:
@@ -66,6 +68,13 @@ class LohaMethod(adapterhub.Method):
 
     def unmerge(self, model: Any) -> None:
         model.base_model.unmerge_adapter()
+
+
+def refuse_quantized(model: Any) -> None:
+    """What ``quantized_base=False`` promises: a clear refusal of a 4-/8-bit base (PEFT's LoHa has no
+    bitsandbytes layers and would fail on one with a shape error); the contract tests check it."""
+    if any(getattr(model, flag, False) for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit")):
+        raise ConfigError("loha cannot train or load on a quantized base; load the base with --quantize none")
 
 
 @adapterhub.hookimpl
