@@ -15,9 +15,11 @@ step writes its token in place instead of re-concatenating. Adapter tensors stay
 slot pool (:class:`~.slot_pool.SlotPool`) while resident, so a step applies them with a fixed
 number of gathered matmuls (the LoRA backend's) whatever the mix of adapters.
 
-Adapters without a serving form take the slow path: the batch drains, the method attaches its
-adapter to the base (``method.load``), ``generate`` runs that request alone, ``method.detach``
-(on a quantized base: a fresh copy of the base, see ``_slow_path_base``).
+Adapters without a serving form (``freeze``, ``full``: whole weight matrices) take the exclusive
+path when they reach the head of the queue: the running batch pauses (its caches kept), the method
+attaches its adapter to the base (``method.load``), ``generate`` runs that request alone,
+``method.detach`` (on a quantized base: a fresh copy of the base, see ``_slow_path_base``), and the
+batch resumes. So such a request stalls the others for about its own time, no longer.
 """
 
 from __future__ import annotations
@@ -344,10 +346,8 @@ class Engine:
                 if not self._active:
                     self._gather_burst()
                 while self._pending and len(self._active) < self.max_batch:
-                    head = self._pending[0]
-                    if head.slow:
-                        if not self._active:
-                            slow = self._pending.popleft()
+                    if self._pending[0].slow:  # now: the running rows pause for it (their caches kept)
+                        slow = self._pending.popleft()  # rather than finishing first while newcomers wait
                         break
                     self._active.append(self._pending.popleft())
             try:

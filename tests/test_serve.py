@@ -208,6 +208,37 @@ def test_slow_path_method_without_form_equals_offline(world, client, noform_plug
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_an_exclusive_request_pauses_running_rows_instead_of_waiting_for_them(server, client, noform_plugin):
+    """Running rows pause while an exclusive-path request generates alone, and then finish with the
+    tokens they would have had: the exclusive request does not wait for them to finish first."""
+    from adapterhub.serve.requests import GenerationRequest
+
+    engine = server.engine
+    seen, real = [], engine._run_slow
+
+    def run_slow(seq):
+        seen.append([len(s.generated) for s in engine._active])
+        return real(seq)
+
+    def long_request():  # "abc" under senti@1 runs to its limit on this base (no EOS)
+        return GenerationRequest.build(prompt="abc", adapters=[("senti@1", 1.0)], max_new_tokens=48)
+
+    alone = [engine.submit(long_request()).result().token_ids for _ in range(2)]
+    client.load("noform@1")
+    engine._run_slow = run_slow
+    try:
+        running = [engine.submit(long_request()) for _ in range(2)]
+        while min(len(s.generated) for s in running) < 2 and not all(s.finished for s in running):
+            time.sleep(0.002)
+        slow = client.generate(messages=chat("the good day"), adapters=["noform@1"], max_new_tokens=MAX_NEW)
+        results = [s.result() for s in running]
+    finally:
+        del engine._run_slow
+    assert len(alone[0]) == 48, "the running requests must be long enough to be caught mid-way"
+    assert seen and any(0 < n < 48 for n in seen[0]), f"the exclusive request waited for the batch to drain: {seen}"
+    assert slow.completion_tokens > 0 and [r.token_ids for r in results] == alone, "the paused rows changed course"
+
+
 @pytest.mark.parametrize("method_name", ["prompt", "ptuning"])
 def test_served_soft_prompt_equals_the_models_own_greedy_decoding(world, client, tiny_base_dir, tiny_tokenizer,
                                                                   method_name):
