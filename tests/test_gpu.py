@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from mixed_world import (MAX_NEW, bottleneck_after, chat, method_load, offline_tokens, offline_tokens_by_forward,
+from mixed_world import (MAX_NEW, bias_after, bottleneck_after, chat, method_load, offline_tokens, offline_tokens_by_forward,
                          peft_lora)
 from serve_helpers import running_server
 
@@ -54,6 +54,10 @@ def test_mixed_batch_equals_offline_on_cuda(gpu, mixed_world, tiny_base_dir, tin
         "ia3": ([("scale@1", 1.0)], method_load("ia3", d["scale"])),
         "prefix": ([("pre@1", 1.0)], method_load("prefix", d["pre"])),
         "lora+bottle": ([("senti@1", 0.5), ("bottle@1", 1.0)], bottleneck_after(d["bottle"], peft_lora(d["senti"], 0.5))),
+        "bitfit": ([("bias@1", 1.0)], bias_after(d["bias"])),
+        "dora": ([("dora@1", 1.0)], method_load("dora", d["dora"])),
+        "prompt": ([("soft@1", 1.0)], method_load("prompt", d["soft"])),
+        "ptuning": ([("ptune@1", 1.0)], method_load("ptuning", d["ptune"])),
     }
     texts = ["the good day", "a bad movie", "dark cold room"]
     jobs = [(combo, text) for text in texts for combo in combos]
@@ -69,7 +73,7 @@ def test_mixed_batch_equals_offline_on_cuda(gpu, mixed_world, tiny_base_dir, tin
     kwargs = dict(quantize=base["quantize"], dtype=base["dtype"], device="cuda")
     exact = 0
     for (combo, text), tokens in zip(jobs, served):
-        offline = offline_tokens_by_forward if combo == "prefix" else offline_tokens
+        offline = offline_tokens_by_forward if combo in ("prefix", "prompt", "ptuning") else offline_tokens
         expected = offline(tiny_base_dir, tiny_tokenizer, chat(text), combos[combo][1], **kwargs)
         exact += tokens == expected
         assert tokens[:1] == expected[:1], f"{name} {combo} / {text!r}: first token differs"
