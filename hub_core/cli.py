@@ -267,18 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the written model (auto: the base checkpoint's own); the merge itself runs in float32")
     merge.set_defaults(func=cmd_merge)
 
-    try:
-        from adapterhub.registry.cli import add_registry_parser
-    except ImportError:  # registry not built yet in this checkout
-        pass
-    else:
-        add_registry_parser(sub)
-    try:
-        from adapterhub.serve.cli import add_serve_parsers
-    except ImportError:
-        pass
-    else:
-        add_serve_parsers(sub)
+    from .manager import get_manager
+
+    get_manager().register_commands(sub)  # registry, serve, generate and plugins' commands: one hook
     return parser
 
 

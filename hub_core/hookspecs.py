@@ -43,3 +43,20 @@ def adapterhub_trainer_callbacks(method: "Method", options: "TrainOptions") -> l
     the Trainer is built. Return a list of callbacks (or ``None`` for none); the lists of all
     plugins are concatenated. Use it for logging, custom stopping rules or schedules.
     """
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+@hookspec
+def adapterhub_register_commands(subparsers: Any) -> None:
+    """Add commands (or command groups) to the ``adapterhub`` command line.
+
+    Called once per ``adapterhub`` invocation, while the CLI builds its parser, with the top-level
+    ``argparse`` subparsers: add a parser with ``subparsers.add_parser(NAME, help=...)`` and give it
+    (or each of its own subcommands) ``set_defaults(func=...)``; the CLI calls ``func(args)`` and
+    exits with what it returns (an int; None means 0), printing an ``AdapterHubError`` on one line.
+    The built-in ``registry``, ``serve`` and ``generate`` commands are added through this hook too.
+    Every invocation runs it, so import heavy modules inside ``func``, not at the top of the
+    plugin. The return value is ignored.
+    """

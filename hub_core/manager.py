@@ -1,9 +1,12 @@
-"""The plugin manager: built-in and third-party methods registered by one path.
+"""The plugin manager: built-in and third-party plugins registered by one path.
 
-Built-in methods are modules listed in :data:`DEFAULT_PLUGINS`; third-party ones are found through
-the ``adapterhub`` entry-point group. Both are registered with pluggy and asked for methods through
-the same ``adapterhub_register_methods`` hook. A plugin that fails to import or register is
-recorded in :attr:`PluginManager.broken` with its name and error; the others keep working.
+Built-in methods are modules listed in :data:`DEFAULT_PLUGINS`, the built-in command groups
+(``registry``, ``serve``) modules listed in :data:`COMMAND_PLUGINS`; third-party plugins are found
+through the ``adapterhub`` entry-point group. All are registered with pluggy and asked through the
+same hooks (``adapterhub_register_methods``, ``adapterhub_register_commands``, ...). A plugin that
+fails to import or register is recorded in :attr:`PluginManager.broken` with its name and error;
+the others keep working. The command modules are loaded without the method modules (which import
+torch), so building the CLI's parser stays light.
 
 Set ``ADAPTERHUB_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry-point plugins (tests, debugging).
 """
@@ -46,6 +49,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapterhub.plugins.full",
 )
 
+COMMAND_PLUGINS: tuple[str, ...] = (
+    "adapterhub.registry.cli",
+    "adapterhub.serve.cli",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class BrokenPlugin:
@@ -59,32 +67,41 @@ class BrokenPlugin:
 class PluginManager:
     """Loads plugins lazily and exposes the method table through typed methods."""
 
-    def __init__(self, *, autoload: bool | None = None, builtins: Iterable[str] = DEFAULT_PLUGINS):
+    def __init__(self, *, autoload: bool | None = None, builtins: Iterable[str] = DEFAULT_PLUGINS,
+                 commands: Iterable[str] = COMMAND_PLUGINS):
         if autoload is None:
             autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
         self._autoload = autoload
         self._builtins = tuple(builtins)
+        self._command_builtins = tuple(commands)
         self._pm = pluggy.PluginManager("adapterhub")
         self._pm.add_hookspecs(hookspecs)
         self._origins: dict[str, str] = {}  # plugin name -> origin
         self._methods: dict[str, Method] | None = None
         self.broken: list[BrokenPlugin] = []
         self._lock = threading.RLock()
-        self._loaded = False
+        self._loaded: set[str] = set()  # "methods", "commands", "entry points"
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, builtins: str = "methods") -> None:
+        """Import and register the ``builtins`` ("methods" or "commands") plugins, then the
+        entry-point plugins; each group once."""
         with self._lock:
-            if self._loaded:
-                return
-            self._loaded = True
-            for module_name in self._builtins:
-                self._import_and_register(module_name, lambda m=module_name: importlib.import_module(m), BUILTIN)
-            if self._autoload:
-                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if builtins not in self._loaded:
+                self._loaded.add(builtins)
+                for module_name in self._builtins if builtins == "methods" else self._command_builtins:
+                    self._import_and_register(module_name, lambda m=module_name: importlib.import_module(m), BUILTIN)
+            if "entry points" not in self._loaded:
+                self._loaded.add("entry points")
+                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if self._autoload else ():
                     dist = ep.dist.name if ep.dist is not None else ep.value
                     self._import_and_register(ep.name, ep.load, dist)
+
+    def _impls(self, hook: Any) -> list[Any]:
+        """A hook's implementations: built-in plugins first (whatever loaded first), each group in
+        the order registered."""
+        return sorted(hook.get_hookimpls(), key=lambda impl: self._origins.get(impl.plugin_name, BUILTIN) != BUILTIN)
 
     def _import_and_register(self, name: str, loader: Any, origin: str) -> None:
         if self._pm.has_plugin(name):
@@ -131,7 +148,7 @@ class PluginManager:
         table: dict[str, Method] = {}
         self.broken = [b for b in self.broken if not b.error.startswith("registration failed")]
         # Call each implementation on its own so that one failing plugin is isolated.
-        for impl in self._pm.hook.adapterhub_register_methods.get_hookimpls():
+        for impl in self._impls(self._pm.hook.adapterhub_register_methods):
             origin = self._origins.get(impl.plugin_name, BUILTIN)
             collected: list[Method] = []
 
@@ -193,6 +210,21 @@ class PluginManager:
 
         name = peft_method(config, self.peft_formats())
         return self.get_method(name) if name else None
+
+    def register_commands(self, subparsers: Any) -> None:
+        """Every plugin's ``adapterhub_register_commands`` on the CLI's ``subparsers``: the built-in
+        groups first, then third-party ones, each in the order registered. A plugin whose hook
+        raises (a name already taken, say) is recorded as broken; the others' commands stay."""
+        self._load("commands")
+        for impl in self._impls(self._pm.hook.adapterhub_register_commands):
+            try:
+                impl.function(subparsers=subparsers)
+            except Exception as exc:
+                broken = BrokenPlugin(impl.plugin_name, self._origins.get(impl.plugin_name, BUILTIN),
+                                      f"registering commands failed: {type(exc).__name__}: {exc}")
+                log.warning("adapterhub plugin %r (%s) is broken: %s", broken.name, broken.origin, broken.error)
+                if broken not in self.broken:
+                    self.broken.append(broken)
 
     def trainer_callbacks(self, method: Method, options: Any) -> list[Any]:
         """Callbacks from every plugin's ``adapterhub_trainer_callbacks`` hook, concatenated."""

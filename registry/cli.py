@@ -1,7 +1,8 @@
 """``adapterhub registry ...``: the registry's CLI verbs.
 
-The main CLI calls :func:`add_registry_parser` and then ``args.func(args)``, which returns the exit
-code. Expected failures raise ``AdapterHubError`` subclasses; the caller prints them on one line.
+The main CLI adds them through the ``adapterhub_register_commands`` hook, like any plugin's
+commands (this module is a built-in plugin), and then calls ``args.func(args)``, which returns the
+exit code. Expected failures raise ``AdapterHubError`` subclasses; the caller prints them on one line.
 Every verb takes ``--json`` for machine-readable output and ``--registry DIR``.
 """
 
@@ -14,10 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from adapterhub import hookimpl
+
 from . import open_registry, remote
 from .filestore import DEFAULT_MAX_FILE_BYTES
 from .names import parse_reference
 from .transfer import export_dir, import_dir
+
+
+@hookimpl
+def adapterhub_register_commands(subparsers: Any) -> None:
+    add_registry_parser(subparsers)
 
 
 def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -222,7 +230,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m adapterhub.registry``) until the main CLI wires this in."""
+    """Stand-alone entry (``python -m adapterhub.registry``): the verbs without the main CLI."""
     from adapterhub.errors import AdapterHubError
 
     parser = argparse.ArgumentParser(prog="python -m adapterhub.registry")

@@ -1,4 +1,5 @@
-"""``adapterhub serve`` and ``adapterhub generate``."""
+"""``adapterhub serve`` and ``adapterhub generate``, added to the CLI through the
+``adapterhub_register_commands`` hook like any plugin's commands (this module is a built-in plugin)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import os
 import sys
 from typing import Any
 
+from adapterhub import hookimpl
 from adapterhub.base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from adapterhub.errors import AdapterHubError, ConfigError
 
 
 class ServerUnavailable(AdapterHubError):
     """The server could not be reached or answered with an error status."""
+
+
+@hookimpl
+def adapterhub_register_commands(subparsers: Any) -> None:
+    add_serve_parsers(subparsers)
 
 
 def add_serve_parsers(sub: Any) -> None:

@@ -144,6 +144,78 @@ def test_example_plugin_trains_with_the_cli(tmp_path, tiny_base_dir, sentiment_d
     assert (out / "adapter_model.safetensors").is_file()
 
 
+# -- commands: the CLI's command groups come through a hook ----------------------------------------
+
+
+class HelloCommand:
+    """A plugin adding ``adapterhub hello`` the way the registry and the server add theirs."""
+
+    @adapterhub.hookimpl
+    def adapterhub_register_commands(self, subparsers):
+        hello = subparsers.add_parser("hello", help="say hello from a plugin")
+        hello.add_argument("--name", default="world")
+        hello.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+
+def test_a_plugin_adds_a_command_through_the_hook(plugin_manager, capsys):
+    import re
+
+    from adapterhub.cli import main
+
+    plugin_manager.register(HelloCommand(), name="hello")
+    try:
+        assert main(["hello", "--name", "adapters"]) == 3
+        assert capsys.readouterr().out == "hello adapters\n"
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        listed = re.findall(r"^    (\w+) ", capsys.readouterr().out, re.M)
+        assert listed[-4:] == ["registry", "serve", "generate", "hello"], listed  # built-in groups first
+        plugin_manager.register(HelloCommand(), name="hello-again")  # the same name twice: reported, not fatal
+        assert main(["hello"]) == 3
+        assert any(b.name == "hello-again" and "conflicting subparser: hello" in b.error for b in plugin_manager.broken)
+    finally:
+        plugin_manager.unregister("hello")
+        plugin_manager.unregister("hello-again")
+
+
+def test_the_builtin_command_groups_are_plugins_of_the_hook(capsys):
+    """No command group is wired into the CLI by hand: without the built-in command plugins there is
+    no ``registry`` command; with them, ``registry`` and ``serve`` come from those modules' hook."""
+    from adapterhub.cli import build_parser
+    from adapterhub.manager import COMMAND_PLUGINS, reset_manager
+    from adapterhub.registry import cli as registry_cli
+    from adapterhub.serve import cli as serve_cli
+
+    assert set(COMMAND_PLUGINS) == {registry_cli.__name__, serve_cli.__name__}
+    assert all(hasattr(m, "adapterhub_register_commands") for m in (registry_cli, serve_cli))
+    reset_manager(PluginManager(autoload=False, commands=()))
+    try:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["registry", "list"])
+    finally:
+        reset_manager(None)
+    assert "invalid choice: 'registry'" in capsys.readouterr().err
+
+
+def test_an_installed_plugin_adds_a_command_and_the_cli_stays_light(tmp_path):
+    """An entry-point plugin's command runs from the real CLI; building the parser (every
+    invocation) imports no method plugin and no torch."""
+    write_dist(tmp_path, "adapterhub-plugin-greet", "greet", "greet_plugin",
+               "import adapterhub\n\n@adapterhub.hookimpl\ndef adapterhub_register_commands(subparsers):\n"
+               "    p = subparsers.add_parser('greet', help='greet from an installed plugin')\n"
+               "    p.set_defaults(func=lambda args: print('greetings'))\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DISABLE_AUTOLOAD_ENV: ""}
+    done = run_cli("greet", env=env)
+    assert done.returncode == 0 and done.stdout == "greetings\n", done.stderr
+    assert "greet from an installed plugin" in run_cli("--help", env=env).stdout
+    assert run_cli("greet", env={**env, DISABLE_AUTOLOAD_ENV: "1"}).returncode != 0
+    code = ("import sys; from adapterhub.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m in ('torch', 'peft', 'transformers') or m.startswith('adapterhub.plugins')))")
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                           check=True)
+    assert light.stdout.strip() == "[]"
+
+
 # -- meta-tests: every hook is documented and exercised --------------------------------------------
 
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("adapterhub_")]
