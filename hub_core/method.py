@@ -209,7 +209,6 @@ def _adapt_legacy_serving_hooks(cls: type) -> None:
     ``files.directory``, which waits for the hash checks; ``serving_form_from_files(files,
     base_config)`` becomes ``serving_form``. Each warns once, when the class is defined.
     """
-    import inspect
     import warnings
 
     own = vars(cls)
@@ -217,7 +216,7 @@ def _adapt_legacy_serving_hooks(cls: type) -> None:
         warnings.warn(f"{cls.__qualname__}.serving_form_from_files(files, base_config) is deprecated: rename it "
                       "serving_form(files, base_config), the one serving hook", DeprecationWarning, stacklevel=3)
         cls.serving_form = own["serving_form_from_files"]
-    elif "serving_form" in own and list(inspect.signature(own["serving_form"]).parameters)[1:2] == ["directory"]:
+    elif "serving_form" in own and _parameters(own["serving_form"])[1:2] == ["directory"]:
         warnings.warn(f"{cls.__qualname__}.serving_form(directory, base_config) is deprecated: the hook now takes "
                       "an AdapterFiles (read files.directory where you need the directory)", DeprecationWarning,
                       stacklevel=3)
@@ -227,3 +226,12 @@ def _adapt_legacy_serving_hooks(cls: type) -> None:
             return by_directory(self, files.directory, base_config)
 
         cls.serving_form = serving_form
+
+
+def _parameters(function: Any) -> list[str]:
+    import inspect
+
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # not a plain function: not the old hook
+        return []
