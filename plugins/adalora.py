@@ -87,7 +87,7 @@ class AdaLoraMethod(PeftMethod):
     # options (60 steps): flip 0.84 (ranks pruned during the run want a larger lr).
     recommended_options = {"lr": 3e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = AdaLoraConfig
-    capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=True, composable=True)
+    capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "LoRA with an adaptive rank budget pruned by importance during training (PEFT AdaLoRA)."
     peft_type = "ADALORA"
 
@@ -116,7 +116,7 @@ class AdaLoraMethod(PeftMethod):
         passes the planned count, and the callback re-syncs it to the Trainer's own when it starts."""
         from peft import get_peft_model
 
-        refuse_quantized(self, model)  # PEFT's AdaLoRA runs on a 4-bit base, but it is untried here: not declared
+        refuse_quantized(self, model)  # as PeftMethod.attach does: the flag decides
         return get_peft_model(model, self.peft_config(config, total_step or PLACEHOLDER_TOTAL_STEP))
 
     def train(self, model: Any, dataset: Any, config: AdaLoraConfig, options: Any, *, eval_dataset: Any = None,
