@@ -66,9 +66,10 @@ def import_dir(
     """Publish a directory that may lack ``adapterhub.json`` (a plain PEFT adapter).
 
     With ``adapterhub.json`` present it is an ordinary publish (an export re-imports as-is).
-    Otherwise the metadata is built here: method from ``adapter_config.json``'s ``peft_type``
-    (``use_dora`` -> dora) unless ``method`` is given, and the base fingerprint computed from the
-    ``base`` model directory (or given as ``base_fingerprint``). The user's directory is not modified.
+    Otherwise the metadata is built here: method from ``adapter_config.json`` (the format the
+    methods declare: ``peft_type``, ``peft_variant``) unless ``method`` is given, and the base
+    fingerprint computed from the ``base`` model directory (or given as ``base_fingerprint``). The
+    user's directory is not modified.
     """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
