@@ -56,7 +56,8 @@ def plugin_rows() -> list[dict[str, Any]]:
                 "origin": method.origin,
                 "description": method.description,
                 "capabilities": method.capabilities.as_dict(),
-                "serving": "mixed batch" if method.capabilities.mixed_batch else "per-adapter (slower path)",
+                "serving": "mixed batch" if method.capabilities.mixed_batch else
+                ("exclusive: the running batch pauses while it generates alone"),
                 "config": method.config_class.describe(),
                 "recommended_options": dict(method.recommended_options),
                 "status": "ok",
@@ -97,7 +98,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         caps = row["capabilities"]
         print(f"{row['name']:<12} {row['origin']:<28} " + " ".join(f"{'yes' if caps[f] else 'no':<14}" for f in flags))
         if not caps["mixed_batch"]:
-            print(f"{'':<12} note: no serving hook; served by the slower per-adapter path")
+            print(f"{'':<12} note: served on the exclusive path: the running batch pauses while it generates alone")
         if args.method:
             print(f"\n{row['description']}\n\nconfig keys (--set KEY=VALUE):")
             for f in row["config"]:
