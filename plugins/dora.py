@@ -38,6 +38,10 @@ class DoraMethod(LoraMethod):
     def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
         from adapterhub.serving_forms import DoraForm
 
+        if files.read_json("adapter_config.json").get("fan_in_fan_out"):
+            # trained on GPT-2-style Conv1D layers: the per-row scale does not yet reproduce PEFT's
+            # there (tests/test_architectures.py), so such adapters take the exclusive path, exactly
+            return None
         views = files.tensor_views("adapter_model.safetensors")
         suffix = ".lora_magnitude_vector"
         magnitudes = {base_module_name(k[: -len(suffix)]): views[k] for k in views if k.endswith(suffix)}

@@ -356,8 +356,12 @@ class Engine:
                 else:
                     self._step()
             except Exception as exc:  # never let one bad batch kill the scheduler
+                if slow is not None:  # fails that request only: the paused batch resumes untouched
+                    log.exception("exclusive-path request failed")
+                    self._finish_error(slow, exc)
+                    continue
                 log.exception("decode step failed")
-                for seq in ([slow] if slow else list(self._active)):
+                for seq in list(self._active):
                     self._finish_error(seq, exc)
                 self.hooks.plan = None
                 self._batch = None

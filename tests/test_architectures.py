@@ -123,6 +123,29 @@ def offline_tokens(base_dir: Path, quantize: str, tokenizer, method_name: str | 
     return greedy_tokens(model, tokenizer, [ids], max_new_tokens=MAX_NEW)[0]
 
 
+def tie_gap(base_dir: Path, quantize: str, tokenizer, method_name: str | None, directory: Path | None,
+            expected: list[int], served: list[int]) -> float:
+    """At the first token where ``served`` leaves ``expected``: the offline model's logit of its own
+    choice minus that of the served one, relative to the logits' scale (a near-tie is ~1e-6: float
+    sums in another order, e.g. DoRA's scale applied to base + delta at once, as in PEFT's algebra)."""
+    import torch
+
+    from adapterhub.base import load_base
+    from adapterhub.data import render_prompt
+    from adapterhub.manager import PluginManager
+
+    i = next(k for k, (a, b) in enumerate(zip(expected, served)) if a != b)
+    model = load_base(base_dir, quantize).model
+    if method_name is not None:
+        model = PluginManager(autoload=False).get_method(method_name).load(model, directory)
+    model.eval()
+    prompt = render_prompt(tokenizer, [{"role": r, "content": c} for r, c in _messages(PROMPT)])
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] + expected[:i]])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+    return float((logits[expected[i]] - logits[served[i]]) / logits.abs().max())
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from adapterhub.tasks import write_split
@@ -155,7 +178,9 @@ def test_train_publish_serve(arch, methods, quantizations, data, tmp_path, plugi
         served = serve_all(base_dir, registry, quantize, [None, *methods], lambda name: f"{arch}-{name}@1")
         for name, tokens in served.items():
             expected = offline_tokens(base_dir, quantize, tokenizer, name, trained.get(name))
-            assert tokens == expected, f"{arch} ({quantize}) {name or 'base'}: served {tokens}, offline {expected}"
+            if tokens != expected:  # allowed only where the offline model itself has a near-tie
+                gap = tie_gap(base_dir, quantize, tokenizer, name, trained.get(name), expected, tokens)
+                assert gap < 1e-4, f"{arch} ({quantize}) {name or 'base'}: served {tokens}, offline {expected} (gap {gap:.2e})"
         for name in methods:  # else a server that ignored the adapter would pass
             assert served[name] != served[None], f"{arch} ({quantize}): {name} did not change the answer"
 

@@ -47,8 +47,10 @@ class DoraKind(Kind):
         scales = {}
         for module, magnitude in form.magnitudes.items():
             layer = model.get_submodule(module)
-            weight = dequantize_module_weight(layer).to(torch.float32)  # [out, in]
+            weight = dequantize_module_weight(layer).to(torch.float32)
             a, b = (t.to(weight.device, torch.float32) for t in form.lora.deltas[module])
+            if _stores_transposed(layer):  # GPT-2's Conv1D keeps W as [in, out] (PEFT's fan_in_fan_out)
+                weight = weight.T
             adapted = weight + form.lora.scales.get(module, 1.0) * (b @ a)
             scales[module] = (magnitude.to(weight.device, torch.float32) / adapted.norm(p=2, dim=1),)
         write_parts(stack, slot, scales)
@@ -72,6 +74,12 @@ class DoraKind(Kind):
             return None
         biases = {m: pool.model.get_submodule(m).bias for m in stack.tensors}
         return DoraPart(slots, stack.tensors, biases)
+
+
+def _stores_transposed(layer: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
 
 
 class DoraPart(Part):
