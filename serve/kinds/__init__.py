@@ -71,6 +71,28 @@ class Kind:
         raise NotImplementedError
 
 
+class StackedKind(Kind):
+    """A kind whose tensors live in a stack of the slot pool (float32 unless it says otherwise):
+    admitting writes a slot, a step gathers the rows' slots and hands them to :meth:`part`."""
+
+    def stack_dtype(self, pool: Any) -> torch.dtype | None:
+        return torch.float32
+
+    def admit(self, pool: Any, key: str, form: Any) -> Any:
+        from ..slot_pool import Served
+
+        pool.stack(self).admit(key, form)
+        return Served(self)
+
+    def step(self, rows, pool, device, backend) -> Part | None:
+        stack = pool.stack(self)
+        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
+        return None if slots is None else self.part(slots, stack, backend, len(rows), device)
+
+    def part(self, slots: Any, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+        raise NotImplementedError
+
+
 def kind_of(form: Any) -> Kind | None:
     return _BY_FORM.get(type(form))
 

@@ -9,28 +9,19 @@ import torch
 
 from adapterhub.serving_forms import BiasForm
 
-from ..slot_pool import Served, Slots
-from . import Kind, Part, write_parts
+from ..slot_pool import Slots
+from . import Part, StackedKind, write_parts
 
 
-class BiasKind(Kind):
+class BiasKind(StackedKind):
     name = "bias"
     form_type = BiasForm
-
-    def stack_dtype(self, pool: Any) -> torch.dtype:
-        return torch.float32
-
-    def admit(self, pool: Any, key: str, form: BiasForm) -> Served:
-        pool.stack(self).admit(key, form)
-        return Served(self)
 
     def write(self, stack: Any, slot: int, form: BiasForm) -> None:
         write_parts(stack, slot, {m: (b.detach(),) for m, b in form.biases.items()})
 
-    def step(self, rows, pool, device, backend) -> Part | None:
-        stack = pool.stack(self)
-        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
-        return None if slots is None else BiasPart(slots, stack.tensors)
+    def part(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+        return BiasPart(slots, stack.tensors)
 
 
 class BiasPart(Part):

@@ -14,33 +14,27 @@ import torch.nn.functional as F
 from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import BottleneckForm
 
-from ..slot_pool import Served, Slots
-from . import Kind, Part, write_parts
+from ..slot_pool import Slots
+from . import Part, StackedKind, write_parts
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
-class BottleneckKind(Kind):
+class BottleneckKind(StackedKind):
     name = "bottleneck"
     form_type = BottleneckForm
 
-    def stack_dtype(self, pool: Any) -> torch.dtype:
-        return torch.float32
-
-    def admit(self, pool: Any, key: str, form: BottleneckForm) -> Served:
+    def admit(self, pool: Any, key: str, form: BottleneckForm) -> Any:
         if form.activation not in ACTIVATIONS:
             raise LimitExceeded(f"bottleneck activation {form.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        pool.stack(self).admit(key, form)
-        return Served(self)
+        return super().admit(pool, key, form)
 
     def write(self, stack: Any, slot: int, form: BottleneckForm) -> None:
         write_parts(stack, slot, {m: tuple(t.detach() for t in ts) for m, ts in form.layers.items()})
         stack.meta[slot] = form.activation
 
-    def step(self, rows, pool, device, backend) -> Part | None:
-        stack = pool.stack(self)
-        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
-        return None if slots is None else BottleneckPart(slots, stack.tensors, dict(stack.meta))
+    def part(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+        return BottleneckPart(slots, stack.tensors, dict(stack.meta))
 
 
 class BottleneckPart(Part):

@@ -18,20 +18,16 @@ from adapterhub.serving_forms import LoraDeltas, LoraForm
 
 from .. import bgmv
 from ..lora_backends import TokenSlots
-from ..slot_pool import Served, Slots
-from . import Kind, Part, copy_scaled, write_parts
+from ..slot_pool import Slots
+from . import Part, StackedKind, copy_scaled, write_parts
 
 
-class LoraKind(Kind):
+class LoraKind(StackedKind):
     name = "lora"
     form_type = LoraForm
 
     def stack_dtype(self, pool: Any) -> torch.dtype | None:
         return pool.lora_dtype
-
-    def admit(self, pool: Any, key: str, form: LoraForm) -> Served:
-        pool.stack(self).admit(key, form)
-        return Served(self)
 
     def write(self, stack: Any, slot: int, form: LoraForm) -> None:
         if not _write_from_file(stack, slot, form):
@@ -39,10 +35,8 @@ class LoraKind(Kind):
             parts = {m: (a.detach().T, b.detach().T) for m, (a, b) in form.deltas.items()}
             write_parts(stack, slot, parts, {m: (1.0, s) for m, s in form.scales.items()}, copy=_copy_lora)
 
-    def step(self, rows, pool, device, backend) -> Part | None:
-        stack = pool.stack(self)
-        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
-        return None if slots is None else LoraPart(slots, stack, backend, len(rows), device)
+    def part(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+        return LoraPart(slots, stack, backend, rows, device)
 
 
 def _copy_lora(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:

@@ -12,31 +12,22 @@ import torch
 
 from adapterhub.serving_forms import ScaleForm
 
-from ..slot_pool import Served, Slots
-from . import Kind, Part, write_parts
+from ..slot_pool import Slots
+from . import Part, StackedKind, write_parts
 
 
-class ScaleKind(Kind):
+class ScaleKind(StackedKind):
     name = "scale"
     form_type = ScaleForm
     pad = 1.0
-
-    def stack_dtype(self, pool: Any) -> torch.dtype:
-        return torch.float32
-
-    def admit(self, pool: Any, key: str, form: ScaleForm) -> Served:
-        pool.stack(self).admit(key, form)
-        return Served(self)
 
     def write(self, stack: Any, slot: int, form: ScaleForm) -> None:
         parts = {f"out:{m}": (v.detach(),) for m, v in form.output_scales.items()}
         parts.update({f"in:{m}": (v.detach(),) for m, v in form.input_scales.items()})
         write_parts(stack, slot, parts)
 
-    def step(self, rows, pool, device, backend) -> Part | None:
-        stack = pool.stack(self)
-        slots = stack.gather([[(key, w) for key, w, _ in row] for row in rows], device)
-        return None if slots is None else ScalePart(slots, stack.tensors)
+    def part(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+        return ScalePart(slots, stack.tensors)
 
 
 class ScalePart(Part):
