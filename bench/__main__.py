@@ -22,6 +22,7 @@ BENCHMARKS = {
     "doors": "(g) the OpenAI HTTP door against the gRPC door, same requests, same server",
     "gpu": "(h) on a CUDA GPU: mixed-batch LoRA by backend (skipped without one)",
     "chunk_hashing": "(i) a registry read + chunk sha256 check, hashlib per chunk vs one sha256 per file",
+    "exclusive_stall": "(j) how long a freeze/full request stalls running and newly arriving requests",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 
