@@ -1,29 +1,16 @@
 """Server interceptors: errors become status codes (through :mod:`status`, shared with the HTTP
-door), the per-request log line and request metrics, and optional bearer-token auth."""
+door), the per-request log line and request metrics (:mod:`request_log`), and optional bearer-token auth."""
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any, Callable
 
 import grpc
 
 from .auth import Tokens
 from .errors import PermissionDenied, Unauthenticated
-from .status import INTERNAL, public_message, status_for
-
-log = logging.getLogger("adapterhub.serve.requests")
-
-
-def summary(response: Any) -> str:
-    """The adapters and token counts of a finished request, for its log line (either door)."""
-    adapters = getattr(response, "adapters", None)
-    if adapters is None or not hasattr(response, "completion_tokens"):
-        return ""
-    names = ",".join(f"{a.resolved}:{a.weight:g}" for a in adapters) or "base"
-    return (f" adapters={names} prompt_tokens={response.prompt_tokens} "
-            f"completion_tokens={response.completion_tokens} finish={response.finish_reason}")
+from .request_log import Watch
+from .status import public_message, status_for
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -47,43 +34,31 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def _unary(self, name: str, behavior: Callable) -> Callable:
         def wrapper(request, context):
-            start = time.monotonic()
+            watch = Watch(name, self.metrics)
             try:
                 response = behavior(request, context)
             except Exception as exc:
-                self._fail(name, exc, context, start)
-            self._done(name, start, response)
+                self._abort(watch, exc, context)
+            watch.done(response)
             return response
 
         return wrapper
 
     def _stream(self, name: str, behavior: Callable) -> Callable:
         def wrapper(request, context):
-            start, last = time.monotonic(), None
+            watch, last = Watch(name, self.metrics), None
             try:
                 for last in behavior(request, context):
                     yield last
             except Exception as exc:
-                self._fail(name, exc, context, start)
-            self._done(name, start, last)
+                self._abort(watch, exc, context)
+            watch.done(last)
 
         return wrapper
 
-    def _done(self, name: str, start: float, response: Any) -> None:
-        latency = time.monotonic() - start
-        log.info("rpc=%s status=OK latency_ms=%.1f%s", name, latency * 1000, summary(response))
-        if self.metrics is not None:
-            self.metrics.request(name, "OK", latency, response)
-
-    def _fail(self, name: str, exc: Exception, context: grpc.ServicerContext, start: float) -> None:
-        status = status_for(exc)
-        latency = time.monotonic() - start
-        if status is INTERNAL:
-            log.exception("rpc=%s status=INTERNAL latency_ms=%.1f", name, latency * 1000)
-        else:
-            log.info("rpc=%s status=%s latency_ms=%.1f error=%s", name, status.name, latency * 1000, exc)
-        if self.metrics is not None:
-            self.metrics.request(name, status.name, latency, None)
+    @staticmethod
+    def _abort(watch: Watch, exc: Exception, context: grpc.ServicerContext) -> None:
+        status = watch.fail(exc)
         context.abort(status.grpc, shorten(public_message(exc, status)))
 
 

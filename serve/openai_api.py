@@ -33,7 +33,7 @@ from adapterhub.errors import AdapterHubError, ConfigError
 from .auth import Tokens
 from .engine import Engine
 from .errors import RequestCancelled
-from .interceptors import summary
+from .request_log import Watch
 from .model_names import resolved_model
 from .openai_responses import Reply, error_body
 from .openai_schema import AdapterAdminBody, ChatBody, CompletionBody, GenerationBody
@@ -79,29 +79,6 @@ class LoopEvents:
 
     async def get(self) -> Any:
         return await self.queue.get()
-
-
-class Watch:
-    """One request's log line and metrics, as the gRPC interceptor writes them."""
-
-    def __init__(self, name: str, metrics: Any):
-        self.name, self.metrics, self.start = name, metrics, time.monotonic()
-
-    def done(self, result: Any) -> None:
-        latency = time.monotonic() - self.start
-        log.info("http=%s status=OK latency_ms=%.1f%s", self.name, latency * 1000, summary(result))
-        if self.metrics is not None:
-            self.metrics.request(self.name, "OK", latency, result)
-
-    def fail(self, exc: BaseException) -> Status:
-        status, latency = status_for(exc), time.monotonic() - self.start
-        if status is INTERNAL:
-            log.error("http=%s status=INTERNAL latency_ms=%.1f", self.name, latency * 1000, exc_info=exc)
-        else:
-            log.info("http=%s status=%s latency_ms=%.1f error=%s", self.name, status.name, latency * 1000, exc)
-        if self.metrics is not None:
-            self.metrics.request(self.name, status.name, latency, None)
-        return status
 
 
 def error_response(exc: BaseException, status: Status | None = None) -> JSONResponse:
@@ -229,7 +206,7 @@ def routes(ctx: HttpContext) -> FastAPI:
         return await generate(body, request, chat=True)
 
     async def generate(body: GenerationBody, request: Request, *, chat: bool) -> Any:
-        watch = Watch("ChatCompletions" if chat else "Completions", ctx.metrics)
+        watch = Watch("ChatCompletions" if chat else "Completions", ctx.metrics, door="http")
         try:
             generation = body.to_request(ctx.base_names, engine.limits)
             timeout = request_timeout(request.headers.get("x-request-timeout"))
