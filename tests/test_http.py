@@ -260,7 +260,8 @@ def test_errors_map_to_openai_errors_and_the_server_keeps_serving(oai, kwargs, e
         oai.chat.completions.create(**request)
     body = caught.value.response.json()["error"]
     assert body["type"] == kind and body["message"] and set(body) == {"message", "type", "param", "code"}
-    assert oai.chat.completions.create(model=BASE, messages=_messages("abc"), max_tokens=2).usage.completion_tokens == 2
+    after = oai.chat.completions.create(model=BASE, messages=_messages("abc"), max_tokens=2, temperature=0)
+    assert after.usage.completion_tokens >= 1 and after.choices[0].finish_reason in ("stop", "length")
 
 
 def test_error_messages_name_the_field(oai):
