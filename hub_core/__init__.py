@@ -29,6 +29,7 @@ from .errors import (
     PluginError,
 )
 from .method import Capabilities, Method
+from .objective import Objective, ObjectiveConfig, TrainingJob
 
 __version__ = "0.1.0"
 
@@ -47,7 +48,10 @@ __all__ = [
     "MethodConfig",
     "NotFound",
     "NotMergeable",
+    "Objective",
+    "ObjectiveConfig",
     "PluginError",
+    "TrainingJob",
     "__version__",
     "hookimpl",
     "option",

@@ -102,12 +102,12 @@ def load_adapter(
     return method, method.load(model, directory, trainable=trainable)
 
 
-def parse_set_values(pairs: list[str]) -> dict[str, str]:
+def parse_set_values(pairs: list[str], flag: str = "--set") -> dict[str, str]:
     """``["r=16", "alpha=32"]`` -> ``{"r": "16", "alpha": "32"}`` with a clear error."""
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r} is not KEY=VALUE; e.g. --set r=16")
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE; e.g. {flag} r=16")
         values[key.strip()] = value
     return values

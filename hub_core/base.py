@@ -156,15 +156,16 @@ def load_tokenizer(name_or_dir: str | Path):
 
 
 def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | None = None,
-              dtype: str | None = "auto") -> BaseModel:
+              dtype: str | None = "auto", head: str = "causal-lm") -> BaseModel:
     """Load a base model and tokenizer through ``from_pretrained``, optionally quantized.
 
-    ``dtype`` is a ``--dtype`` choice (see :func:`resolve_dtype`). A quantized base is placed on
+    ``dtype`` is a ``--dtype`` choice (see :func:`resolve_dtype`). ``head`` "sequence-classification"
+    loads the same weights with a fresh one-score head (a reward model's). A quantized base is placed on
     ``device`` (default: :func:`default_device`); a full-precision one stays on the CPU unless a
     device is given (the Trainer moves it to the GPU itself).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     directory = resolve_base_dir(name_or_dir)
     dtype_name = resolve_dtype(dtype, directory, device)
@@ -177,8 +178,14 @@ def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | 
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device or default_device()}
+    auto_class = AutoModelForCausalLM
+    if head == "sequence-classification":
+        auto_class = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=_pad_token_id(directory, config))
+    elif head != "causal-lm":
+        raise ConfigError(f"model head {head!r} is not one of causal-lm, sequence-classification")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        model = auto_class.from_pretrained(directory, **kwargs)
     except RuntimeError as exc:
         if "is invalid for input of size" in str(exc):
             raise BaseModelError(
@@ -198,6 +205,15 @@ def load_base(name_or_dir: str | Path, quantize: str = "none", *, device: str | 
         fingerprint=fingerprint(directory),
         dtype=dtype_name,
     )
+
+
+def _pad_token_id(directory: Path, config: Any) -> int:
+    """A sequence-classification head scores the last non-pad token, so it needs a pad id."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        tokenizer = load_tokenizer(directory)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad
 
 
 # -- fingerprint -------------------------------------------------------------------------------

@@ -108,6 +108,48 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def objective_rows() -> list[dict[str, Any]]:
+    from .manager import get_manager
+
+    return [
+        {
+            "name": o.name,
+            "origin": o.origin,
+            "description": o.description,
+            "data_shape": o.data_shape,
+            "experimental": o.experimental,
+            "head": o.head,
+            "config": o.config_class.describe(),
+            "recommended_options": dict(o.recommended_options),
+        }
+        for o in get_manager().objectives().values()
+    ]
+
+
+def cmd_objectives(args: argparse.Namespace) -> int:
+    rows = objective_rows()
+    if args.objective:
+        rows = [r for r in rows if r["name"] == args.objective]
+        if not rows:
+            from .manager import get_manager
+
+            get_manager().get_objective(args.objective)  # raises the helpful error
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        label = " [experimental]" if row["experimental"] else ""
+        print(f"{row['name']}{label} ({row['origin']}): {row['description']}")
+        print(f"  data: {row['data_shape']}")
+        keys = ", ".join(f"{f['name']}={f['default']!r}" for f in row["config"]) or "(none)"
+        print(f"  config (--objective-set KEY=VALUE): {keys}")
+        if args.objective:
+            for f in row["config"]:
+                choices = f" (one of {', '.join(map(str, f['choices']))})" if f["choices"] else ""
+                print(f"    {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}{choices}")
+    return 0
+
+
 # -- train ---------------------------------------------------------------------------------------
 
 
@@ -121,8 +163,12 @@ def _train_option_fields():
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train an adapter with a method plugin", description="Train an adapter.")
     p.add_argument("--plugin", help="method plugin name (see `adapterhub plugins`)")
+    p.add_argument("--objective", help="what it learns from: sft (default), dpo, kto, reward, grpo, distill, ... "
+                                       "(see `adapterhub objectives`)")
+    p.add_argument("--objective-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="objective config value, e.g. beta=0.1 (repeatable)")
     p.add_argument("--base", help="base model: local HF directory or Hub id")
-    p.add_argument("--data", help="training data, JSON Lines (instruction or chat shape)")
+    p.add_argument("--data", help="training data, JSON Lines in the objective's shape (sft: instruction or chat)")
     p.add_argument("--task", help="task name; the adapter is published as TASK@N")
     p.add_argument("--output", help="also write a plain PEFT-format copy of the adapter here")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
@@ -144,7 +190,8 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
-TOP_LEVEL_KEYS = {"plugin", "base", "data", "task", "output", "quantize", "dtype", "registry", "no_publish", "from_adapter"}
+TOP_LEVEL_KEYS = {"plugin", "objective", "base", "data", "task", "output", "quantize", "dtype", "registry", "no_publish",
+                  "from_adapter"}
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -161,13 +208,17 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def resolve_train_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(top-level settings, method config values, training options) from YAML + flags."""
+def resolve_train_settings(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(top-level settings, method config values, training options, objective config values) from
+    YAML + flags."""
     from .adapters import parse_set_values
     from .training import TrainOptions
 
     yaml_values = _load_yaml(args.config) if args.config else {}
     method_values = dict(yaml_values.pop("method_config", None) or {})
+    objective_values = dict(yaml_values.pop("objective_config", None) or {})
     if "from" in yaml_values:
         yaml_values["from_adapter"] = yaml_values.pop("from")
     option_names = {f.name for f in dataclasses.fields(TrainOptions)}
@@ -175,7 +226,8 @@ def resolve_train_settings(args: argparse.Namespace) -> tuple[dict[str, Any], di
     if unknown:
         raise ConfigError(
             f"--config {args.config}: unknown key(s) {', '.join(sorted(unknown))}; method settings go under "
-            "'method_config:', training options are: " + ", ".join(sorted(option_names))
+            "'method_config:', objective settings under 'objective_config:', training options are: "
+            + ", ".join(sorted(option_names))
         )
     top = {k: yaml_values[k] for k in TOP_LEVEL_KEYS if k in yaml_values}
     options = {k: yaml_values[k] for k in option_names if k in yaml_values}
@@ -188,27 +240,31 @@ def resolve_train_settings(args: argparse.Namespace) -> tuple[dict[str, Any], di
         if value is not None:
             options[key] = value
     method_values.update(parse_set_values(args.set))
+    objective_values.update(parse_set_values(args.objective_set, flag="--objective-set"))
     for key in ("plugin", "base", "data", "task"):
         if not top.get(key) and not (key == "task" and top.get("no_publish")):
             raise ConfigError(f"train needs --{key} (or '{key}:' in --config)")
-    return top, method_values, options
+    return top, method_values, options, objective_values
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .manager import get_manager
     from .training import TrainOptions
 
-    top, method_values, option_values = resolve_train_settings(args)
-    method = get_manager().get_method(top["plugin"])
+    top, method_values, option_values, objective_values = resolve_train_settings(args)
+    manager = get_manager()
+    method = manager.get_method(top["plugin"])
+    objective = manager.get_objective(top.get("objective") or "sft")
     config = method.make_config(method_values)  # config errors before anything loads
-    options = TrainOptions.for_method(method, option_values)
+    objective_config = objective.make_config(objective_values)
+    options = TrainOptions.for_method(method, option_values, objective)
     if top.get("task"):
         from adapterhub.registry.names import validate_task
 
         validate_task(top["task"])
     from .pipeline import train_and_publish
 
-    result = train_and_publish(method, config, options, top)
+    result = train_and_publish(method, config, options, top, objective, objective_config)
     if result.reference or result.directory:  # under torchrun only rank 0 wrote (and prints) it
         print(result.reference or result.directory)
     return 0
@@ -255,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true")
     plugins.add_argument("--method", help="show one method with its config keys")
     plugins.set_defaults(func=cmd_plugins)
+
+    objectives = sub.add_parser("objectives", help="list training objectives (what an adapter learns from)")
+    objectives.add_argument("--json", action="store_true")
+    objectives.add_argument("--objective", help="show one objective with its config keys")
+    objectives.set_defaults(func=cmd_objectives)
 
     add_train_parser(sub)
 

@@ -29,6 +29,8 @@ class MethodConfig:
     """Base of every method config. Subclasses are dataclasses and validate in ``validate``."""
 
     method_name: ClassVar[str] = "method"
+    help_command: ClassVar[str] = "adapterhub plugins --method {name}"
+    """Where a user reads the valid keys (objective configs point to ``adapterhub objectives``)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -55,7 +57,7 @@ class MethodConfig:
             raise ConfigError(
                 f"{cls.method_name} config has no key {', '.join(map(repr, unknown))}; "
                 f"valid keys: {', '.join(sorted(known)) or '(none)'} "
-                f"(see `adapterhub plugins --method {cls.method_name}`)"
+                f"(see `{cls.help_command.format(name=cls.method_name)}`)"
             )
         hints = typing.get_type_hints(cls)
         kwargs = {}

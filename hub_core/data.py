@@ -59,12 +59,15 @@ def _validate(example: Any, where: str) -> list[dict[str, str]]:
     )
 
 
-def read_examples(path: str | Path) -> list[list[dict[str, str]]]:
-    """Every example of a JSONL file as a list of chat messages."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", parsed object)`` for every non-blank line; a bad line is a DataError naming it.
+
+    Every objective's data shape reads its file through this, so all report errors the same way.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    examples = []
+    found = False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -80,10 +83,15 @@ def read_examples(path: str | Path) -> list[list[dict[str, str]]]:
                 example = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(_validate(example, where))
-    if not examples:
+            found = True
+            yield where, example
+    if not found:
         raise DataError(f"data file {path} has no examples; it needs one JSON object per line")
-    return examples
+
+
+def read_examples(path: str | Path) -> list[list[dict[str, str]]]:
+    """Every example of a JSONL file as a list of chat messages."""
+    return [_validate(example, where) for where, example in iter_jsonl(path)]
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -153,17 +161,22 @@ class TokenizedDataset:
 
 def load_dataset(path: str | Path, tokenizer: Any, max_length: int = 512) -> TokenizedDataset:
     """Read, validate and tokenize a JSONL file."""
-    examples = read_examples(path)
+    return tokenize_examples(read_examples(path), tokenizer, max_length, str(path))
+
+
+def tokenize_examples(examples: list[list[dict[str, str]]], tokenizer: Any, max_length: int,
+                      source: str) -> TokenizedDataset:
+    """Examples read by :func:`read_examples`, tokenized; one without answer tokens is an error."""
     items = []
     for lineno, messages in enumerate(examples, start=1):
         item = tokenize_example(tokenizer, messages, max_length)
         if not any(label != IGNORE_INDEX for label in item["labels"]):
             raise DataError(
-                f"{path}: example {lineno} has no answer tokens within max_length={max_length}; "
+                f"{source}: example {lineno} has no answer tokens within max_length={max_length}; "
                 "shorten the prompt or raise max_length"
             )
         items.append(item)
-    return TokenizedDataset(items, str(path))
+    return TokenizedDataset(items, source)
 
 
 class CausalCollator:

@@ -13,6 +13,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .method import Method
+    from .objective import Objective
     from .training import TrainOptions
 
 hookspec = pluggy.HookspecMarker("adapterhub")
@@ -29,6 +30,17 @@ def adapterhub_register_methods(register: Callable[["Method"], None]) -> None:
     for each :class:`adapterhub.Method` instance the plugin provides; registering a name that is
     already taken is reported as a plugin error and the first registration wins. The return value
     is ignored.
+    """
+
+
+@hookspec
+def adapterhub_register_objectives(register: Callable[["Objective"], None]) -> None:
+    """Register training objectives (what an adapter learns from: SFT, DPO, a reward, a teacher...).
+
+    Called once, when the plugin manager first needs the objective table. Call
+    ``register(objective)`` for each :class:`adapterhub.Objective` instance the plugin provides;
+    a name that is already taken is reported as a plugin error and the first registration wins.
+    The return value is ignored.
     """
 
 

@@ -26,6 +26,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .method import Method
+from .objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,14 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapterhub.plugins.full",
 )
 
+DEFAULT_OBJECTIVES: tuple[str, ...] = (
+    "adapterhub.objectives.sft",
+    "adapterhub.objectives.preference",
+    "adapterhub.objectives.reward",
+    "adapterhub.objectives.grpo",
+    "adapterhub.objectives.distill",
+)
+
 COMMAND_PLUGINS: tuple[str, ...] = (
     "adapterhub.registry.cli",
     "adapterhub.serve.cli",
@@ -68,16 +77,17 @@ class PluginManager:
     """Loads plugins lazily and exposes the method table through typed methods."""
 
     def __init__(self, *, autoload: bool | None = None, builtins: Iterable[str] = DEFAULT_PLUGINS,
-                 commands: Iterable[str] = COMMAND_PLUGINS):
+                 commands: Iterable[str] = COMMAND_PLUGINS, objectives: Iterable[str] = DEFAULT_OBJECTIVES):
         if autoload is None:
             autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
         self._autoload = autoload
-        self._builtins = tuple(builtins)
+        self._builtins = tuple(builtins) + tuple(objectives)
         self._command_builtins = tuple(commands)
         self._pm = pluggy.PluginManager("adapterhub")
         self._pm.add_hookspecs(hookspecs)
         self._origins: dict[str, str] = {}  # plugin name -> origin
         self._methods: dict[str, Method] | None = None
+        self._objectives: dict[str, Objective] | None = None
         self.broken: list[BrokenPlugin] = []
         self._lock = threading.RLock()
         self._loaded: set[str] = set()  # "methods", "commands", "entry points"
@@ -125,14 +135,14 @@ class PluginManager:
             self._load()
             self._pm.register(plugin, name=name)
             self._origins[name] = origin
-            self._methods = None
+            self._methods = self._objectives = None
 
     def unregister(self, name: str) -> None:
         with self._lock:
             self._pm.unregister(name=name)
             self._origins.pop(name, None)
             self.broken = [b for b in self.broken if b.name != name]
-            self._methods = None
+            self._methods = self._objectives = None
 
     # -- the method table ----------------------------------------------------------------------
 
@@ -141,45 +151,58 @@ class PluginManager:
         with self._lock:
             self._load()
             if self._methods is None:
-                self._methods = self._collect_methods()
+                self._methods = self._collect(self._pm.hook.adapterhub_register_methods, Method, "method")
             return dict(self._methods)
 
-    def _collect_methods(self) -> dict[str, Method]:
-        table: dict[str, Method] = {}
-        self.broken = [b for b in self.broken if not b.error.startswith("registration failed")]
-        # Call each implementation on its own so that one failing plugin is isolated.
-        for impl in self._impls(self._pm.hook.adapterhub_register_methods):
-            origin = self._origins.get(impl.plugin_name, BUILTIN)
-            collected: list[Method] = []
+    def objectives(self) -> dict[str, Objective]:
+        """All registered training objectives by name (built-ins first, then third-party)."""
+        with self._lock:
+            self._load()
+            if self._objectives is None:
+                self._objectives = self._collect(self._pm.hook.adapterhub_register_objectives, Objective, "objective")
+            return dict(self._objectives)
 
-            def register(method: Method, _into: list = collected) -> None:
-                if not isinstance(method, Method):
-                    raise PluginError(f"register() expects an adapterhub.Method, got {type(method).__name__}")
-                if not method.name:
-                    raise PluginError(f"{type(method).__name__} has an empty name")
-                _into.append(method)
+    def _collect(self, hook: Any, kind: type, label: str) -> dict[str, Any]:
+        """One registration hook's table; each implementation is called on its own so that one
+        failing plugin is isolated, and a taken name is reported (the first registration wins)."""
+        table: dict[str, Any] = {}
+        failed = f"{label} registration failed"
+        self.broken = [b for b in self.broken if not b.error.startswith(failed)]
+        for impl in self._impls(hook):
+            origin = self._origins.get(impl.plugin_name, BUILTIN)
+            collected: list[Any] = []
+
+            def register(item: Any, _into: list = collected) -> None:
+                if not isinstance(item, kind):
+                    raise PluginError(f"register() expects an adapterhub.{kind.__name__}, got {type(item).__name__}")
+                if not item.name:
+                    raise PluginError(f"{type(item).__name__} has an empty name")
+                _into.append(item)
 
             try:
                 impl.function(register=register)
             except Exception as exc:
-                self.broken.append(
-                    BrokenPlugin(impl.plugin_name, origin, f"registration failed: {type(exc).__name__}: {exc}")
-                )
+                self.broken.append(BrokenPlugin(impl.plugin_name, origin, f"{failed}: {type(exc).__name__}: {exc}"))
                 continue
-            for method in collected:
-                if method.name in table:
-                    self.broken.append(
-                        BrokenPlugin(
-                            impl.plugin_name,
-                            origin,
-                            f"registration failed: method name {method.name!r} is already "
-                            f"provided by {table[method.name].origin}",
-                        )
-                    )
+            for item in collected:
+                if item.name in table:
+                    self.broken.append(BrokenPlugin(
+                        impl.plugin_name, origin,
+                        f"{failed}: {label} name {item.name!r} is already provided by {table[item.name].origin}"))
                     continue
-                method.origin = origin
-                table[method.name] = method
+                item.origin = origin
+                table[item.name] = item
         return table
+
+    def get_objective(self, name: str) -> Objective:
+        """The objective called ``name``; a clear error lists what exists (and what is broken)."""
+        objectives = self.objectives()
+        if name in objectives:
+            return objectives[name]
+        broken = [b for b in self.broken if b.name == name]
+        hint = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
+        raise PluginError(f"unknown objective {name!r}; available: {', '.join(sorted(objectives))}{hint} "
+                          "(see `adapterhub objectives`)")
 
     def get_method(self, name: str) -> Method:
         """The method called ``name``; a clear error lists what exists (and what is broken)."""

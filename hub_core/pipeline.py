@@ -40,18 +40,24 @@ def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = No
     return store.materialize(manifest), manifest.ref
 
 
-def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any]) -> TrainOutcome:
-    """Load base and data, train, save the adapter, publish it (unless told not to).
+def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any], objective: Any = None,
+                      objective_config: Any = None) -> TrainOutcome:
+    """Read the data, load the base, train with the objective (SFT by default), save the adapter,
+    publish it (unless told not to).
 
-    Everything a user can get wrong (paths, --from, checkpoint) is checked before the base loads.
+    Everything a user can get wrong (paths, data lines, --from, checkpoint, what the objective's
+    config names) is checked before the base loads.
     """
     from .adapters import save_adapter
     from .base import load_base
-    from .data import load_dataset
     from .manager import get_manager
     from .metadata import check_base
+    from .objective import TrainingJob
+    from .objectives.shapes import split_rows
     from .training import resolve_checkpoint, seed_everything
 
+    objective = objective or get_manager().get_objective("sft")
+    objective_config = objective_config or objective.make_config({})
     quantize = top.get("quantize") or getattr(method, "default_quantize", None) or "none"
     if quantize != "none" and not method.capabilities.quantized_base:
         raise ConfigError(f"method {method.name!r} does not train on a quantized base; use --quantize none")
@@ -60,46 +66,45 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         if path and not Path(path).is_file():
             raise ConfigError(f"--{key.replace('_', '-')} {path}: file not found")
     resolve_checkpoint(options)
+    objective.check(objective_config, registry=top.get("registry"))
+    rows = objective.read_data(top["data"])
+    eval_rows = None
+    if options.eval_data:
+        eval_rows = objective.read_data(options.eval_data)
+    elif options.eval_split:
+        rows, eval_rows = split_rows(rows, options.eval_split, options.seed, str(top["data"]))
     parent_dir, parent, parent_meta = None, None, None
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
 
-    base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto")
+    base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)
     if parent_meta is not None:
         check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]))
-    tokenizer = base.tokenizer
-    train_set = load_dataset(top["data"], tokenizer, options.max_length)
-    eval_set = None
-    if options.eval_data:
-        eval_set = load_dataset(options.eval_data, tokenizer, options.max_length)
-    elif options.eval_split:
-        train_set, eval_set = train_set.split(options.eval_split, options.seed)
-
     seed_everything(options.seed)  # before the adapter is created: its initial weights are random
-    callbacks = get_manager().trainer_callbacks(method, options)
-    result = method.train(
-        base.model,
-        train_set,
-        config,
-        options,
-        eval_dataset=eval_set,
-        tokenizer=tokenizer,
-        callbacks=callbacks,
-        resume_adapter=parent_dir,
+    job = TrainingJob(
+        method=method, method_config=config, options=options, config=objective_config, base=base, rows=rows,
+        data=str(top["data"]), eval_rows=eval_rows, callbacks=get_manager().trainer_callbacks(method, options),
+        resume_adapter=parent_dir, registry=top.get("registry"),
     )
+    result = objective.train(job)
     if not is_main_process():
         return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
     training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
-    training.update({"data": str(top["data"]), "quantize": quantize, "dtype": base.dtype, "examples": len(train_set)})
-    if eval_set is not None:
-        training["eval_examples"] = len(eval_set)
+    training.update({"data": str(top["data"]), "data_sha256": file_sha256(top["data"]), "quantize": quantize,
+                     "dtype": base.dtype, "examples": len(rows)})
+    training["objective"] = {"name": objective.name, "config": objective_config.to_dict(), **objective.lineage(job)}
+    if options.eval_data:
+        training["eval_data_sha256"] = file_sha256(options.eval_data)
+    if eval_rows is not None:
+        training["eval_examples"] = len(eval_rows)
     out_dir = Path(top["output"]) if top.get("output") else Path(tempfile.mkdtemp(prefix="adapterhub-adapter-"))
     save_adapter(
         method, result.model, config, out_dir,
         base={"name": str(top["base"]), "fingerprint": base.fingerprint},
         training=training, metrics=result.metrics, parent=parent,
     )
+    objective.save_extra(result.model, out_dir)
     reference = None
     if not top.get("no_publish"):
         from adapterhub.registry import open_registry
@@ -109,6 +114,17 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         if not top.get("output"):
             shutil.rmtree(out_dir, ignore_errors=True)
     return TrainOutcome(directory=out_dir, reference=reference, metrics=result.metrics)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The data file's digest, recorded in the adapter's lineage."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Path, str, Any, Any]:

@@ -94,9 +94,10 @@ class TrainOptions:
             )
 
     @classmethod
-    def for_method(cls, method: "Method", values: dict[str, Any]) -> "TrainOptions":
-        """Options from the user's ``values`` over the method's recommended ones."""
-        return cls.from_dict({**method.recommended_options, **values})
+    def for_method(cls, method: "Method", values: dict[str, Any], objective: Any = None) -> "TrainOptions":
+        """Options from the user's ``values`` over the objective's and the method's recommended ones."""
+        recommended = getattr(objective, "recommended_options", {})
+        return cls.from_dict({**method.recommended_options, **recommended, **values})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
@@ -190,13 +191,16 @@ def _checkpointing_argument() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool, half: str | None = None):
-    """``TrainingArguments`` for our options (TensorBoard events land in ``run_dir/runs/``).
+def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool, half: str | None = None,
+                       args_class: Any = None, **extra: Any):
+    """``TrainingArguments`` (or a TRL config, ``args_class``) for our options; TensorBoard events
+    land in ``run_dir/runs/``. ``extra`` are the args class's own fields (DPO's ``beta``, ...).
 
     ``half`` ("bfloat16"/"float16") turns on the Trainer's mixed precision for a half-precision base.
     """
     from transformers import TrainingArguments
 
+    args_class = args_class or TrainingArguments
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if options.eval_steps else "epoch"
@@ -204,7 +208,7 @@ def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool, half
     if options.gradient_checkpointing:
         # non-reentrant checkpointing keeps gradients flowing to adapters behind frozen embeddings
         checkpointing[f"{_checkpointing_argument()}_kwargs"] = {"use_reentrant": False}
-    return TrainingArguments(
+    return args_class(
         output_dir=run_dir,
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=options.batch_size,
@@ -233,6 +237,7 @@ def training_arguments(options: TrainOptions, run_dir: str, has_eval: bool, half
         bf16=half == "bfloat16",
         fp16=half == "float16",
         **checkpointing,
+        **extra,
     )
 
 
@@ -285,13 +290,54 @@ def fit(
     tokenizer: Any = None,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Run the Hugging Face Trainer on an already-attached adapter model."""
+    """Supervised fine-tuning: the Hugging Face Trainer on an already-attached adapter model."""
+    from transformers import Trainer
+
+    from .data import CausalCollator
+
+    has_eval = eval_dataset is not None and len(eval_dataset) > 0
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    def make_trainer(args: Any, optimizer: Any, all_callbacks: list[Any]) -> Any:
+        return Trainer(
+            model=model,
+            args=args,
+            data_collator=CausalCollator(pad_id),
+            train_dataset=dataset,
+            eval_dataset=eval_dataset if has_eval else None,
+            callbacks=all_callbacks,
+            optimizers=(optimizer, None),
+        )
+
+    return run_trainer(method, model, config, options, make_trainer, has_eval=has_eval, callbacks=callbacks)
+
+
+EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
+
+
+def run_trainer(
+    method: "Method",
+    model: "nn.Module",
+    config: Any,
+    options: TrainOptions,
+    make_trainer: Any,
+    *,
+    has_eval: bool,
+    callbacks: list[Any] | None = None,
+    args_class: Any = None,
+    args: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Run a Trainer (the Hugging Face one, or TRL's for other objectives) built by
+    ``make_trainer(training_args, optimizer, callbacks)`` on an attached adapter model.
+
+    Everything every objective shares lives here once: the run directory, resuming, mixed
+    precision for a half-precision base, checkpointing, the method's optimizer groups and
+    callbacks, early stopping, and the metrics a run reports.
+    """
     import shutil
 
     import torch
-    from transformers import EarlyStoppingCallback, Trainer
-
-    from .data import CausalCollator
+    from transformers import EarlyStoppingCallback
 
     resume = resolve_checkpoint(options)
     scratch = options.run_dir is None
@@ -299,9 +345,8 @@ def fit(
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if scratch and (options.tensorboard or options.save_steps):
         log.warning("checkpoints / TensorBoard logs go to %s (choose the place with --run-dir)", run_dir)
-    has_eval = eval_dataset is not None and len(eval_dataset) > 0
     half = upcast_trainable(model)
-    args = training_arguments(options, run_dir, has_eval, half)
+    training_args = training_arguments(options, run_dir, has_eval, half, args_class, **(args or {}))
     if options.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     all_callbacks = list(callbacks or []) + list(method.trainer_callbacks(model, config, options))
@@ -314,16 +359,7 @@ def fit(
         )
     groups = build_param_groups(method, model, config, options)
     optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    trainer = Trainer(
-        model=model,
-        args=args,
-        data_collator=CausalCollator(pad_id),
-        train_dataset=dataset,
-        eval_dataset=eval_dataset if has_eval else None,
-        callbacks=all_callbacks,
-        optimizers=(optimizer, None),
-    )
+    trainer = make_trainer(training_args, optimizer, all_callbacks)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
         history = list(trainer.state.log_history)
@@ -332,11 +368,11 @@ def fit(
             "global_step": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
             "epoch": trainer.state.epoch,
-            "world_size": args.world_size,  # processes that trained data-parallel (torchrun / accelerate)
+            "world_size": training_args.world_size,  # processes that trained data-parallel (torchrun / accelerate)
             "train_runtime_s": output.metrics.get("train_runtime"),
         }
         if has_eval:
-            metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+            metrics.update({k: v for k, v in trainer.evaluate().items() if k not in EVAL_TIMINGS})
     finally:
         if scratch and not options.tensorboard and not options.save_steps:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing in it the user asked for

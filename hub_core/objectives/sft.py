@@ -1,0 +1,47 @@
+"""``sft``: supervised fine-tuning on instruction or chat answers (the default objective).
+
+The method's own ``train`` runs (the Hugging Face Trainer, loss on the answer tokens only), so a
+method that customises training (AdaLoRA's rank schedule) keeps doing so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import adapterhub
+from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
+
+
+@dataclasses.dataclass
+class SftConfig(ObjectiveConfig):
+    method_name = "sft"
+
+
+class Sft(Objective):
+    name = "sft"
+    description = "Supervised fine-tuning: learn the answers (loss on the assistant tokens only)."
+    data_shape = '{"instruction", "input"?, "output"} | {"messages": [{"role", "content"}, ...]}'
+    config_class = SftConfig
+
+    def read_data(self, path: str | Path) -> list[Any]:
+        from adapterhub.data import read_examples
+
+        return read_examples(path)
+
+    def train(self, job: TrainingJob) -> Any:
+        from adapterhub.data import tokenize_examples
+
+        options, tokenizer = job.options, job.base.tokenizer
+        train_set = tokenize_examples(job.rows, tokenizer, options.max_length, job.data)
+        eval_set = None
+        if job.eval_rows is not None:
+            eval_set = tokenize_examples(job.eval_rows, tokenizer, options.max_length, options.eval_data or job.data)
+        return job.method.train(job.base.model, train_set, job.method_config, options, eval_dataset=eval_set,
+                                tokenizer=tokenizer, callbacks=job.callbacks, resume_adapter=job.resume_adapter)
+
+
+@adapterhub.hookimpl
+def adapterhub_register_objectives(register: Any) -> None:
+    register(Sft())
