@@ -53,6 +53,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 DEFAULT_OBJECTIVES: tuple[str, ...] = (
     "adapterhub.objectives.sft",
     "adapterhub.objectives.preference",
+    "adapterhub.objectives.reference_free",
     "adapterhub.objectives.reward",
     "adapterhub.objectives.grpo",
     "adapterhub.objectives.distill",
@@ -61,6 +62,7 @@ DEFAULT_OBJECTIVES: tuple[str, ...] = (
 COMMAND_PLUGINS: tuple[str, ...] = (
     "adapterhub.registry.cli",
     "adapterhub.serve.cli",
+    "adapterhub.objectives.score_cli",
 )
 
 

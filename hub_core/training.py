@@ -371,6 +371,9 @@ def run_trainer(
             "world_size": training_args.world_size,  # processes that trained data-parallel (torchrun / accelerate)
             "train_runtime_s": output.metrics.get("train_runtime"),
         }
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        if losses:  # the first and last logged loss: did it move, and which way
+            metrics.update(loss_first=losses[0], loss_last=losses[-1])
         if has_eval:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k not in EVAL_TIMINGS})
     finally:

@@ -295,3 +295,17 @@ def test_preference_trained_adapters_serve_like_any_adapter(dpo_lora, kto_adapte
             _, model = load_adapter(load_base(tiny_base_dir, "none").model, directory)
             offline = greedy_tokens(model, tiny_tokenizer, [prompt], max_new_tokens=8)[0]
             assert list(served.token_ids) == offline, ref
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_objectives_are_labelled_experimental_and_learn(capsys, tmp_path, tiny_base_dir, prefs,
+                                                                       objective):
+    assert main(["objectives"]) == 0
+    assert f"{objective} [experimental] (built-in)" in capsys.readouterr().out
+    out = tmp_path / "adapter"
+    train(capsys, tiny_base_dir, tmp_path / "reg", "--plugin", "lora", "--objective", objective, "--data", str(prefs),
+          "--no-publish", "--output", str(out), "--max-steps", "12", "--lr", "1e-2", "--warmup-steps", "0",
+          "--logging-steps", "1")
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["training"]["objective"]["reference"] == "none (reference-free)"
+    assert meta["metrics"]["loss_last"] < meta["metrics"]["loss_first"]
