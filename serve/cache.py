@@ -19,8 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from adapterhub.errors import AdapterHubError, LimitExceeded, PluginError
+from adapterhub.errors import AdapterHubError, ConfigError, LimitExceeded, PluginError
 from adapterhub.metadata import check_base
+from adapterhub.objective import CAUSAL_LM
 
 from .adapter_source import AdapterSource, AdapterVersion
 from .slot_pool import SlotPool
@@ -57,6 +58,17 @@ class LoadedAdapter:
         return self.served.kind.form_type.__name__ if self.served is not None else ""
 
 
+def check_generates(version: AdapterVersion, ref: str) -> None:
+    """Refuse a reward model (``--objective reward``: a score head, recorded in its lineage) by name:
+    it scores answers, and loading it for generation would fail somewhere less clear."""
+    training = getattr(version.manifest, "training", None) or {}
+    objective = training.get("objective") or {}
+    if objective.get("head", CAUSAL_LM) != CAUSAL_LM:
+        where = ref if ref == version.ref else f"{ref} ({version.ref})"
+        raise ConfigError(f"{where} is a reward model (objective {objective.get('name')}): it scores "
+                          f"answers and does not generate; score with `adapterhub score {version.ref} --data FILE`")
+
+
 class AdapterCache:
     def __init__(
         self,
@@ -91,6 +103,7 @@ class AdapterCache:
         version = self.source.resolve(ref)
         check_base(version, self.base_fingerprint, where=f"{ref} ({version.ref})", base_name="this server's base",
                    advice="send it to a server with that base, or retrain the adapter on this one")
+        check_generates(version, ref)
         return version
 
     def acquire(self, ref: str) -> LoadedAdapter:
