@@ -185,6 +185,14 @@ def test_reward_model_load_scores_as_the_trained_model_did(method_name, options,
     assert scored == pytest.approx(logits.tolist(), abs=1e-4)
 
 
+def test_qlora_trains_a_reward_model_on_a_4bit_base_and_scores_on_it(tiny_base_dir, pairs, tmp_path):
+    """TRL casts a quantized model's trainable weights to bfloat16; the plain Linear head must not be."""
+    ref = train(tiny_base_dir, tmp_path, "--plugin", "qlora", "--objective", "reward", "--data", str(pairs),
+                "--task", "rm-4bit", "--max-steps", "2", "--batch-size", "8")
+    code, out, err = run("score", ref, "--data", str(pairs), "--registry", str(tmp_path), "--quantize", "nf4")
+    assert code == 0 and "ranking accuracy: " in out.splitlines()[-1], err
+
+
 def test_continuing_a_reward_model_keeps_its_head(reward_lora, sft_lora, registry, pairs, tiny_base_dir):
     from adapterhub.objectives.scoring import RewardModel
     from adapterhub.objectives.shapes import read_pairs

@@ -71,7 +71,7 @@ class Reward(Objective):
             param.requires_grad_(True)
         check_padding(job, model)
         args = {"center_rewards_coefficient": config.center_rewards_coefficient or None}
-        result = run_trl(job, RewardTrainer, TrlRewardConfig, model=model, args=args)
+        result = run_trl(job, RewardTrainer, TrlRewardConfig, model=model, args=args, after_init=head_in_float32)
         logged = last_logged(result.history, "accuracy", "margin")
         result.metrics.update({f"train_{key}": value for key, value in logged.items()})
         return result
@@ -98,6 +98,15 @@ def check_lengths(job: TrainingJob) -> None:
             raise ConfigError(f"reward: {len(over)} of {len(rows)} {kind} pairs of {job.data} are longer than "
                               f"--max-length {limit} tokens with their prompt (the longest: {max(over)}); raise "
                               "--max-length or shorten them (a reward model reads the whole answer, so none is cut)")
+
+
+def head_in_float32(trainer: Any) -> None:
+    """TRL casts a quantized model's trainable weights to bfloat16; the head is a plain Linear (no
+    PEFT layer casting its input), so it stays float32 like every trainable weight here."""
+    from adapterhub.objectives.scoring import score_head
+
+    for param in score_head(trainer.model)[1].parameters():
+        param.data = param.data.float()
 
 
 def continued_head(job: TrainingJob) -> None:
