@@ -169,7 +169,7 @@ def test_a_plugin_adds_a_command_through_the_hook(plugin_manager, capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         listed = re.findall(r"^    (\w+) ", capsys.readouterr().out, re.M)
-        assert listed[-4:] == ["registry", "serve", "generate", "hello"], listed  # built-in groups first
+        assert listed[-5:] == ["registry", "serve", "generate", "score", "hello"], listed  # built-in groups first
         plugin_manager.register(HelloCommand(), name="hello-again")  # the same name twice: reported, not fatal
         assert main(["hello"]) == 3
         assert any(b.name == "hello-again" and "conflicting subparser: hello" in b.error for b in plugin_manager.broken)
@@ -183,11 +183,12 @@ def test_the_builtin_command_groups_are_plugins_of_the_hook(capsys):
     no ``registry`` command; with them, ``registry`` and ``serve`` come from those modules' hook."""
     from adapterhub.cli import build_parser
     from adapterhub.manager import COMMAND_PLUGINS, reset_manager
+    from adapterhub.objectives import score_cli
     from adapterhub.registry import cli as registry_cli
     from adapterhub.serve import cli as serve_cli
 
-    assert set(COMMAND_PLUGINS) == {registry_cli.__name__, serve_cli.__name__}
-    assert all(hasattr(m, "adapterhub_register_commands") for m in (registry_cli, serve_cli))
+    assert set(COMMAND_PLUGINS) == {registry_cli.__name__, serve_cli.__name__, score_cli.__name__}
+    assert all(hasattr(m, "adapterhub_register_commands") for m in (registry_cli, serve_cli, score_cli))
     reset_manager(PluginManager(autoload=False, commands=()))
     try:
         with pytest.raises(SystemExit):
