@@ -78,12 +78,13 @@ def sft_lora(tmp_path_factory, tiny_base_dir, registry) -> str:
 def untrained_accuracy(base_dir: Path, rows: list[dict], method_name: str = "lora") -> float:
     """Ranking accuracy of a fresh head + fresh adapter: where training starts."""
     from adapterhub.base import load_base
-    from adapterhub.objectives.scoring import head_apart, ready_for_methods, render, rewards
+    from adapterhub.objectives.scoring import head_apart, init_head, ready_for_methods, render, rewards
     from adapterhub.objectives.shapes import prompt_turns
     from adapterhub.training import seed_everything
 
     base = load_base(base_dir, "none", head="sequence-classification")
     seed_everything(0)
+    init_head(base.model)
     method = PluginManager(autoload=False).get_method(method_name)
     with head_apart(ready_for_methods(base.model)):
         model = method.attach(base.model, method.make_config({}))
@@ -279,3 +280,20 @@ def test_the_server_refuses_to_generate_with_a_reward_model_and_keeps_serving(re
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert client.generate("abc", adapters=[sft_lora], max_new_tokens=2).completion_tokens == 2
             assert client.generate("abc", max_new_tokens=2).completion_tokens == 2
+
+
+def test_the_fresh_head_comes_from_the_seed_not_from_when_the_base_loaded(tiny_base_dir):
+    import torch
+
+    from adapterhub.base import load_base
+    from adapterhub.objectives.scoring import head_tensors, init_head
+    from adapterhub.training import seed_everything
+
+    heads = []
+    for extra_draws in (0, 7):
+        torch.rand(extra_draws)  # whatever ran before the base loaded
+        model = load_base(tiny_base_dir, "none", head="sequence-classification").model
+        seed_everything(3)
+        init_head(model)
+        heads.append(head_tensors(model)["score.weight"])
+    assert torch.equal(heads[0], heads[1]) and 0.04 < float(heads[0].std()) < 0.12  # the tiny base's 0.08

@@ -65,6 +65,8 @@ class Reward(Objective):
         scoring.ready_for_methods(job.base.model)
         if job.resume_adapter is not None:
             continued_head(job)
+        else:
+            scoring.init_head(job.base.model)  # from --seed, which the pipeline applied after the base loaded
         with scoring.head_apart(job.base.model):
             model = job.trainable()
         for param in scoring.score_head(model)[1].parameters():

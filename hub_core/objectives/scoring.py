@@ -56,6 +56,19 @@ def head_apart(model: Any) -> Iterator[None]:
         setattr(inner, name, module)
 
 
+def init_head(model: Any) -> None:
+    """A fresh head drawn from the current (seeded) RNG, as transformers initialises one: the base
+    loads before ``--seed`` is applied, so its random head would differ from run to run."""
+    import torch
+
+    _, module = score_head(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    with torch.no_grad():
+        module.weight.normal_(0.0, getattr(config, "initializer_range", None) or 0.02)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+
+
 def head_tensors(model: Any) -> dict[str, Any]:
     """The head's parameters by file key (``score.weight``), detached copies on the CPU."""
     name, module = score_head(model)
