@@ -53,6 +53,7 @@ def env(tmp_path_factory, tiny_base_dir, tiny_tokenizer):
         "badrole.jsonl": '{"messages": [{"role": "robot", "content": "x"}]}\n',
         "nooutput.jsonl": '{"instruction": "hi"}\n',
         "messagesnotlist.jsonl": '{"messages": "hello"}\n',
+        "good.jsonl": good,
     }
     for name, text in files.items():
         (data / name).write_text(text)
@@ -98,7 +99,8 @@ def cli_cases(e, base):
         ("huge line", [*train, "--data", str(d / "hugeline.jsonl")], "hugeline.jsonl:2"),
         ("wrong field type", [*train, "--data", str(d / "wrongtype.jsonl")], "wrongtype.jsonl:1"),
         ("missing data file", [*train, "--data", str(d / "nosuch.jsonl")], "nosuch.jsonl"),
-        ("missing base", [*train[:4], str(e["root"] / "nobase"), *train[5:], "--data", str(d / "wrongtype.jsonl")],
+        # every data line is checked before the base is looked for: good data, so the base is what fails
+        ("missing base", [*train[:4], str(e["root"] / "nobase"), *train[5:], "--data", str(d / "good.jsonl")],
          "nobase"),
         ("bad task name", ["train", "--plugin", "lora", "--base", str(base), "--task", "../x", "--data",
                            str(d / "empty.jsonl"), *reg], "../x"),
