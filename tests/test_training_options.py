@@ -357,7 +357,7 @@ def parse_train(argv, tmp_path, yaml_text=None):
 def test_yaml_values_apply_and_flags_override_them(tmp_path):
     yaml_text = ("plugin: lora\nbase: B\ndata: D\nno_publish: true\nlr: 0.001\nmax_steps: 7\n"
                  "tensorboard: true\nfrom: PARENT\nmethod_config:\n  r: 4\n  alpha: 8\n")
-    top, method_values, options = parse_train(["--lr", "0.01", "--no-tensorboard", "--set", "r=16"], tmp_path,
+    top, method_values, options, _ = parse_train(["--lr", "0.01", "--no-tensorboard", "--set", "r=16"], tmp_path,
                                               yaml_text)
     resolved = TrainOptions.from_dict(options)
     assert (resolved.lr, resolved.max_steps, resolved.tensorboard) == (0.01, 7, False)
