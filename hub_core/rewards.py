@@ -1,6 +1,7 @@
 """Rewards for the ``grpo`` objective: what a ``reward`` spec names, and built-in verifiable rewards.
 
-A spec names one reward, or several separated by commas (their rewards are summed per completion):
+A spec names one reward, or several separated by commas, each optionally weighted (``2*keyword``):
+their weighted sum scores a completion.
 
 ==============================  ===============================================================
 ``json_answer``, ``max_words``,  a built-in reward (below)
@@ -43,7 +44,7 @@ from .errors import ConfigError
 ENTRY_POINT_GROUP = "adapterhub.rewards"
 ADAPTER_PREFIX = "adapter:"
 SPEC_HELP = ("json_answer | max_words | keyword | an entry-point name | module:function | path/file.py:function | "
-             "adapter:TASK@VERSION, comma-separated to sum several")
+             "adapter:TASK@VERSION; comma-separated, optionally weighted (2*keyword,max_words), to sum several")
 
 
 # -- completions as text ------------------------------------------------------------------------
@@ -187,20 +188,43 @@ def resolve_adapter(reference: str, registry: str | None) -> tuple[AdapterReward
 
 @dataclasses.dataclass(frozen=True)
 class Reward:
-    """One resolved reward: the function TRL calls and the line the registry records."""
+    """One resolved reward: the function TRL calls, its weight in the sum, the line the registry records."""
 
     function: Callable[..., Any]
     description: str
+    weight: float = 1.0
 
 
 def resolve_rewards(spec: str, *, registry: str | None = None) -> list[Reward]:
-    """Every reward a (comma-separated) spec names; ``ConfigError`` names a bad one and the fix."""
+    """Every reward a (comma-separated) spec names, each optionally weighted (``2*keyword``);
+    ``ConfigError`` names a bad one and the fix."""
     parts = [part.strip() for part in (spec or "").split(",")]
     if not any(parts):
         raise ConfigError(f"grpo needs a reward: --objective-set reward=NAME, where NAME is {SPEC_HELP}")
     if not all(parts):
         raise ConfigError(f"reward={spec!r} has an empty entry; separate rewards with single commas")
-    return [Reward(*resolve_reward(part, registry=registry)) for part in parts]
+    rewards = []
+    for part in parts:
+        weight, name = _weighted(part)
+        function, description = resolve_reward(name, registry=registry)
+        rewards.append(Reward(function, description if weight == 1 else f"{weight:g} x {description}", weight))
+    return rewards
+
+
+def _weighted(part: str) -> tuple[float, str]:
+    """``"2*keyword"`` -> ``(2.0, "keyword")``; a weight says how much this reward counts in the sum."""
+    import math
+
+    head, star, rest = part.partition("*")
+    if not star:
+        return 1.0, part
+    try:
+        weight = float(head)
+    except ValueError:
+        raise ConfigError(f"reward {part!r}: the weight before '*' must be a number, e.g. 2*keyword") from None
+    if not math.isfinite(weight):
+        raise ConfigError(f"reward {part!r}: the weight must be a finite number")
+    return weight, rest.strip()
 
 
 def resolve_reward(spec: str, *, registry: str | None = None) -> tuple[Callable[..., Any], str]:

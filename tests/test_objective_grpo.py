@@ -78,8 +78,8 @@ def registry(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def grpo_lora(tiny_base_dir, prompts, registry, reward_module) -> str:
-    return train(tiny_base_dir, registry, "--objective", "grpo", "--objective-set", "reward=grpo_test_rewards:lowercase",
-                 "--objective-set", "max_completion_length=16", "--data", str(prompts), "--task", "lower",
+    return train(tiny_base_dir, registry, "--objective", "grpo", "--objective-set",
+                 "reward=grpo_test_rewards:lowercase", "--objective-set", "max_completion_length=16", "--data", str(prompts), "--task", "lower",
                  "--max-steps", "24", "--lr", "2e-2", "--batch-size", "8", "--logging-steps", "4")
 
 
@@ -94,7 +94,7 @@ def test_grpo_raises_the_reward_and_records_the_reward_it_used(grpo_lora, regist
     assert objective["config"]["reward"] == "grpo_test_rewards:lowercase"
     assert objective["rewards"] == [f"grpo_test_rewards:lowercase ({reward_module})"]
     assert objective["reference"].startswith("none (beta=0")
-    first, last = m.metrics["reward_first_logged"], m.metrics["reward_last_logged"]
+    first, last = m.metrics["train_reward_start"], m.metrics["train_reward_end"]
     assert first < 0.3 and last > first + 0.2, (first, last)  # a random byte model starts near 26/260 lowercase
 
 
@@ -152,7 +152,7 @@ def test_a_reward_adapter_scores_the_samples(tiny_base_dir, prompts, registry, t
                 "--max-steps", "2", "--logging-steps", "1")
     m = manifest(registry, ref)
     assert m.training["objective"]["rewards"] == [f"adapter {rm} (resolved from lower-rm@latest)"]
-    assert isinstance(m.metrics["reward_first_logged"], float)
+    assert isinstance(m.metrics["train_reward_start"], float)
 
 
 def test_an_adapter_that_is_not_a_reward_model_is_refused_before_the_base_loads(tiny_base_dir, prompts, tmp_path):
@@ -217,8 +217,11 @@ def test_module_function_file_path_and_builtins_resolve_with_descriptions(reward
     function, description = resolve_reward(f"{reward_module}:lowercase")
     assert function([[{"role": "assistant", "content": "ab1!"}]]) == [0.5]
     assert description == f"{reward_module.resolve()}:lowercase"
-    rewards = resolve_rewards("json_answer, max_words")
-    assert [r.description for r in rewards] == ["built-in json_answer", "built-in max_words"]
+    rewards = resolve_rewards("json_answer, 2.5*max_words")
+    assert [(r.description, r.weight) for r in rewards] == [("built-in json_answer", 1.0),
+                                                            ("2.5 x built-in max_words", 2.5)]
+    with pytest.raises(ConfigError, match="the weight before '\\*' must be a number, e.g. 2\\*keyword"):
+        resolve_rewards("two*keyword")
 
 
 def test_an_entry_point_in_the_rewards_group_resolves(tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ The KL penalty ``beta`` is 0 by default (TRL's default): no reference model at a
 ``beta > 0`` the reference is the base with the adapter disabled, which only methods PEFT runs
 can provide; for the others TRL would load a second copy of the base, so such a run is refused.
 Prompts are never truncated: prompt plus ``max_completion_length`` must fit ``--max-length``.
+Every method trains (LoRA family, IA3, prefix, prompt, bottleneck adapter, BitFit, ...): sampling
+goes through the adapted model's own ``generate``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def check_columns(job: TrainingJob, spec: str) -> None:
     """A built-in reward that reads a column must find it on every line, not fail mid-run."""
     from adapterhub.rewards import COLUMNS
 
-    for name in (part.strip() for part in spec.split(",")):
+    for name in (part.rpartition("*")[2].strip() for part in spec.split(",")):  # "2*keyword": keyword
         column = COLUMNS.get(name)
         for index, row in enumerate(job.rows + (job.eval_rows or [])):
             if column and row.get(column) is None:
@@ -103,11 +105,13 @@ def check_prompt_lengths(job: TrainingJob, config: GrpoConfig) -> None:
 
 
 def reward_trend(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The mean reward of the first and the last logged steps: did the answers get better?"""
+    """Did the answers get better? The mean logged reward over the first and the last quarter of
+    the logged steps (one step's reward rests on a few prompts: too noisy alone)."""
     rewards = [entry["reward"] for entry in history if entry.get("reward") is not None and "loss" in entry]
     if not rewards:
         return {}
-    return {"reward_first_logged": rewards[0], "reward_last_logged": rewards[-1]}
+    k = max(1, len(rewards) // 4)
+    return {"train_reward_start": sum(rewards[:k]) / k, "train_reward_end": sum(rewards[-k:]) / k}
 
 
 class Grpo(Objective):
@@ -146,7 +150,8 @@ class Grpo(Objective):
             if isinstance(reward.function, AdapterReward):
                 reward.function.load(base=same_base(reward.function, job), device=device)
         args = {"num_generations": config.num_generations, "max_completion_length": config.max_completion_length,
-                "temperature": config.temperature, "beta": config.beta, "loss_type": config.loss_type}
+                "temperature": config.temperature, "beta": config.beta, "loss_type": config.loss_type,
+                "reward_weights": [reward.weight for reward in rewards]}
         result = run_trl(job, GRPOTrainer, grpo_arguments, args=args, after_init=base_as_reference,
                          reward_funcs=[reward.function for reward in rewards])
         result.metrics.update(reward_trend(result.history))
@@ -154,7 +159,8 @@ class Grpo(Objective):
         return result
 
     def lineage(self, job: TrainingJob) -> dict[str, Any]:
-        reference = "the base with the adapter disabled" if job.config.beta > 0 else "none (beta=0: no KL penalty)"  # type: ignore[attr-defined]
+        beta = job.config.beta  # type: ignore[attr-defined]
+        reference = "the base with the adapter disabled" if beta > 0 else "none (beta=0: no KL penalty)"
         return {"rewards": self._rewards.pop(id(job), []), "reference": reference, "sampling": "transformers generate"}
 
 
