@@ -8,15 +8,14 @@ model to move within seconds, and verifiable.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from adapterhub.cli import main
+from objective_helpers import run, write
+
 from adapterhub.errors import ConfigError
 from adapterhub.rewards import json_answer, keyword, max_words, resolve_reward, resolve_rewards
 
@@ -27,18 +26,6 @@ def lowercase(completions, **kwargs):
 
 not_a_function = 3
 '''
-
-
-def write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def train(base: Path, registry: Path, *args: str) -> str:

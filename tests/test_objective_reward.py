@@ -7,14 +7,13 @@ real server on 127.0.0.1 (which must refuse to generate with it and keep serving
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from adapterhub.cli import main
+from objective_helpers import run, write
+
 from adapterhub.errors import ConfigError
 from adapterhub.manager import PluginManager
 
@@ -29,18 +28,6 @@ def pair_rows(n: int) -> list[dict]:
         rows.append({"instruction": "sentiment?", "input": f"the {WORDS[label][(i // 2) % 4]} day {i}",
                      "chosen": label, "rejected": other})
     return rows
-
-
-def write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def train(base: Path, registry: Path, *args: str) -> str:

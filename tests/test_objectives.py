@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from objective_helpers import write
+
 import adapterhub
 from adapterhub.cli import main
 from adapterhub.errors import ConfigError, PluginError
@@ -28,11 +30,6 @@ def preference_rows(n: int) -> list[dict]:
         word = SENTIMENT_WORDS[label][(i // 2) % 4]
         rows.append({"instruction": "sentiment?", "input": f"the {word} day {i}", "chosen": label, "rejected": other})
     return rows
-
-
-def write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
