@@ -9,6 +9,7 @@ in the protos stays ``adapterhub.v1``.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,23 @@ def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]
             shutil.copyfile(path, out_dir / path.name)
             written.append(out_dir / path.name)
     return written
+
+
+# What a newer generator changes without changing the code's meaning: the version it stamps in
+_VERSION_STAMPS = (
+    (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M), "GRPC_GENERATED_VERSION = '*'"),
+    (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: *"),
+    (re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+     r"\1 *,"),
+)
+
+
+def comparable(text: str) -> str:
+    """Generated code with the generator's version stamps blanked, for the staleness test: the
+    messages and services must match the ``.proto`` files, the generator's patch level need not."""
+    for pattern, replacement in _VERSION_STAMPS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
