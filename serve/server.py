@@ -174,12 +174,18 @@ class AdapterServer:
 
     def _http_server(self) -> Any:
         from .http_server import HttpServer
+
+        return HttpServer(self.http_app(), self.http_host, self.options.http_port)
+
+    def http_app(self) -> Any:
+        """The OpenAI HTTP door's ASGI app on this server's engine: on uvicorn here, called in process
+        by a Ray Serve replica (:mod:`ray_app`)."""
         from .openai_api import HttpContext, create_app
 
         context = HttpContext(self.engine, self.served_name, self.tokens, self.metrics,
                               serving=lambda: not self._stopped.is_set(), max_body_bytes=self.options.max_message_bytes,
                               workers=self.options.workers, version=_version())
-        return HttpServer(create_app(context), self.http_host, self.options.http_port)
+        return create_app(context)
 
     def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
