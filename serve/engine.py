@@ -257,6 +257,7 @@ class Engine:
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._exclusive: Sequence | None = None  # the exclusive-path request running now, if any
         self._stopping = False
         self.largest_batch = 0  # the most rows one decode step has served (tests, metrics)
         self._thread = threading.Thread(target=self._run, name="adapterhub-scheduler", daemon=True)
@@ -339,6 +340,7 @@ class Engine:
         while True:
             slow: Sequence | None = None
             with self._cond:
+                self._exclusive = None
                 while not self._pending and not self._active and not self._stopping:
                     self._cond.wait()
                 if self._stopping and not self._pending and not self._active:
@@ -347,7 +349,7 @@ class Engine:
                     self._gather_burst()
                 while self._pending and len(self._active) < self.max_batch:
                     if self._pending[0].slow:  # now: the running rows pause for it (their caches kept)
-                        slow = self._pending.popleft()  # rather than finishing first while newcomers wait
+                        slow = self._exclusive = self._pending.popleft()  # rather than finishing first while newcomers wait
                         break
                     self._active.append(self._pending.popleft())
             try:
@@ -623,6 +625,13 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"pending": len(self._pending), "active": len(self._active)}
+
+    def in_flight(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(running, waiting) sequences now, copied under the lock: what scrape-time gauges read, so
+        they report the scheduler's own lists. Running counts an exclusive-path request too."""
+        with self._cond:
+            running = self._active + ([self._exclusive] if self._exclusive is not None else [])
+            return [s for s in running if not s.finished], list(self._pending)
 
     def stop(self, grace: float = 5.0) -> None:
         """Take no new requests, let running ones finish within ``grace`` seconds, fail the rest."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .router_metrics import RouterMetrics
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -32,6 +34,10 @@ class Metrics:
 
     def batch(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def watch(self, engine: Any, model_name: str) -> None:
+        """Add the gauges Kubernetes routers read (vLLM's names), computed from ``engine`` at each scrape."""
+        self.registry.register(RouterMetrics(engine, model_name))
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose ``/metrics``; returns the bound port (pass 0 for a free one)."""

@@ -28,7 +28,7 @@ from fastapi.sse import format_sse_event
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from adapterhub.errors import AdapterHubError, ConfigError
+from adapterhub.errors import AdapterHubError, ConfigError, NotFound
 
 from .auth import Tokens
 from .engine import Engine
@@ -307,7 +307,10 @@ def routes(ctx: HttpContext) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter", dependencies=admin)
     async def load(body: AdapterAdminBody) -> dict[str, Any]:
-        return {"adapter": _resident(await run_in_threadpool(engine.cache.load, body.ref()))}
+        try:
+            return {"adapter": _resident(await run_in_threadpool(engine.cache.load, body.ref()))}
+        except NotFound as exc:
+            raise NotFound(body.not_found(exc)) from exc
 
     @app.post("/v1/unload_lora_adapter", dependencies=admin)
     async def unload(body: AdapterAdminBody) -> dict[str, Any]:

@@ -139,17 +139,29 @@ class ChatBody(GenerationBody):
 
 
 class AdapterAdminBody(Strict):
-    """Admin calls name one registry reference; ``lora_name`` is vLLM's field name for it."""
+    """Admin calls name one registry reference; ``lora_name`` is vLLM's field name for it.
+
+    The other fields are the ones Kubernetes routers send with vLLM's body (the Inference
+    Extension's LoRA sidecar, production-stack, AIBrix): accepted so those calls succeed, and not
+    read. ``lora_path`` in particular: the adapter comes from this server's registry, checked
+    against its hashes and this base's fingerprint, never from a path a caller names.
+    """
 
     adapter: str | None = None
     lora_name: str | None = None
     lora_path: str | None = None
+    base_model_name: str | None = None
+    lora_int_id: int | None = None
 
     def ref(self) -> str:
-        if self.lora_path is not None:
-            raise ConfigError("lora_path: this server loads adapters from its registry only; publish the directory "
-                              "(`adapterhub registry publish TASK DIR`) and name it as 'task@version'")
         ref = self.adapter or self.lora_name
         if not ref or (self.adapter and self.lora_name and self.adapter != self.lora_name):
             raise ConfigError("name one adapter: {\"adapter\": \"task@version\"} (or vLLM's \"lora_name\")")
         return ref
+
+    def not_found(self, exc: Exception) -> str:
+        """The registry's message, plus why ``lora_path`` did not help where one was sent."""
+        if self.lora_path is None:
+            return str(exc)
+        return (f"{exc}; lora_path is not read: this server loads lora_name from its registry, so publish the "
+                f"directory (`adapterhub registry publish TASK DIR`) and send lora_name 'task@version'")

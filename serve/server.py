@@ -115,6 +115,7 @@ class AdapterServer:
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
                                     lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend)
+        self.metrics.watch(self.engine, self.served_name)  # the gauges Kubernetes routers read, on both /metrics
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
         interceptors: list[grpc.ServerInterceptor] = []

@@ -332,7 +332,7 @@ def test_admin_over_http(http, oai):
     loaded = http.post("/v1/load_lora_adapter", json={"lora_name": "rev@1"}, headers=admin).json()
     assert loaded["adapter"]["id"] == "rev@1" and loaded["adapter"]["method"] == "lora"
     by_path = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, headers=admin)
-    assert by_path.status_code == 400 and "registry" in by_path.json()["error"]["message"]
+    assert by_path.status_code == 404 and "lora_path is not read" in by_path.json()["error"]["message"]
     assert http.post("/v1/load_lora_adapter", json={"lora_name": "nosuch"}, headers=admin).status_code == 404
 
 
