@@ -12,7 +12,7 @@ def request_from_proto(msg: inference_pb2.GenerateRequest, limits: Limits) -> Ge
     return GenerationRequest.build(
         prompt=msg.prompt,
         messages=[(m.role, m.content) for m in msg.messages],
-        adapters=[(a.ref, a.weight) for a in msg.adapters],
+        adapters=[(a.ref, a.weight or None) for a in msg.adapters],  # proto3: 0 is unset, which means 1
         max_new_tokens=msg.max_new_tokens,
         temperature=msg.temperature,
         top_p=msg.top_p,

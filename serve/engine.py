@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,7 +41,8 @@ from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, Plugin
 
 from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
-from .errors import RequestCancelled, RequestTimeout, ShuttingDown
+from .errors import RequestCancelled, RequestTimeout, RowFailed, ShuttingDown, StepFailed
+from .isolation import isolate
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
 from .batch_plan import BatchPlan, RowHooks
 from .kinds import check_composition
@@ -183,6 +184,20 @@ class KVBatch:
         starts = [s + width - self.mask.shape[1] for s in self.starts] + [s + width - other.mask.shape[1] for s in other.starts]
         return KVBatch(self.rows + other.rows, layers, mask, starts)
 
+    def alone(self, seq: Sequence) -> "KVBatch":
+        """``seq``'s row by itself, on copies: a probe's forward must not write the running cache."""
+        i = next(i for i, s in enumerate(self.rows) if s is seq)
+        start = self.starts[i]
+        return KVBatch([seq], [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:]) for layer in self.layers],
+                       self.mask[i:i + 1, start:], [0])
+
+    def rewind(self, lengths: list[int]) -> None:
+        """Back to per-layer ``lengths`` after a forward that raised: a layer's length is all a step
+        moves (the columns it wrote are never read before a later step writes them again)."""
+        for layer, length in zip(self.layers, lengths):
+            layer.length = length
+            layer._views()
+
     def keep_unfinished(self) -> None:
         keep = [i for i, s in enumerate(self.rows) if not s.finished]
         if len(keep) == len(self.rows):
@@ -259,6 +274,10 @@ class Engine:
         self._active: list[Sequence] = []
         self._exclusive: Sequence | None = None  # the exclusive-path request running now, if any
         self._stopping = False
+        self._abort = False  # a stop's grace ran out: the scheduler ends every row at its next step boundary
+        self.completed = 0  # requests that finished with a result (a stop reports those it waited for)
+        self.ended = 0  # requests a stop ended when its grace ran out
+        self._completed_at_drain: int | None = None
         self.largest_batch = 0  # the most rows one decode step has served (tests, metrics)
         self._thread = threading.Thread(target=self._run, name="adapterhub-scheduler", daemon=True)
         self._thread.start()
@@ -287,7 +306,7 @@ class Engine:
         ``chunks()`` still works and yields one chunk with the whole text.
         """
         if self._stopping:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
+            raise ShuttingDown(SHUTTING_DOWN)
         prompt_ids = self._tokenize(request)
         entries: list[tuple[LoadedAdapter, float]] = []
         try:
@@ -297,10 +316,11 @@ class Engine:
             prefix = sum(e.served.positions + e.served.tokens for e, _ in entries if e.served is not None)
             total = prefix + len(prompt_ids) + request.params.max_new_tokens
             if total > self.limits.context_length:
+                field = request.fields.max_new_tokens
                 raise LimitExceeded(
-                    f"prompt ({len(prompt_ids)} tokens) + prefixes ({prefix}) + max_new_tokens "
+                    f"prompt ({len(prompt_ids)} tokens) + prefixes ({prefix}) + {field} "
                     f"({request.params.max_new_tokens}) = {total} exceeds the context length "
-                    f"{self.limits.context_length}; shorten the prompt or lower max_new_tokens"
+                    f"{self.limits.context_length}; shorten the prompt or lower {field}"
                 )
         except BaseException:
             for entry, _ in entries:
@@ -312,7 +332,7 @@ class Engine:
         with self._cond:
             if self._stopping:
                 self._release(seq)
-                raise ShuttingDown("the server is shutting down; retry on another replica")
+                raise ShuttingDown(SHUTTING_DOWN)
             if len(self._pending) >= self.max_queue:
                 self._release(seq)
                 raise Overloaded(f"the request queue is full ({self.max_queue} waiting); retry later")
@@ -343,6 +363,8 @@ class Engine:
                 self._exclusive = None
                 while not self._pending and not self._active and not self._stopping:
                     self._cond.wait()
+                if self._abort:  # a stop's grace ran out: end every row here, between steps
+                    break
                 if self._stopping and not self._pending and not self._active:
                     return
                 if not self._active:
@@ -362,11 +384,11 @@ class Engine:
                     log.exception("exclusive-path request failed")
                     self._finish_error(slow, exc)
                     continue
-                log.exception("decode step failed")
-                for seq in list(self._active):
-                    self._finish_error(seq, exc)
+                self._step_failed(list(self._active), exc)
                 self.hooks.plan = None
                 self._batch = None
+        self.ended += self._end_all()
+        self._batch = None
 
     def _gather_burst(self) -> None:
         """From idle, wait (at most ``admission_window``, while requests keep arriving less than
@@ -406,22 +428,62 @@ class Engine:
             return
         known = {id(s) for s in batch.rows} if batch is not None else set()
         new = [s for s in rows if id(s) not in known]
-        if new:
-            joined, logits = self._prefill(new)
-            self._emit(new, logits)
-            joined.keep_unfinished()
-            batch = joined if batch is None or not batch.rows else batch.join(joined)
+        if new:  # a newcomer whose prefill fails alone fails alone (see isolation)
+            prefilled = isolate(new, self._prefill, lambda seq: self._prefill([seq]), self._row_failed,
+                                self._step_failed)
+            if prefilled is not None:
+                joined, logits = prefilled
+                self._emit(joined.rows, logits)
+                joined.keep_unfinished()
+                batch = joined if batch is None or not batch.rows else batch.join(joined)
         self._batch = batch
-        if batch.rows:
+        if batch is not None and batch.rows:
             self.largest_batch = max(self.largest_batch, len(batch.rows))
             if self.metrics is not None:
                 self.metrics.batch(len(batch.rows))
-            self._emit(batch.rows, self._decode(batch))
+            logits = isolate(batch.rows, lambda _rows: self._decode_undoable(batch),
+                             lambda seq: self._decode(batch.alone(seq)), self._row_failed, self._step_failed)
+            if logits is not None:
+                self._emit(batch.rows, logits)
             batch.keep_unfinished()
 
+    def _decode_undoable(self, batch: "KVBatch") -> torch.Tensor:
+        """A decode step of ``batch``'s unfinished rows that leaves its cache as it was when it raises."""
+        batch.keep_unfinished()  # rows that failed alone since the last try
+        lengths = [layer.length for layer in batch.layers]
+        try:
+            return self._decode(batch)
+        except BaseException:
+            batch.rewind(lengths)
+            raise
+
     def _emit(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Each row's next token; a row whose token, stop strings or text fail ends alone."""
         for seq, token in zip(rows, next_tokens(logits, [s.params for s in rows], [s.generator for s in rows])):
-            self._advance(seq, token)
+            if isinstance(token, Exception):
+                self._row_failed(seq, token)
+                continue
+            try:
+                self._advance(seq, token)
+            except Exception as exc:  # noqa: BLE001 -- this row's own failure (stop strings, detokenization)
+                self._row_failed(seq, exc)
+
+    def _row_failed(self, seq: Sequence, exc: Exception) -> None:
+        """``seq`` failed on its own: it ends with an error that says so; its batch goes on."""
+        where = f"at token {len(seq.generated) + 1} with {_adapters(seq)}"
+        log.error("request %d failed alone %s; the rest of its batch goes on", seq.id, where, exc_info=exc)
+        self._finish_error(seq, RowFailed(f"request {seq.id} failed {where}: {type(exc).__name__}: {exc}; the other "
+                                          "requests in its batch were not affected (the server log has the details)"))
+
+    def _step_failed(self, rows: list[Sequence], exc: Exception) -> None:
+        """A fault of the step itself (no row fails alone): its rows end, the log gets it once, and
+        the engine serves the next step."""
+        log.error("a batch step failed for %d request(s) (%s); serving the next step", len(rows),
+                  ", ".join(str(seq.id) for seq in rows), exc_info=exc)
+        for seq in rows:
+            self._finish_error(seq, StepFailed(
+                f"request {seq.id}: the batch step it was in failed ({type(exc).__name__}); the server logged it "
+                "and serves the next step: retry"))
 
     def _prefill(self, rows: list[Sequence]) -> tuple["KVBatch", torch.Tensor]:
         """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
@@ -527,6 +589,7 @@ class Engine:
         result = GenerationResult(text=text, token_ids=list(seq.generated), finish_reason=reason, adapters=seq.resolved,
                                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated))
         self._finish(seq)
+        self.completed += 1
         seq.put(Chunk(delta, [token] if seq.stream else list(seq.generated), result), last=True)
 
     def _text(self, seq: Sequence) -> str:
@@ -568,7 +631,8 @@ class Engine:
         class Abort(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 late = seq.deadline is not None and time.monotonic() > seq.deadline
-                return torch.full((input_ids.shape[0],), seq.cancelled or late, dtype=torch.bool, device=input_ids.device)
+                stop = seq.cancelled or late or engine._abort
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         try:
             model = entry.method.load(self._slow_path_base(), entry.directory)
@@ -585,7 +649,7 @@ class Engine:
             ids = torch.tensor([seq.prompt_ids], device=self.device)
             kwargs: dict[str, Any] = {"do_sample": False}
             if p.temperature > 0:
-                torch.manual_seed(p.seed)
+                torch.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)  # as make_generator: a seed is 64 bits
                 kwargs = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
@@ -597,6 +661,9 @@ class Engine:
             del model
         if seq.cancelled:
             return self._finish_error(seq, None)
+        if self._abort:
+            self.ended += 1
+            return self._finish_error(seq, _stopped(seq))
         if seq.deadline is not None and time.monotonic() > seq.deadline:
             return self._finish_error(seq, RequestTimeout(f"request {seq.id} passed its deadline on the slow path"))
         tokens = out[0, len(seq.prompt_ids):].tolist()
@@ -633,19 +700,51 @@ class Engine:
             running = self._active + ([self._exclusive] if self._exclusive is not None else [])
             return [s for s in running if not s.finished], list(self._pending)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Take no new requests, let running ones finish within ``grace`` seconds, fail the rest."""
+    def drain(self) -> None:
+        """Take no new requests (``ShuttingDown``: UNAVAILABLE / 503, retry elsewhere); those in
+        flight, queued ones included, go on."""
         with self._cond:
+            if self._completed_at_drain is None:
+                self._completed_at_drain = self.completed
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(grace)
-        with self._cond:
-            leftovers = list(self._pending) + list(self._active)
-            self._pending.clear()
-        for seq in leftovers:
-            self._finish_error(seq, ShuttingDown("the server stopped before this request finished"))
-        with self._cond:
-            self._active.clear()
-            self._cond.notify_all()
-        self._thread.join(1.0)
+
+    def stop(self, grace: float = 5.0, *, hurry: Callable[[], bool] = lambda: False) -> tuple[int, int]:
+        """Drain, give the requests in flight ``grace`` seconds to finish (less once ``hurry()`` says
+        so), then end the rest with ``ShuttingDown`` between two steps. Returns how many of those in
+        flight (finished, ended)."""
+        self.drain()
+        deadline = time.monotonic() + grace
+        while self._thread.is_alive() and time.monotonic() < deadline and not hurry():
+            self._thread.join(min(STOP_POLL_S, max(0.0, deadline - time.monotonic())))
+        if self._thread.is_alive():
+            with self._cond:
+                self._abort = True
+                self._cond.notify_all()
+            self._thread.join(STEP_WAIT_S)  # the scheduler ends the rows at its next step boundary
+        leftovers = self._end_all()  # none, unless the scheduler is stuck in a forward pass
         self.hooks.remove()
+        return self.completed - (self._completed_at_drain or 0), self.ended + leftovers
+
+    def _end_all(self) -> int:
+        """End every queued and running request (a stop's grace ran out); returns how many."""
+        with self._cond:
+            rows = list(self._pending) + list(self._active)
+            self._pending.clear()
+        for seq in rows:
+            self._finish_error(seq, _stopped(seq))
+        return len(rows)
+
+
+SHUTTING_DOWN = "the server is shutting down and takes no new requests; retry in a moment (another replica answers)"
+STOP_POLL_S = 0.05  # how often a stop looks at its hurry() while it waits
+STEP_WAIT_S = 5.0  # how long a stop waits for the scheduler to reach a step boundary
+
+
+def _stopped(seq: Sequence) -> ShuttingDown:
+    return ShuttingDown(f"the server stopped before request {seq.id} finished ({len(seq.generated)} tokens generated; "
+                        "its shutdown grace ran out); retry it")
+
+
+def _adapters(seq: Sequence) -> str:
+    return "adapters " + ", ".join(f"{a.resolved}:{a.weight:g}" for a in seq.resolved) if seq.resolved else "the base alone"

@@ -14,7 +14,17 @@ class RequestCancelled(AdapterHubError):
 
 
 class ShuttingDown(AdapterHubError):
-    """The server is stopping and takes no new requests (UNAVAILABLE, 503)."""
+    """The server is stopping and takes no new requests (UNAVAILABLE, 503, with a retry hint)."""
+
+
+class RowFailed(AdapterHubError):
+    """Something went wrong for this request's row alone (sampling, stop strings, detokenization, its
+    adapters' hooks or numerics); the other rows of its batch went on (INTERNAL, 500, its own words)."""
+
+
+class StepFailed(AdapterHubError):
+    """The shared forward pass of the step this request was in failed; the engine logged it once and
+    serves the next step (INTERNAL, 500, its own words)."""
 
 
 class Unauthenticated(AdapterHubError):

@@ -7,12 +7,14 @@ class means the same thing to every client.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import grpc
 
 from adapterhub import errors
 
-from .errors import PermissionDenied, RequestCancelled, RequestTimeout, ShuttingDown, Unauthenticated
+from .errors import (PermissionDenied, RequestCancelled, RequestTimeout, RowFailed, ShuttingDown, StepFailed,
+                     Unauthenticated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Status:
 INVALID = Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error")
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500, "server_error")
 OK = Status(grpc.StatusCode.OK, 200, "")
+# INTERNAL on the wire, but not the INTERNAL above: the engine wrote these messages for the client and
+# logged the traceback once itself, so neither door hides the words nor logs a traceback per request
+ENGINE_FAULT = Status(grpc.StatusCode.INTERNAL, 500, "server_error")
 
 # Checked in order; the first matching class wins.
 STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
@@ -44,6 +49,8 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (RequestTimeout, Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error")),
     (RequestCancelled, Status(grpc.StatusCode.CANCELLED, 499, "cancelled")),
     (ShuttingDown, Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error")),
+    (RowFailed, ENGINE_FAULT),
+    (StepFailed, ENGINE_FAULT),
     (errors.AdapterHubError, Status(grpc.StatusCode.FAILED_PRECONDITION, 409, "conflict_error")),
 )
 
@@ -55,8 +62,14 @@ def status_for(exc: BaseException) -> Status:
     return INTERNAL
 
 
+# an absolute path: a "/" that starts no URL and follows no word ("s3://b/k", "a/b" stay), then two
+# folders or more (an API route such as /v1/models has one)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"`,;()]+/){2,}")
+
+
 def public_message(exc: BaseException, status: Status) -> str:
-    """What a client is told: the domain error's own words, never an internal traceback."""
+    """What a client is told: the domain error's own words, never an internal traceback, and never
+    the server's directories (a registry error names ``.../blobs/<sha256>``: the client keeps the name)."""
     if status is INTERNAL:
         return f"internal error ({type(exc).__name__}); see the server log"
-    return str(exc)
+    return _ABSOLUTE_PATH.sub("…/", str(exc))
