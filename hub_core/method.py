@@ -8,9 +8,10 @@ differs between methods lives behind this interface.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 from .config import MethodConfig
 from .errors import NotMergeable
@@ -53,9 +54,12 @@ class Method:
 
     Subclasses set ``name``, ``config_class``, ``capabilities`` and ``description`` and implement
     :meth:`attach`, :meth:`save`, :meth:`load`; mergeable methods also implement :meth:`merge`
-    and :meth:`unmerge`. :meth:`train` has a default that attaches a fresh adapter and runs the
-    Hugging Face Trainer; override the smaller hooks (:meth:`optimizer_groups`,
-    :meth:`trainer_callbacks`) before overriding ``train`` itself.
+    and :meth:`unmerge`.
+
+    Every objective (``sft`` included) trains through one run that asks the method for what only
+    it knows: :meth:`prepare` (attach, or load to continue), :meth:`training_context`,
+    :meth:`optimizer_groups` and :meth:`trainer_callbacks`. Override those; :meth:`train` stays
+    for plugins written before them (``sft`` calls an overridden ``train``; see its docstring).
     """
 
     name: ClassVar[str] = ""
@@ -70,6 +74,9 @@ class Method:
     reads plain PEFT directories of it (built-ins first: ``lora``, not ``qlora``)."""
     default_quantize: ClassVar[str | None] = None
     """``--quantize`` used when the user gives none (QLoRA: "nf4"); None means full precision."""
+    reference_copy: ClassVar[bool] = True
+    """The model can hold a frozen copy of this method's adapter beside the trained one (TRL's
+    preference trainers add one for a PEFT adapter); PEFT's AdaLoRA holds one adapter only."""
     recommended_options: ClassVar[dict[str, Any]] = {}
     """Training options (``TrainOptions`` fields, e.g. ``{"lr": 1e-3}``) this method gets unless the
     user sets them: defaults that learn without tuning. Shown by ``adapterhub plugins --method``."""
@@ -92,6 +99,27 @@ class Method:
         """
         raise NotImplementedError(f"method {self.name!r} does not implement attach()")
 
+    def prepare(
+        self,
+        model: "nn.Module",
+        config: MethodConfig,
+        options: "TrainOptions",
+        *,
+        train_size: int,
+        resume_adapter: str | Path | None = None,
+    ) -> "nn.Module":
+        """The module to train: ``model`` with a fresh adapter attached, or with ``resume_adapter``
+        (``--from``) loaded trainable to continue it. ``train_size`` (examples in the training set)
+        is there for methods whose adapter depends on the planned step count (AdaLoRA)."""
+        if resume_adapter is not None:
+            return self.load(model, resume_adapter, trainable=True)
+        return self.attach(model, config)
+
+    def training_context(self, model: "nn.Module") -> ContextManager[Any]:
+        """Entered around building and running the trainer, for every objective: what the method
+        needs while it trains (the bottleneck adapter marks a quantized base as trainable)."""
+        return contextlib.nullcontext()
+
     def train(
         self,
         model: "nn.Module",
@@ -104,17 +132,15 @@ class Method:
         callbacks: list[Any] | None = None,
         resume_adapter: str | Path | None = None,
     ) -> "TrainResult":
-        """Train an adapter for ``model`` on ``dataset`` and return the trained model and metrics.
+        """Supervised fine-tuning of an adapter for ``model`` on ``dataset``: the trained model and metrics.
 
-        ``resume_adapter`` continues training an existing adapter of this method (incremental
-        fine-tuning) instead of attaching a fresh one.
+        Kept for plugins that override it (written before :meth:`prepare`); built-in methods do not,
+        and the ``sft`` objective runs :meth:`prepare` + the shared trainer run directly unless a
+        plugin overrides this. ``resume_adapter`` continues an existing adapter of this method.
         """
         from .training import fit
 
-        if resume_adapter is not None:
-            trainable = self.load(model, resume_adapter, trainable=True)
-        else:
-            trainable = self.attach(model, config)
+        trainable = self.prepare(model, config, options, train_size=len(dataset), resume_adapter=resume_adapter)
         return fit(
             self,
             trainable,

@@ -53,10 +53,10 @@ class TrainingJob:
     registry: str | None = None
 
     def trainable(self) -> Any:
-        """The base with the method's adapter attached (or the ``--from`` adapter, trainable)."""
-        if self.resume_adapter is not None:
-            return self.method.load(self.base.model, self.resume_adapter, trainable=True)
-        return self.method.attach(self.base.model, self.method_config)
+        """The base with the method's adapter attached (or the ``--from`` adapter, trainable): the
+        method decides (:meth:`Method.prepare`), the same for every objective."""
+        return self.method.prepare(self.base.model, self.method_config, self.options, train_size=len(self.rows),
+                                   resume_adapter=self.resume_adapter)
 
 
 class Objective:
@@ -88,6 +88,10 @@ class Objective:
     def check(self, config: ObjectiveConfig, *, registry: str | None = None) -> None:
         """Check what the config names (teacher, reward, ...) before the base loads; raise
         ``ConfigError`` naming the key and the fix."""
+
+    def check_method(self, method: "Method") -> None:
+        """Refuse, before the base loads, a method this objective cannot train (``ConfigError``
+        naming both and what to use instead); the default accepts every method."""
 
     def read_data(self, path: str | Path) -> list[Any]:
         """Every example of a JSON Lines file, validated; ``DataError`` with ``file:line: reason``."""

@@ -66,6 +66,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         if path and not Path(path).is_file():
             raise ConfigError(f"--{key.replace('_', '-')} {path}: file not found")
     resolve_checkpoint(options)
+    objective.check_method(method)
     objective.check(objective_config, registry=top.get("registry"))
     rows = objective.read_data(top["data"])
     eval_rows = None

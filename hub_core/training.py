@@ -359,9 +359,10 @@ def run_trainer(
         )
     groups = build_param_groups(method, model, config, options)
     optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
-    trainer = make_trainer(training_args, optimizer, all_callbacks)
     try:
-        output = trainer.train(resume_from_checkpoint=resume)
+        with method.training_context(model):  # the method's own needs, whatever the objective
+            trainer = make_trainer(training_args, optimizer, all_callbacks)
+            output = trainer.train(resume_from_checkpoint=resume)
         history = list(trainer.state.log_history)
         metrics: dict[str, Any] = {
             "train_loss": output.training_loss,

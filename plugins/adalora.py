@@ -85,6 +85,7 @@ class AdaLoraMethod(PeftMethod):
     name = "adalora"
     # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
     # options (60 steps): flip 0.84 (ranks pruned during the run want a larger lr).
+    reference_copy = False  # PEFT's AdaLoraModel trains one adapter and refuses a second beside it
     recommended_options = {"lr": 3e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = AdaLoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
@@ -119,17 +120,12 @@ class AdaLoraMethod(PeftMethod):
         refuse_quantized(self, model)  # as PeftMethod.attach does: the flag decides
         return get_peft_model(model, self.peft_config(config, total_step or PLACEHOLDER_TOTAL_STEP))
 
-    def train(self, model: Any, dataset: Any, config: AdaLoraConfig, options: Any, *, eval_dataset: Any = None,
-              tokenizer: Any = None, callbacks: list[Any] | None = None, resume_adapter: Any = None) -> Any:
+    def prepare(self, model: Any, config: AdaLoraConfig, options: Any, *, train_size: int,
+                resume_adapter: Any = None) -> Any:
         """Attach with the planned step count; the callback then follows the Trainer's exact count."""
-        from adapterhub.training import fit
-
         if resume_adapter is not None:
-            trainable = self.load(model, resume_adapter, trainable=True)
-        else:
-            trainable = self.attach(model, config, total_step=planned_steps(options, len(dataset)))
-        return fit(self, trainable, config, dataset, options, eval_dataset=eval_dataset, tokenizer=tokenizer,
-                   callbacks=callbacks)
+            return super().prepare(model, config, options, train_size=train_size, resume_adapter=resume_adapter)
+        return self.attach(model, config, total_step=planned_steps(options, train_size))
 
     def trainer_callbacks(self, model: Any, config: AdaLoraConfig, options: Any) -> list[Any]:
         return [_budget_callback(config)]

@@ -84,7 +84,8 @@ class AdapterConfig(MethodConfig):
 
 
 class Bottleneck(nn.Module):
-    """``h + up(act(down(h)))`` in fp32, applied to its owner's output by a forward hook."""
+    """``h + up(act(down(h)))`` in its weights' dtype (float32; a trainer may cast them), applied to
+    its owner's output by a forward hook."""
 
     def __init__(self, owner: nn.Module, width: int, activation: str):
         super().__init__()
@@ -100,7 +101,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         act = getattr(F, self.activation)
-        return h + self.up(act(self.down(h.float()))).to(h.dtype)
+        return h + self.up(act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
 
 
 def bottlenecks(model: nn.Module) -> list[tuple[str, nn.Module, Bottleneck]]:
@@ -148,9 +149,8 @@ class AdapterMethod(adapterhub.Method):
         model.adapterhub_adapter_config = config.to_dict()
         return model
 
-    def train(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with trainable_on_quantized(model):
-            return super().train(model, *args, **kwargs)
+    def training_context(self, model: nn.Module) -> Any:
+        return trainable_on_quantized(model)
 
     def save(self, model: nn.Module, directory: str | Path) -> None:
         found = bottlenecks(model)

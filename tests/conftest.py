@@ -93,3 +93,13 @@ def _torch_threads():
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run only when asked for (``-m slow``): ``make test`` stays within CI's budget."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -71,6 +71,13 @@ def base_as_reference(trainer: Any) -> None:
         model.set_adapter("default")
 
 
+def check_reference_copy(objective: Objective, method: Any) -> None:
+    """TRL's DPO and KTO trainers add a frozen copy of a PEFT adapter beside the trained one."""
+    if not method.reference_copy:
+        raise ConfigError(f"{objective.name}: method {method.name!r} cannot hold the frozen copy of its adapter that "
+                          f"TRL's {objective.name.upper()} trainer adds beside it; train with lora or dora instead")
+
+
 def reference_args(job: TrainingJob, model: Any) -> dict[str, Any]:
     """Outside PEFT, TRL would load a second copy of the base as the reference; precomputing the
     reference log-probs from the model as it starts needs none."""
@@ -87,6 +94,9 @@ class Dpo(Objective):
 
     def read_data(self, path: str | Path) -> list[Any]:
         return shapes.read_pairs(path)
+
+    def check_method(self, method: Any) -> None:
+        check_reference_copy(self, method)
 
     def train(self, job: TrainingJob) -> Any:
         from trl import DPOConfig, DPOTrainer
@@ -113,6 +123,9 @@ class Kto(Objective):
 
     def read_data(self, path: str | Path) -> list[Any]:
         return shapes.read_unpaired(path)
+
+    def check_method(self, method: Any) -> None:
+        check_reference_copy(self, method)
 
     def train(self, job: TrainingJob) -> Any:
         from trl import KTOConfig, KTOTrainer

@@ -1,7 +1,10 @@
 """``sft``: supervised fine-tuning on instruction or chat answers (the default objective).
 
-The method's own ``train`` runs (the Hugging Face Trainer, loss on the answer tokens only), so a
-method that customises training (AdaLoRA's rank schedule) keeps doing so.
+The same run as every objective: the method prepares its adapter (:meth:`Method.prepare`) and the
+shared trainer run (``training.fit`` -> ``run_trainer``) enters its training context and takes its
+optimizer groups and callbacks; the Hugging Face Trainer with the loss on the answer tokens only.
+A third-party method that overrides ``Method.train`` (the hook from before ``prepare``) is still
+called through it, so such a plugin keeps working unchanged.
 """
 
 from __future__ import annotations
@@ -32,14 +35,24 @@ class Sft(Objective):
 
     def train(self, job: TrainingJob) -> Any:
         from adapterhub.data import tokenize_examples
+        from adapterhub.training import fit
 
         options, tokenizer = job.options, job.base.tokenizer
         train_set = tokenize_examples(job.rows, tokenizer, options.max_length, job.data)
         eval_set = None
         if job.eval_rows is not None:
             eval_set = tokenize_examples(job.eval_rows, tokenizer, options.max_length, options.eval_data or job.data)
-        return job.method.train(job.base.model, train_set, job.method_config, options, eval_dataset=eval_set,
+        method = job.method
+        if overrides_train(method):
+            return method.train(job.base.model, train_set, job.method_config, options, eval_dataset=eval_set,
                                 tokenizer=tokenizer, callbacks=job.callbacks, resume_adapter=job.resume_adapter)
+        return fit(method, job.trainable(), job.method_config, train_set, options, eval_dataset=eval_set,
+                   tokenizer=tokenizer, callbacks=job.callbacks)
+
+
+def overrides_train(method: adapterhub.Method) -> bool:
+    """Whether a plugin replaced ``Method.train`` itself (then it owns its SFT run)."""
+    return type(method).train is not adapterhub.Method.train
 
 
 @adapterhub.hookimpl

@@ -50,7 +50,7 @@ def run_trl(
     eval_dataset = to_dataset(job.eval_rows) if has_eval else None
 
     def make_trainer(training_args: Any, optimizer: Any, callbacks: list[Any]) -> Any:
-        with quiet_trl_warnings():
+        with quiet_trl_warnings(), trainable_dtypes_kept(model):
             trainer = trainer_class(
                 model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                 processing_class=job.base.tokenizer, callbacks=callbacks, optimizers=(optimizer, None),
@@ -63,6 +63,19 @@ def run_trl(
     defaults = {"max_length": job.options.max_length, "disable_dropout": True}
     return run_trainer(job.method, model, job.method_config, job.options, make_trainer, has_eval=has_eval,
                        callbacks=job.callbacks, args_class=args_class, args={**defaults, **(args or {})})
+
+
+@contextlib.contextmanager
+def trainable_dtypes_kept(model: Any) -> Any:
+    """TRL's trainers cast a quantized model's trainable weights to bfloat16 when they are built
+    (QLoRA's recipe); here every trainable weight stays in the dtype ``run_trainer`` gave it (float32),
+    as under the SFT Trainer: a bottleneck adapter or a reward head computes in its weights' dtype and
+    would meet float32 inputs, and small updates vanish in bfloat16."""
+    kept = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in kept and param.dtype != kept[name]:
+            param.data = param.data.to(kept[name])
 
 
 @contextlib.contextmanager
