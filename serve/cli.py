@@ -68,7 +68,10 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
     serve.add_argument("--served-model-name", default=None,
                        help="the base's model name in the HTTP API (default: the --base directory's name)")
-    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="on SIGTERM or SIGINT: health turns NOT_SERVING / 503, new requests are refused "
+                            "(UNAVAILABLE / 503), and the requests in flight get this many seconds to finish "
+                            "before they end with a final error; a second signal ends them at once (default 10)")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="send one request to a running server")
@@ -123,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if server.http_port is not None:
         print(f"OpenAI HTTP API on http://{server.http_host}:{server.http_port}/v1 (model {server.served_name!r}, "
               "or a registry reference)", flush=True)
-    server.wait(args.grace)
+    print(server.wait(args.grace), flush=True)
     return 0
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import signal
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +25,7 @@ from .metrics import Metrics
 from .ports import check_free, in_use
 from .requests import Limits
 from .servicers import AdminServicer, InferenceServicer
+from .signals import StopSignals, summary
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ class AdapterServer:
             raise in_use(options.host, options.port, "--port", exc) from None
         self.metrics_port: int | None = None
         self.http: Any = None  # the HTTP door's HttpServer, once started
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # draining: health says NOT_SERVING
+        self._closed: tuple[int, int] | None = None  # what stop() returned
 
     @property
     def http_host(self) -> str:
@@ -188,26 +189,40 @@ class AdapterServer:
                               workers=self.options.workers, version=_version())
         return create_app(context)
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
-        if self._stopped.is_set():
-            return
+    def drain(self) -> None:
+        """Stop admitting: health says NOT_SERVING (gRPC) / 503 (HTTP) while both ports still answer,
+        and new requests get UNAVAILABLE / 503 with a retry hint; requests in flight go on."""
         self._stopped.set()
         self.health.enter_graceful_shutdown()
-        done = self.server.stop(grace)
-        if self.http is not None:
-            self.http.stop(grace)
-        done.wait(grace + 1)
-        self.engine.stop(grace=1.0)
-        self.metrics.close()
+        self.engine.drain()
 
-    def wait(self, grace: float = 10.0) -> None:
-        """Block until SIGINT/SIGTERM, then stop gracefully."""
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        self.stop(grace)
+    def stop(self, grace: float = 10.0, *, hurry: Callable[[], bool] = lambda: False) -> tuple[int, int]:
+        """Drain; let the requests in flight finish within ``grace`` seconds (less once ``hurry()``);
+        end the rest with a final error (an SSE error event, a gRPC UNAVAILABLE status); then close
+        both doors. Returns how many of those in flight (finished, ended)."""
+        if self._closed is not None:
+            return self._closed
+        self.drain()
+        self._closed = self.engine.stop(grace, hurry=hurry)
+        flush = 0.0 if hurry() else FLUSH_S  # every request has its last event by now: this only sends it
+        done = self.server.stop(flush)
+        if self.http is not None:
+            self.http.stop(flush)
+        done.wait(flush + 1)
+        self.metrics.close()
+        gc.unfreeze()  # frozen objects are never freed: at exit, extensions would report them all as leaked
+        return self._closed
+
+    def wait(self, grace: float = 10.0) -> str:
+        """Serve until SIGTERM or SIGINT, then stop gracefully (a second signal: at once); returns the
+        one line that says how the requests in flight ended."""
+        signals = StopSignals()
+        name = signals.wait()
+        finished, ended = self.stop(grace, hurry=signals.again)
+        return summary(name, finished, ended, grace, signals.again())
+
+
+FLUSH_S = 2.0  # after the engine stopped: time for the doors to send the last events they hold
 
 
 def _version() -> str:
