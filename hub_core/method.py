@@ -74,6 +74,11 @@ class Method:
     reads plain PEFT directories of it (built-ins first: ``lora``, not ``qlora``)."""
     default_quantize: ClassVar[str | None] = None
     """``--quantize`` used when the user gives none (QLoRA: "nf4"); None means full precision."""
+    virtual_tokens: ClassVar[str | None] = None
+    """How the adapter adds virtual tokens, if it does: ``"prefix"`` (keys/values before every layer's
+    attention: prefix tuning) or ``"input"`` (embeddings before the prompt: prompt tuning, P-tuning).
+    Objectives whose trainer calls the backbone directly, or reads the last input token, refuse them
+    before the base loads."""
     reference_copy: ClassVar[bool] = True
     """The model can hold a frozen copy of this method's adapter beside the trained one (TRL's
     preference trainers add one for a PEFT adapter); PEFT's AdaLoRA holds one adapter only."""

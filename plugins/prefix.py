@@ -41,6 +41,7 @@ class PrefixMethod(PromptLearningMethod):
     name = "prefix"
     # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
     # options (80 steps): flip 0.97 (lr 1e-2: 0.69).
+    virtual_tokens = "prefix"
     recommended_options = {"lr": 3e-2, "epochs": 4.0, "warmup_steps": 5}
     config_class = PrefixConfig
     capabilities = Capabilities(mergeable=False, quantized_base=True, mixed_batch=True, composable=True)

@@ -40,6 +40,7 @@ class PromptMethod(PromptLearningMethod):
     name = "prompt"
     # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
     # options (80 steps): flip 0.81 (lr 3e-2: 0.72).
+    virtual_tokens = "input"
     recommended_options = {"lr": 1e-1, "epochs": 4.0, "warmup_steps": 5}
     config_class = PromptConfig
     capabilities = Capabilities(mergeable=False, quantized_base=True, mixed_batch=True, composable=True)

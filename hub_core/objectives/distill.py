@@ -230,6 +230,11 @@ class Distill(Objective):
     def __init__(self) -> None:
         self._teachers: dict[int, dict[str, Any]] = {}  # per job: what lineage() records
 
+    def check_method(self, method: Any) -> None:
+        if method.virtual_tokens:
+            raise ConfigError(f"distill: method {method.name!r} adds virtual tokens, which TRL's distillation loss "
+                              "skips (it reads the backbone directly); use a weight-based method (lora, ia3, adapter, ...)")
+
     def check(self, config: ObjectiveConfig, *, registry: str | None = None) -> None:
         resolve_teacher(config.teacher, registry)  # type: ignore[attr-defined]
 

@@ -50,6 +50,14 @@ class Reward(Objective):
     config_class = RewardConfig
     head = SEQUENCE_CLASSIFICATION
 
+    def check_method(self, method: Any) -> None:
+        """Soft prompts feed embeddings, and the score head reads the last non-pad token of input_ids; a
+        method that does not declare them is still caught by the padding check once its adapter is on."""
+        if method.virtual_tokens == "input":
+            raise ConfigError(f"reward: method {method.name!r} cannot train a reward model: it feeds soft-prompt "
+                              "embeddings, so an answer's score would change with the batch's padding. "
+                              f"Methods that work: {WORKING_METHODS}")
+
     def read_data(self, path: str | Path) -> list[Any]:
         return shapes.read_pairs(path)
 
