@@ -1,1 +1,1 @@
-"""Benchmarks that print ratios measured side by side in one run (see docs/benchmarks.md)."""
+"""Benchmarks that print ratios measured side by side in one run (see bench/README.md)."""

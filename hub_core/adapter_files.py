@@ -192,11 +192,6 @@ class TensorViews(Mapping[str, "torch.Tensor"]):
         return base.as_strided(shape, strides[::-1], start // itemsize)
 
 
-def parse_safetensors(data: bytearray, where: str) -> dict[str, "torch.Tensor"]:
-    """Every tensor of a safetensors file held in ``data``, as views of it (see :class:`TensorViews`)."""
-    return dict(TensorViews(data, where))
-
-
 def _index(data: bytearray, where: str) -> dict[str, tuple]:
     """Name -> (dtype, itemsize, shape, first byte, element count) of each tensor, every entry checked."""
     from .errors import IntegrityError

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -258,8 +257,3 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def base_summary(base: BaseModel) -> dict[str, Any]:
-    return {"name": base.name, "fingerprint": base.fingerprint, "quantize": base.quantize, "dtype": base.dtype,
-            "directory": os.fspath(base.directory)}

@@ -1,12 +1,12 @@
 """The CPU kernel for LoRA over a mixed batch (``_bgmv.c``), behind checks that make it safe to call.
 
 With many distinct adapters in a batch, a decode step is bound by reading every row's adapter from
-memory. ``embedding_bag`` (the portable path in :mod:`rows`) reaches about half of one core's
+memory. The plain-torch backend (:mod:`.lora_backends.reference`) reaches about half of one core's
 memory bandwidth on it; the C kernel fuses ``x @ A`` and the product with ``B`` per token, lets
 tokens that share an adapter read it once, skips rows without one, and streams with prefetches.
 
 The extension is optional: without a C compiler at install time (or on another device than the
-CPU) the engine keeps the ``embedding_bag`` path; :func:`describe` says which one runs. The kernel
+CPU) the engine takes the plain-torch backend; :func:`describe` says which one runs. The kernel
 runs on one thread; with more torch threads, the tokens are split over a few worker threads (the
 kernel releases the GIL).
 """
@@ -22,7 +22,7 @@ import torch
 
 try:
     from . import _bgmv
-except ImportError:  # built without a C compiler: the embedding_bag path
+except ImportError:  # built without a C compiler: the plain-torch backend
     _bgmv = None
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -47,7 +47,7 @@ def describe(device: torch.device | str = "cpu") -> str:
     if available(device):
         return f"C kernel ({isas()[-1]})"
     reason = "the C extension was not built" if _bgmv is None else f"the base is on {torch.device(device).type}"
-    return f"embedding_bag ({reason})"
+    return f"plain torch ({reason})"
 
 
 def supports(stack_dtype: torch.dtype, rank: int) -> bool:

@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def test_the_kernel_is_built_here():
     """The install builds it (a C compiler is on every dev and CI machine): a silent fallback to
-    embedding_bag would pass every other test and lose the speed."""
+    the plain-torch backend would pass every other test and lose the speed."""
     assert bgmv.available("cpu"), "adapterhub.serve._bgmv was not built; `make venv` needs a C compiler"
     assert bgmv.isas()[0] == "portable"
     assert bgmv.describe("cpu").startswith("C kernel")

@@ -1,6 +1,6 @@
 """Security: tokens per service, TLS, request limits, no pickle, no path out of the registry, size caps.
 
-Decisions (docs/guarantees.md): Health is open (load balancers probe without credentials and learn
+Decisions (README, "Guarantees"): Health is open (load balancers probe without credentials and learn
 only SERVING/NOT_SERVING); Reflection needs the inference token (it describes the API); Admin needs
 the admin token when one is set, and the inference token does not grant it.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,7 +30,11 @@ def _run(*args: str, cwd: Path, env: dict, timeout: float = 900) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT), cwd=out,
+    # from a copy: setuptools would reuse (and leave) a build/ folder in the checkout, stale files and all
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
+                                                                 "__pycache__", "*.so", ".pytest_cache", "runs"))
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source), cwd=out,
          env=dict(os.environ))
     (found,) = out.glob("adapterhub-*.whl")
     return found
