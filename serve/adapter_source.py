@@ -6,12 +6,16 @@ Kept in one small module so a registry API change is fixed here and nowhere else
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 from adapterhub.adapter_files import AdapterFiles
+from adapterhub.errors import IntegrityError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +88,29 @@ class AdapterSource:
 
     def catalog(self, base_fingerprint: str) -> Iterator[tuple[str, AdapterVersion]]:
         """Every version trained on ``base_fingerprint``, then every tag pointing at one: (name, version),
-        tasks sorted, versions ascending. Lazy: a caller that pages reads only the manifests it shows."""
+        tasks sorted, versions ascending. Lazy: a caller that pages reads only the manifests it shows.
+
+        A damaged manifest or tag file leaves out that version or tag (logged once per listing): one
+        bad entry must not hide the whole catalog; loading it still fails with the registry's error."""
         for task in self.store.list_tasks():
             versions = {}
             for number in self.store.list_versions(task):
-                manifest = self.store.get_manifest(task, number)
+                try:
+                    manifest = self.store.get_manifest(task, number)
+                except IntegrityError as exc:
+                    log.warning("the model list leaves out %s@%d: %s", task, number, exc)
+                    continue
                 if manifest.base_fingerprint and manifest.base_fingerprint != base_fingerprint:
                     continue
                 versions[number] = AdapterVersion(manifest.task, manifest.version, manifest.method,
                                                   manifest.base_fingerprint, manifest.base_name, manifest)
                 yield versions[number].ref, versions[number]
-            for tag, number in sorted(self.store.tags(task).items()):
+            try:
+                tags = self.store.tags(task)
+            except IntegrityError as exc:
+                log.warning("the model list leaves out the tags of %s: %s", task, exc)
+                continue
+            for tag, number in sorted(tags.items()):
                 if number in versions:
                     yield f"{task}@{tag}", versions[number]
 

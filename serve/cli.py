@@ -13,6 +13,9 @@ from adapterhub.base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from adapterhub.errors import AdapterHubError, ConfigError
 
 
+DEFAULT_TOKEN_ENV = "ADAPTERHUB_TOKEN"
+
+
 class ServerUnavailable(AdapterHubError):
     """The server could not be reached or answered with an error status."""
 
@@ -78,7 +81,8 @@ def add_serve_parsers(sub: Any) -> None:
     gen.add_argument("text", help="prompt (raw text), or the user message with --chat")
     gen.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     gen.add_argument("--adapter", action="append", default=[], metavar="REF[:WEIGHT]",
-                     help="registry reference, repeatable to compose, e.g. --adapter a@prod --adapter b@2:0.5")
+                     help="registry reference, repeatable to compose, e.g. --adapter a@prod --adapter b@2:0.5, or a "
+                          "composition as the HTTP API's model takes it: --adapter 'a@prod+b@2:0.5'")
     gen.add_argument("--chat", action="store_true", help="send TEXT as a user message through the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -86,7 +90,9 @@ def add_serve_parsers(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    gen.add_argument("--token-env", default="ADAPTERHUB_TOKEN", help="environment variable with the bearer token")
+    gen.add_argument("--token-env", default=None,
+                     help=f"environment variable with the bearer token (default {DEFAULT_TOKEN_ENV}, sent when set); "
+                          "a variable named here must be set")
     gen.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(func=cmd_generate)
@@ -135,9 +141,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .client import Client, parse_adapter_arg
 
+    token = os.environ.get(args.token_env or DEFAULT_TOKEN_ENV) or None
+    if args.token_env and token is None:  # named on purpose: sending no token would fail later, and say less
+        raise ConfigError(f"--token-env {args.token_env}: the environment variable is unset or empty")
+    adapters = [term for value in args.adapter for term in parse_adapter_arg(value)]
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
-    client = Client(args.server, token=os.environ.get(args.token_env) or None, root_cert=root, timeout=args.timeout)
-    kwargs = dict(adapters=[parse_adapter_arg(a) for a in args.adapter], max_new_tokens=args.max_new_tokens,
+    client = Client(args.server, token=token, root_cert=root, timeout=args.timeout)
+    kwargs = dict(adapters=adapters, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.chat:
         kwargs["messages"] = [("user", args.text)]

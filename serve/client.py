@@ -6,22 +6,14 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from adapterhub.errors import ConfigError
-
 from ._proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from .model_names import parse_composition
 
 
-def parse_adapter_arg(value: str) -> tuple[str, float]:
-    """``task@3`` -> (task@3, 1.0); ``task@prod:0.5`` -> (task@prod, 0.5). No reference has a ``:``,
-    so whatever follows the last one is the weight, and a weight that is no number is an error."""
-    ref, sep, weight = value.rpartition(":")
-    if not sep:
-        return value, 1.0
-    try:
-        return ref, float(weight)
-    except ValueError:
-        raise ConfigError(f"--adapter {value}: the weight {weight!r} is not a number; "
-                          f"write REF[:WEIGHT], e.g. {ref or 'task@prod'}:0.5") from None
+def parse_adapter_arg(value: str) -> list[tuple[str, float]]:
+    """One ``--adapter``: a reference with an optional weight, or a composition in the HTTP API's
+    ``model`` grammar (``a@1+b@prod:0.5``, see :mod:`model_names`), so both doors take the same text."""
+    return parse_composition(value, "--adapter")
 
 
 class Client:

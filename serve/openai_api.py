@@ -22,22 +22,21 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 
-from adapterhub.errors import AdapterHubError, ConfigError, NotFound
+from adapterhub.errors import ConfigError, NotFound
 
 from .auth import Tokens
 from .engine import Engine
 from .errors import RequestCancelled
 from .request_log import Watch
-from .model_names import resolved_model
+from .model_names import resolved_model, unknown_model
+from .openai_errors import document_errors, install_error_handlers
 from .openai_responses import Reply, error_body
 from .openai_schema import AdapterAdminBody, ChatBody, CompletionBody, GenerationBody
-from .status import INTERNAL, Status, public_message, status_for
+from .status import public_message
 
 log = logging.getLogger("adapterhub.serve.requests")
 
@@ -79,13 +78,6 @@ class LoopEvents:
 
     async def get(self) -> Any:
         return await self.queue.get()
-
-
-def error_response(exc: BaseException, status: Status | None = None) -> JSONResponse:
-    status = status or status_for(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status.http == 401 else None
-    body = error_body(public_message(exc, status), status.kind, code=status.name.lower())
-    return JSONResponse(body, status_code=status.http, headers=headers)
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -150,37 +142,8 @@ def routes(ctx: HttpContext) -> FastAPI:
 
     inference, admin = [needs(False)], [needs(True)]
 
-    # -- errors: OpenAI's shape, statuses from the one table ------------------------------------
-
-    @app.exception_handler(AdapterHubError)
-    async def domain_error(_request: Request, exc: AdapterHubError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [_describe(e) for e in exc.errors()]
-        message = "; ".join(p for _, p in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        if request.url.path in RPC_BY_PATH and ctx.metrics is not None:
-            ctx.metrics.request(RPC_BY_PATH[request.url.path], "INVALID_ARGUMENT", 0.0, None)
-        body = error_body(message, "invalid_request_error", param=problems[0][0] if problems else None,
-                          code="invalid_argument")
-        return JSONResponse(body, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        messages = {404: f"no route {request.method} {request.url.path}; the API is under /v1 "
-                         "(/v1/models, /v1/completions, /v1/chat/completions)",
-                    405: f"{request.method} is not allowed on {request.url.path}",
-                    413: f"the request body is over this server's limit of {ctx.max_body_bytes} bytes "
-                         "(--max-message-bytes)"}
-        kind = {404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
-        return JSONResponse(error_body(messages.get(exc.status_code, str(exc.detail)), kind),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("http=%s status=INTERNAL", request.url.path, exc_info=exc)
-        return error_response(exc, INTERNAL)
+    install_error_handlers(app, metrics=ctx.metrics, counted=RPC_BY_PATH, max_body_bytes=ctx.max_body_bytes)
+    document_errors(app)
 
     # -- health and metrics (open, like gRPC health and the metrics port) ------------------------
 
@@ -212,6 +175,11 @@ def routes(ctx: HttpContext) -> FastAPI:
             timeout = request_timeout(request.headers.get("x-request-timeout"))
             events = LoopEvents()
             seq = await run_in_threadpool(engine.submit, generation, timeout=timeout, stream=body.stream, events=events)
+        except NotFound as exc:
+            if body.adapters is None:  # the model string named it ("gpt-4o"): say what this server serves
+                exc = NotFound(unknown_model(body.model, exc, ctx.served_name))
+            watch.fail(exc)
+            raise exc from None
         except Exception as exc:
             watch.fail(exc)
             raise
@@ -281,7 +249,7 @@ def routes(ctx: HttpContext) -> FastAPI:
 
     def list_models(limit: int, after: str | None) -> dict[str, Any]:
         base = {"id": ctx.served_name, "object": "model", "created": started, "owned_by": "adapterhub",
-                "root": engine.base.name, "parent": None}
+                "root": ctx.served_name, "parent": None}  # not engine.base.name: a directory of this server
         catalog = ((name, {"id": name, "object": "model", "created": _epoch(v.manifest.created), "owned_by": "adapterhub",
                            "root": v.ref, "parent": ctx.served_name, "method": v.method})
                    for name, v in engine.cache.source.catalog(engine.base.fingerprint))
@@ -338,16 +306,3 @@ def _epoch(iso: str) -> int:
         return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return 0
-
-
-def _describe(error: dict[str, Any]) -> tuple[str, str]:
-    """(param, message) of one pydantic error, in words a client can act on."""
-    loc = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-    kind, message = error.get("type", ""), str(error.get("msg", "invalid"))
-    if kind == "extra_forbidden":
-        return loc, f"{loc}: unknown field; leave it out (this server does not support it)"
-    if kind == "json_invalid":
-        return "body", f"the body is not valid JSON ({error.get('ctx', {}).get('error', message)})"
-    if kind == "missing":
-        return loc, f"{loc}: required"
-    return loc, f"{loc}: {message.removeprefix('Value error, ')}" if loc else message.removeprefix("Value error, ")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adapterhub.errors import ConfigError
 
 from .model_names import parse_model
-from .requests import GenerationRequest, Limits
+from .requests import HTTP_FIELDS, GenerationRequest, Limits
 
 
 class Strict(BaseModel):
@@ -100,7 +100,7 @@ class GenerationBody(Strict):
         return GenerationRequest.build(
             **text, adapters=self.adapter_list(base_names), max_new_tokens=max_tokens or 0,
             temperature=temperature, top_p=1.0 if self.top_p is None else self.top_p, seed=seed, stop=stop,
-            limits=limits)
+            limits=limits, fields=HTTP_FIELDS)
 
     @property
     def include_usage(self) -> bool:
