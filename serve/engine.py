@@ -43,6 +43,7 @@ from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestCancelled, RequestTimeout, RowFailed, ShuttingDown, StepFailed
 from .isolation import isolate
+from .kv_batch import KVBatch
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
 from .batch_plan import BatchPlan, RowHooks
 from .kinds import check_composition
@@ -113,113 +114,6 @@ class Sequence:
                 raise item
             if item.result is not None:
                 return item.result
-
-
-def _slab_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class SlabLayer(DynamicLayer):
-        """A cache layer whose keys/values sit in a buffer with spare columns: a decode step writes
-        its token in place (``DynamicLayer`` concatenates, copying the whole cache every step)."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64):
-            super().__init__()
-            self.length = keys.shape[2]
-            # spare columns are never read before a step writes them (the views stop at length):
-            # no need to zero-fill megabytes per prefill
-            self._k = keys.new_empty(*keys.shape[:2], self.length + spare, keys.shape[3])
-            self._v = torch.empty_like(self._k)
-            self._k[:, :, : self.length] = keys
-            self._v[:, :, : self.length] = values
-            self.device, self.is_initialized = keys.device, True
-            self._views()
-
-        def _views(self) -> None:
-            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[2]
-            if self.length + n > self._k.shape[2]:
-                grown = SlabLayer(self.keys, self.values, spare=self.length + n)
-                self._k, self._v = grown._k, grown._v
-            self._k[:, :, self.length: self.length + n] = key_states
-            self._v[:, :, self.length: self.length + n] = value_states
-            self.length += n
-            self._views()
-            return self.keys, self.values
-
-    return SlabLayer
-
-
-class KVBatch:
-    """The running rows' key/value cache: per layer ``[B, kv_heads, T, head_dim]`` (left-padded, in
-    buffers with spare columns) and the attention mask ``[B, T]`` (0 = padding).
-
-    Rows join after their prefill (both caches left-padded to one width and concatenated) and leave
-    by ``index_select``; columns that no remaining row attends to are trimmed from the left.
-    """
-
-    def __init__(self, rows: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
-                 starts: list[int]):
-        slab = _slab_layer_class()
-        self.rows = rows
-        self.layers = [slab(k, v) for k, v in layers]
-        self.mask = mask
-        self.starts = starts  # per row, its first column the mask attends (on the host: trimming reads no device)
-
-    def cache(self) -> Any:
-        """A ``DynamicCache`` over these layers: the model's forward appends to them in place."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        cache.layers = self.layers
-        return cache
-
-    def join(self, other: "KVBatch") -> "KVBatch":
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [(torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
-                   torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]))
-                  for a, b in zip(self.layers, other.layers)]
-        mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
-        starts = [s + width - self.mask.shape[1] for s in self.starts] + [s + width - other.mask.shape[1] for s in other.starts]
-        return KVBatch(self.rows + other.rows, layers, mask, starts)
-
-    def alone(self, seq: Sequence) -> "KVBatch":
-        """``seq``'s row by itself, on copies: a probe's forward must not write the running cache."""
-        i = next(i for i, s in enumerate(self.rows) if s is seq)
-        start = self.starts[i]
-        return KVBatch([seq], [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:]) for layer in self.layers],
-                       self.mask[i:i + 1, start:], [0])
-
-    def rewind(self, lengths: list[int]) -> None:
-        """Back to per-layer ``lengths`` after a forward that raised: a layer's length is all a step
-        moves (the columns it wrote are never read before a later step writes them again)."""
-        for layer, length in zip(self.layers, lengths):
-            layer.length = length
-            layer._views()
-
-    def keep_unfinished(self) -> None:
-        keep = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(keep) == len(self.rows):
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = min((self.starts[i] for i in keep), default=mask.shape[1])
-        slab = _slab_layer_class()
-        self.rows = [self.rows[i] for i in keep]
-        self.starts = [self.starts[i] - start for i in keep]
-        self.mask = mask[:, start:]
-        self.layers = [slab(layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index))
-                       for layer in self.layers]
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def spare_core() -> bool:

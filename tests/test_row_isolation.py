@@ -142,6 +142,55 @@ class HookFault:
         self.handle.remove()
 
 
+class DecodeFault:
+    """Hooks that raise in the LAST layer of a decode step holding a row at ``position`` (only the
+    poisoned row's long prompt gets there): the earlier layers have written their cache column by
+    then, so the batched step must be rewound before its rows are probed and run again."""
+
+    def __init__(self, engine, position: int):
+        self.position, self.fired, self.armed = position, 0, False
+        last_layer = engine.model.model.layers[-1]
+        self.handles = [engine.model.register_forward_pre_hook(self.look, with_kwargs=True),
+                        last_layer.register_forward_pre_hook(self.strike)]
+
+    def look(self, _module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        self.armed = positions is not None and positions.shape[1] == 1 and bool((positions == self.position).any())
+
+    def strike(self, _module, args):
+        if self.armed:
+            self.fired += 1
+            raise RuntimeError("injected fault for one row's decode step")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_a_row_that_fails_in_a_decode_step_fails_alone_and_the_cache_rewinds(server, client, tiny_tokenizer):
+    """The batched decode raises mid-forward (after some layers wrote their column): the cache must
+    be rewound, the row found by probes on copies, and the others' decode rerun unchanged."""
+    clean, _ = _innocent_tokens(client)
+    poison = "z" * 60
+    length = len(tiny_tokenizer(poison, add_special_tokens=False)["input_ids"])
+    assert length > max(len(p) for p, *_ in INNOCENTS) + MAX_NEW, "an innocent row would reach the position too"
+
+    def poisoned():
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(poison, max_new_tokens=MAX_NEW)
+        return err.value
+
+    with DecodeFault(server.engine, position=length + 3) as fault:
+        results, error = _innocent_tokens(client, poisoned)
+    assert fault.fired >= 2, "the fault never hit a batched step and then its probe"
+    assert results == clean, "a row failing in a decode step changed (or failed) the other rows"
+    assert error.code() == grpc.StatusCode.INTERNAL and "failed at token 5" in error.details(), error.details()
+    assert "injected fault for one row's decode step" in error.details()
+
+
 def _concurrent(client, prompts: list[str]) -> list:
     out: list = [None] * len(prompts)
 
