@@ -164,4 +164,4 @@ class AdapterAdminBody(Strict):
         if self.lora_path is None:
             return str(exc)
         return (f"{exc}; lora_path is not read: this server loads lora_name from its registry, so publish the "
-                f"directory (`adapterhub registry publish TASK DIR`) and send lora_name 'task@version'")
+                f"directory (`adapterhub registry import DIR --task TASK`) and send lora_name 'task@version'")

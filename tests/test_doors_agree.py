@@ -215,6 +215,20 @@ def test_a_wrong_content_type_says_so(http):
     assert "Content-Type: application/json" in error["message"] and "'text/plain'" in error["message"], error
 
 
+def test_the_load_endpoint_names_the_command_that_exists(http):
+    """``lora_path`` is not read: the hint must name the registry's real command (``import``)."""
+    import argparse
+
+    from adapterhub.cli import build_parser
+
+    error = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "nosuch@1", "lora_path": "/tmp/x"}), 404)
+    command = re.search(r"`adapterhub registry (\w+) ", error["message"])
+    assert command, error["message"]
+    registry = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["registry"]
+    verbs = next(a for a in registry._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert command.group(1) in verbs, (command.group(1), sorted(verbs))
+
+
 def test_generate_takes_the_http_composition_syntax(server, capsys):
     from adapterhub.cli import main
 
