@@ -204,7 +204,7 @@ class AdapterServer:
             return self._closed
         self.drain()
         self._closed = self.engine.stop(grace, hurry=hurry)
-        flush = 0.0 if hurry() else FLUSH_S  # every request has its last event by now: this only sends it
+        flush = HURRIED_FLUSH_S if hurry() else FLUSH_S  # every request has its last event: this only sends it
         done = self.server.stop(flush)
         if self.http is not None:
             self.http.stop(flush)
@@ -223,6 +223,7 @@ class AdapterServer:
 
 
 FLUSH_S = 2.0  # after the engine stopped: time for the doors to send the last events they hold
+HURRIED_FLUSH_S = 0.5  # after a second signal: enough for those events, and no more
 
 
 def _version() -> str:

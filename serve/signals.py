@@ -36,6 +36,8 @@ class StopSignals:
 
 def summary(signal_name: str, finished: int, ended: int, grace: float, hurried: bool) -> str:
     """The one line a stopped server prints."""
+    if not ended:
+        return f"stopped on {signal_name}: {finished} request(s) in flight finished within the {grace:g} s grace"
     cut = "by a second signal" if hurried else f"when the {grace:g} s grace ran out"
     return (f"stopped on {signal_name}: {finished} request(s) in flight finished, "
             f"{ended} ended {cut} (each with a final error)")

@@ -188,3 +188,15 @@ def test_a_second_signal_stops_at_once(tiny_base_dir, registry):
         assert _finished(events) or _ended_by_shutdown(events), events[-1]
     assert any(_ended_by_shutdown(events) for events, _, _ in streams)
     _clean(server.err)
+
+
+def test_an_idle_server_stops_at_once_on_sigterm(tiny_base_dir, registry):
+    server = Served(tiny_base_dir, registry, "--grace", "30")
+    with Client(server.grpc, timeout=60) as client:
+        assert client.generate("abc", max_new_tokens=2).completion_tokens == 2
+    stopped = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code, stdout = server.finish(timeout=30)
+    assert code == 0 and time.monotonic() - stopped < 10, "nothing in flight: the grace is not waited for"
+    assert stdout == ["stopped on SIGTERM: 0 request(s) in flight finished within the 30 s grace"]
+    _clean(server.err)
