@@ -1,8 +1,15 @@
 """The versioned adapter registry: immutable, content-addressed versions per task, mutable tags.
 
-Location: ``--registry DIR``, else ``$ADAPTERHUB_HOME``, else ``~/.adapterhub``.
+Location: ``--registry DIR|URL``, else ``$ADAPTERHUB_HOME``, else ``~/.adapterhub``. A directory is the
+embedded :class:`FileStore` (layout below); an ``s3://``, ``gs://``, ``az://``, ``file://`` or
+``memory://`` URL is an :class:`ObjectStore` with the same semantics (its layout and concurrency
+argument: :mod:`.objectstore`, :mod:`.objectgc`; URL forms and options: :mod:`.location`). The two
+layouts differ, so one directory is either a FileStore (opened by path) or a ``file://`` registry.
 
-Layout (after huggingface_hub's cache: blobs by hash, small refs, snapshots to load from)::
+Readers never write to the registry: ``materialize`` and ``read_version`` verify each version into
+a local read cache of the reader's own (:mod:`.readcache`).
+
+FileStore layout (after huggingface_hub's cache: blobs by hash, small refs)::
 
     <root>/
       .lock                              filelock: version allocation, tags, rm, gc
@@ -10,8 +17,7 @@ Layout (after huggingface_hub's cache: blobs by hash, small refs, snapshots to l
       tasks/<task>/versions/<N>.json     immutable manifest of <task>@<N>; the version exists iff this does
       tasks/<task>/refs/<tag>            "N\\n": the version a tag points at (moved with os.replace)
       tasks/<task>/last_version          highest number ever allocated, so numbers are never reused
-      snapshots/<task>/<N>/<file>        hard links to blobs (copies where links fail), built on load,
-                                         plus adapterhub.json + manifest.json written from the manifest
+      snapshots/                         only in registries written before the read cache; gc removes it
 
 References: ``task`` and ``task@latest`` mean the highest existing version (computed, never
 stored), ``task@N`` a version, ``task@TAG`` a tag. Task and tag names: 1-100 characters of
@@ -35,17 +41,19 @@ from pathlib import Path
 
 from adapterhub.metadata import Metadata, check_base
 
+from typing import Any, Mapping
+
 from .filestore import DEFAULT_MAX_FILE_BYTES, FileStore
+from .location import HOME_ENV, RegistryLocation, resolve_location
 from .manifest import FileEntry, Manifest
 from .names import Reference, parse_reference, validate_file_name, validate_tag, validate_task
+from .readcache import ReadCache
 from .store import AdapterStore, Problem, RefLike
 from .transfer import export_dir, import_dir
 
-HOME_ENV = "ADAPTERHUB_HOME"
-
 
 def registry_path(path: str | os.PathLike | None = None) -> Path:
-    """``path``, else ``$ADAPTERHUB_HOME``, else ``~/.adapterhub``."""
+    """A directory registry's path: ``path``, else ``$ADAPTERHUB_HOME``, else ``~/.adapterhub``."""
     if path:
         return Path(path).expanduser()
     if os.environ.get(HOME_ENV):
@@ -53,9 +61,26 @@ def registry_path(path: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".adapterhub"
 
 
-def open_registry(path: str | os.PathLike | None = None, **options) -> FileStore:
-    """The registry at ``path`` (resolved as above); ``options`` go to ``FileStore``."""
-    return FileStore(registry_path(path), **options)
+def open_registry(
+    path: str | os.PathLike | RegistryLocation | None = None,
+    *,
+    options: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_max_bytes: int | str | None = None,
+    **store_options: Any,
+) -> AdapterStore:
+    """The registry at ``path`` (a directory, a URL or a :class:`RegistryLocation`; default as above).
+
+    ``options`` go to obstore for URLs (endpoint, region, ...); ``cache_dir``/``cache_max_bytes``
+    set the read cache; ``store_options`` go to the store (e.g. ``max_file_bytes``).
+    """
+    location = resolve_location(path, options=options, cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
+    cache = ReadCache(location.cache_dir, max_bytes=location.cache_max_bytes)
+    if location.is_url:
+        from .objectstore import ObjectStore  # imports obstore only when a URL is opened
+
+        return ObjectStore(location, cache=cache, **store_options)
+    return FileStore(location.target, cache=cache, **store_options)
 
 
 def publish(
@@ -84,6 +109,8 @@ __all__ = [
     "Manifest",
     "Metadata",
     "Problem",
+    "ReadCache",
+    "RegistryLocation",
     "Reference",
     "check_base",
     "export_dir",

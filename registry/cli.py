@@ -3,7 +3,9 @@
 The main CLI adds them through the ``adapterhub_register_commands`` hook, like any plugin's
 commands (this module is a built-in plugin), and then calls ``args.func(args)``, which returns the
 exit code. Expected failures raise ``AdapterHubError`` subclasses; the caller prints them on one line.
-Every verb takes ``--json`` for machine-readable output and ``--registry DIR``.
+Every verb takes ``--json`` for machine-readable output, ``--registry DIR|URL`` with
+``--registry-option KEY=VALUE`` (object stores), and ``--cache-dir``/``--cache-max-bytes`` (the
+read cache that ``export`` and ``materialize`` verify versions into).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from adapterhub import hookimpl
 
 from . import open_registry, remote
 from .filestore import DEFAULT_MAX_FILE_BYTES
+from .location import add_registry_arguments, location_from_args
 from .names import parse_reference
 from .transfer import export_dir, import_dir
 
@@ -31,17 +34,18 @@ def adapterhub_register_commands(subparsers: Any) -> None:
 def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``registry`` command and its verbs to an argparse subparsers object."""
     parser = subparsers.add_parser("registry", help="list, tag, verify, export and share published adapters")
-    _registry_option(parser, argparse.SUPPRESS)  # SUPPRESS: never clobber a --registry given earlier
+    add_registry_arguments(parser, suppress=True)  # SUPPRESS: never clobber a --registry given earlier
     verbs = parser.add_subparsers(dest="registry_verb", metavar="VERB", required=True)
 
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = verbs.add_parser(name, help=help, description=help)
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str,
+             aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help, aliases=list(aliases))
         p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-        _registry_option(p, argparse.SUPPRESS)
+        add_registry_arguments(p, suppress=True)
         p.set_defaults(func=func)
         return p
 
-    p = verb("list", _list, "list tasks, or the versions of one task")
+    p = verb("list", _list, "list tasks, or the versions of one task", aliases=("ls",))
     p.add_argument("task", nargs="?", help="a task name; omit to list all tasks")
 
     p = verb("show", _show, "show the manifest of a version")
@@ -61,6 +65,8 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = verb("gc", _gc, "remove unreferenced blobs, stale snapshots and dead writers' temp files")
     p.add_argument("--dry-run", action="store_true", help="report what would be removed")
+    p.add_argument("--break-lock", action="store_true",
+                   help="object stores: remove a gc.lock left by a gc that died (refused while it is fresh)")
 
     p = verb("verify", _verify, "re-hash stored files and report every problem (exit 1 if any)")
     p.add_argument("ref", nargs="?", help="a task or version; omit for the whole registry")
@@ -68,6 +74,9 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = verb("export", _export, "write a version as a plain PEFT adapter directory")
     p.add_argument("ref")
     p.add_argument("--out", required=True, type=Path, help="output directory (absent or empty)")
+
+    p = verb("materialize", _materialize, "verify a version into the read cache and print its directory")
+    p.add_argument("ref")
 
     p = verb("import", _import, "publish an adapter directory (adapterhub export or plain PEFT) as a new version")
     p.add_argument("directory", type=Path)
@@ -89,12 +98,6 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _registry_option(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument(
-        "--registry", metavar="DIR", default=default, help="registry directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)"
-    )
-
-
 def _import_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory the adapter was trained on (needed without adapterhub.json)")
     p.add_argument("--base-fingerprint", help="the base fingerprint (sha256:...) instead of --base")
@@ -104,7 +107,7 @@ def _import_options(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace, **options: Any):
-    return open_registry(getattr(args, "registry", None), **options)
+    return open_registry(location_from_args(args), **options)
 
 
 def _emit(args: argparse.Namespace, data: Any, lines: list[str] | str) -> None:
@@ -125,7 +128,7 @@ def _list(args: argparse.Namespace) -> int:
             versions = store.list_versions(task)
             rows.append({"task": task, "versions": len(versions), "latest": versions[-1], "tags": store.tags(task)})
         lines = [f"{r['task']:<30} {r['versions']:>4} versions  latest @{r['latest']}{_tags_text(r['tags'])}" for r in rows]
-        _emit(args, rows, lines or "no tasks in " + str(store.root))
+        _emit(args, rows, lines or "no tasks in " + store.location)
         return 0
     task = parse_reference(args.task).task
     versions = store.list_versions(task)
@@ -176,7 +179,7 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    report = _store(args).gc(dry_run=args.dry_run)
+    report = _store(args).gc(dry_run=args.dry_run, break_lock=args.break_lock)
     verb = "would remove" if args.dry_run else "removed"
     _emit(args, report, f"{verb} {len(report['blobs_removed'])} blobs ({report['bytes_freed']} bytes), "
           f"{len(report['snapshots_removed'])} snapshots, {len(report['temp_removed'])} temp files")
@@ -188,6 +191,14 @@ def _verify(args: argparse.Namespace) -> int:
     _emit(args, {"ok": not problems, "problems": [{"path": p.path, "message": p.message} for p in problems]},
           [f"problem: {p}" for p in problems] or "ok: every stored file matches its hash")
     return 1 if problems else 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    store = _store(args)
+    manifest = store.manifest(args.ref)
+    directory = store.materialize(manifest)
+    _emit(args, {"ref": manifest.ref, "directory": str(directory)}, str(directory))
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -1,9 +1,13 @@
-"""The filesystem registry (layout in the package docstring).
+"""The filesystem registry (layout in the package docstring): the embedded default.
 
 Write order makes crashes harmless: blobs first (each via temp file + ``os.replace``), then, under
 the registry lock, the manifest (again temp + replace). A version exists exactly when its manifest
 file exists, and a manifest is only written once every blob it names is in place. A process killed
 at any point leaves at most ``.incomplete`` temp files and unreferenced blobs, which ``gc`` removes.
+
+Reading writes nothing here: ``materialize`` and ``read_version`` copy blobs (opened read-only) into
+the reader's own cache (:mod:`.readcache`), so a read-only registry directory serves every version.
+Registries written by earlier versions hold ``snapshots/``; nothing reads them, and ``gc`` removes them.
 """
 
 from __future__ import annotations
@@ -17,18 +21,17 @@ import re
 import shutil
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import filelock
 
-from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, InvalidReference, LimitExceeded, NotFound
+from adapterhub.errors import AdapterHubError, ConfigError, IntegrityError, LimitExceeded, NotFound
+from adapterhub.metadata import Metadata
 
 from . import fsutil, hashing
-from adapterhub.metadata import METADATA_FILE, Metadata, read_metadata
-
-from .adapterdir import adapter_files
-from .manifest import FileEntry, Manifest, software_versions, utc_now
-from .names import parse_reference, validate_file_name, validate_tag, validate_task
+from .manifest import FileEntry, Manifest
+from .names import parse_reference, validate_tag, validate_task
+from .readcache import ReadCache
 from .store import AdapterStore, Problem, RefLike, VersionRead
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ _BLOB_RE = re.compile(r"[0-9a-f]{64}")
 class FileStore(AdapterStore):
     """A registry in one directory; safe for many processes (and hosts on a shared filesystem).
 
-    ``max_file_bytes`` caps each stored file; ``fsync`` can be turned off for throwaway stores.
+    ``max_file_bytes`` caps each stored file; ``fsync`` can be turned off for throwaway stores;
+    ``cache`` is where reads are verified into (default: the user's read cache).
     """
 
     def __init__(
@@ -53,8 +57,10 @@ class FileStore(AdapterStore):
         max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
         lock_timeout: float = 120.0,
         fsync: bool = True,
+        cache: ReadCache | None = None,
     ) -> None:
         self.root = Path(root).expanduser().absolute()
+        self.cache = cache if cache is not None else ReadCache()
         self.max_file_bytes = max_file_bytes
         self.lock_timeout = lock_timeout
         self.fsync = fsync
@@ -65,6 +71,10 @@ class FileStore(AdapterStore):
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -84,7 +94,8 @@ class FileStore(AdapterStore):
     def _counter_path(self, task: str) -> Path:
         return self._task_dir(task) / "last_version"
 
-    def _snapshot_dir(self, task: str, version: int) -> Path:
+    def _old_snapshot_dir(self, task: str, version: int) -> Path:
+        """Where registries written before the read cache kept a loaded version."""
         return self.root / "snapshots" / validate_task(task) / str(int(version))
 
     def _blob_path(self, sha256: str) -> Path:
@@ -213,98 +224,26 @@ class FileStore(AdapterStore):
     # -- materialize -----------------------------------------------------------------------
 
     def materialize(self, ref: RefLike, *, verify: str = "hash") -> Path:
-        """Snapshot directory of a version, built once, checked on every call.
+        """The version's directory in the read cache (files + ``adapterhub.json`` + ``manifest.json``),
+        copied once from the blobs and checked on every call.
 
-        Holds the version's files plus ``adapterhub.json`` and ``manifest.json`` written from the
-        manifest, so a loader reading the directory sees the method and base it needs.
-
-        ``verify="hash"`` (default) re-hashes every file each call: adapters are small and a
-        snapshot is a hard link to its blob, so this is what catches bit rot. ``verify="size"``
-        checks names and sizes only, for hot paths that already trust the disk.
+        ``verify="hash"`` (default) re-hashes every file each call: adapters are small, and this is
+        what catches bit rot. ``verify="size"`` checks names and sizes only, for hot paths that
+        already trust the disk.
         """
-        if verify not in ("hash", "size"):
-            raise ValueError(f"verify must be 'hash' or 'size', got {verify!r}")
-        manifest = self.manifest(ref)
-        snapshot = self._snapshot_dir(manifest.task, manifest.version)
-        if not snapshot.is_dir():
-            for name in manifest.files:
-                self._existing_blob(manifest, name)
-            snapshot.parent.mkdir(parents=True, exist_ok=True)
-            building = fsutil.temp_path(snapshot)
-            building.mkdir()
-            try:
-                for name, entry in manifest.files.items():
-                    fsutil.link_or_copy(self._blob_path(entry.sha256), building / validate_file_name(name))
-                for name, data in manifest.described_files().items():
-                    (building / name).write_bytes(data)
-                    os.chmod(building / name, 0o444)
-                self._check_snapshot(manifest, building, "hash")
-                try:
-                    os.rename(building, snapshot)  # atomic; loses to a concurrent builder harmlessly
-                    return snapshot
-                except OSError:
-                    if not snapshot.is_dir():
-                        raise
-            finally:
-                if building.exists():
-                    shutil.rmtree(building, ignore_errors=True)
-        self._check_snapshot(manifest, snapshot, verify)
-        return snapshot
+        return self.cache.materialize(self.manifest(ref), self, verify=verify)
 
     def read_version(self, ref: RefLike, *, hasher: Executor | None = None) -> VersionRead:
-        """Each file of the snapshot read once; ``check`` compares the sha256 of those same bytes.
+        """Each file of the cached copy read once; see :meth:`ReadCache.read_version`."""
+        return self.cache.read_version(self.manifest(ref), self, hasher=hasher)
 
-        With ``hasher`` (a single-thread executor) the hashing runs there while the read goes on
-        and while the caller works on the bytes (see :mod:`.hashing` for how it keeps off the
-        caller's GIL). The snapshot's names and described files are checked by
-        ``check_directory``, for code that reads the directory itself.
-        """
-        manifest = self.manifest(ref)
-        snapshot = self._snapshot_dir(manifest.task, manifest.version)
-        if not snapshot.is_dir():
-            self.materialize(manifest)  # built (and hashed) once
-        data, checks = {}, {}
-        # biggest first: its hash, the longest part of a load, starts before the small files' reads
-        for name, entry in sorted(manifest.files.items(), key=lambda item: -item[1].size):
-            path = snapshot / validate_file_name(name)
-            buffer = bytearray(entry.size)
-            checks[name] = check = hashing.verify_while_reading(hasher, entry, buffer)
-            try:
-                data[name] = fsutil.read_exactly(path, entry.size, check.advanced, into=buffer)
-            except FileNotFoundError:
-                data[name] = None
-            check.finish()
-            if data[name] is None:  # missing, or another size than the manifest's
-                for started in checks.values():
-                    started.matches()  # let the hasher finish with the buffers first
-                self._check_snapshot(manifest, snapshot, "size")  # names what is wrong
-                raise self._corrupt(manifest, name, path)
+    def copy_blob(self, sha256: str, out: BinaryIO) -> None:
+        with open(self._blob_path(sha256), "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
 
-        def check() -> None:
-            for name, entry in manifest.files.items():
-                if not checks[name].matches():
-                    raise self._corrupt(manifest, name, snapshot / name)
-
-        return VersionRead(manifest, snapshot, data, check,
-                           check_directory=lambda: self._check_snapshot(manifest, snapshot, "size"))
-
-    def _check_snapshot(self, manifest: Manifest, directory: Path, verify: str) -> None:
-        described = manifest.described_files()
-        present = set(os.listdir(directory))
-        expected = set(manifest.files) | set(described)
-        if present != expected:
-            missing, extra = sorted(expected - present), sorted(present - expected)
-            raise IntegrityError(
-                f"snapshot {directory} of {manifest.ref} does not match its manifest "
-                f"(missing: {missing or 'none'}, unexpected: {extra or 'none'}); remove the directory to rebuild it"
-            )
-        for name, data in described.items():
-            if (directory / name).read_bytes() != data:
-                raise IntegrityError(f"{directory / name} of {manifest.ref} was changed; remove {directory} to rebuild it")
-        for name, entry in manifest.files.items():
-            path = directory / name
-            if path.stat().st_size != entry.size or (verify == "hash" and fsutil.sha256_file(path) != entry.sha256):
-                raise self._corrupt(manifest, name, path)
+    def blob_location(self, sha256: str) -> str:
+        return str(self._blob_path(sha256))
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -317,27 +256,7 @@ class FileStore(AdapterStore):
         extra: dict | None = None,
         metadata: Metadata | None = None,
     ) -> Manifest:
-        validate_task(task)
-        adapter_dir = Path(adapter_dir)
-        sources = adapter_files(adapter_dir, max_file_bytes=self.max_file_bytes)
-        if metadata is None:
-            metadata = read_metadata(adapter_dir)
-        if extra is not None and not isinstance(extra, dict):
-            raise ConfigError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
-        extra = dict(extra or {})
-        try:
-            json.dumps(extra)  # refuse unserializable extras before anything is written
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"extra is not JSON-serializable: {exc}") from exc
-        if parent is not None:
-            parse_reference(parent)
-        elif metadata.parent is not None:  # adapterhub.json may name a directory (continued with --from DIR)
-            try:
-                parse_reference(metadata.parent)
-            except InvalidReference as exc:
-                raise InvalidReference(f"{adapter_dir / METADATA_FILE}: parent {metadata.parent!r} is not a registry "
-                                       f"reference ({exc}); publish with parent=REF (--parent) instead") from None
-
+        sources, metadata, extra = self._publish_inputs(task, adapter_dir, parent, extra, metadata, self.max_file_bytes)
         entries = {name: self._store_blob(path) for name, path in sources.items()}
         with self._locked():
             recorded_parent = self._resolve_parent(parent if parent is not None else metadata.parent, explicit=parent is not None)
@@ -346,43 +265,11 @@ class FileStore(AdapterStore):
                 if not blob.is_file() or blob.stat().st_size != entry.size:  # a concurrent gc took it
                     entries[name] = self._store_blob(sources[name])
             version = self._next_version(task)
-            manifest = Manifest(
-                task=task,
-                version=version,
-                method=metadata.method,
-                method_config=metadata.method_config,
-                base_name=metadata.base_name,
-                base_fingerprint=metadata.base_fingerprint,
-                training=metadata.training,
-                metrics=metadata.metrics,
-                files=entries,
-                parent=recorded_parent,
-                created=utc_now(),
-                software=software_versions(),
-                extra=extra,
-            )
+            manifest = self._new_manifest(task, version, metadata, entries, recorded_parent, extra)
             fsutil.write_atomic(self._manifest_path(task, version), manifest.to_json().encode(), fsync=self.fsync)
             fsutil.write_atomic(self._counter_path(task), f"{version}\n".encode(), fsync=self.fsync)
         log.info("published %s (%d files, %d bytes)", manifest.ref, len(entries), manifest.total_size)
         return manifest
-
-    def _resolve_parent(self, parent: str | None, *, explicit: bool) -> str | None:
-        """Record the parent pinned (``task@N``) so a moving tag cannot rewrite history.
-
-        A pinned parent that is not in this registry (e.g. an import from elsewhere) is kept as
-        given; an unpinned one must resolve here.
-        """
-        if parent is None:
-            return None
-        reference = parse_reference(parent)
-        try:
-            task, version = self.resolve(reference)
-        except NotFound:
-            if explicit or reference.version is None:
-                raise
-            log.info("parent %s is not in this registry; recording it as given", reference)
-            return str(reference)
-        return f"{task}@{version}"
 
     def _next_version(self, task: str) -> int:
         """Never reuse a number, even after ``rm``: the counter remembers the highest ever."""
@@ -448,7 +335,7 @@ class FileStore(AdapterStore):
             for tag in tagged:
                 os.unlink(self._tag_path(task, tag))
             os.unlink(self._manifest_path(task, version))
-            fsutil.remove_tree(self._snapshot_dir(task, version))
+            fsutil.remove_tree(self._old_snapshot_dir(task, version))
         log.info("removed %s; its blobs are freed by gc", manifest.ref)
         return manifest
 
@@ -520,12 +407,6 @@ class FileStore(AdapterStore):
             elif entry.chunks and not blob_matches(entry.sha256, entry.chunk_size, entry.chunks):
                 problems.append(Problem(where, f"the manifest's chunk digests do not match blob {blob} (whose sha256 "
                                                "does): loads of this version fail; re-publish it"))
-        snapshot = self._snapshot_dir(task, version)
-        if snapshot.is_dir():
-            try:
-                self._check_snapshot(manifest, snapshot, "hash")
-            except IntegrityError as exc:
-                problems.append(Problem(str(snapshot), str(exc)))
         return problems
 
     def _verify_tags(self, task: str) -> list[Problem]:
@@ -547,18 +428,22 @@ class FileStore(AdapterStore):
                 problems.append(Problem(str(path), f"tag {path.name!r} points at missing version {task}@{version}"))
         return problems
 
-    def gc(self, *, dry_run: bool = False, stale_after: float = STALE_TEMP_SECONDS) -> dict[str, Any]:
-        """Free what no manifest needs. Refuses to run if any manifest is unreadable.
+    def gc(self, *, dry_run: bool = False, stale_after: float = STALE_TEMP_SECONDS,
+           break_lock: bool = False) -> dict[str, Any]:
+        """Free what no manifest needs, and the ``snapshots/`` that earlier versions built here.
+        Refuses to run if any manifest is unreadable.
 
         Runs under the registry lock, so no manifest can appear mid-scan; a publisher whose blob
         is removed before it takes the lock re-stores the blob before writing its manifest.
         """
+        if break_lock:
+            raise ConfigError(f"--break-lock is for registries on object stores; {self.root} is guarded by a file "
+                              "lock, which goes with the process that held it")
         report: dict[str, Any] = {"blobs_removed": [], "bytes_freed": 0, "temp_removed": [], "snapshots_removed": []}
         if not self.root.is_dir():
             return report
         with self._locked():
             referenced: set[str] = set()
-            live: set[tuple[str, str]] = set()
             tasks_dir = self.root / "tasks"
             task_names = sorted(p.name for p in tasks_dir.iterdir()) if tasks_dir.is_dir() else []
             for task in task_names:
@@ -569,7 +454,6 @@ class FileStore(AdapterStore):
                 for version in self.list_versions(task):
                     manifest = self.get_manifest(task, version)  # IntegrityError aborts gc: be safe
                     referenced.update(e.sha256 for e in manifest.files.values())
-                    live.add((task, str(version)))
 
             def remove(path: Path, key: str) -> None:
                 report[key].append(str(path))
@@ -596,7 +480,7 @@ class FileStore(AdapterStore):
                     if fsutil.is_temp(path):
                         if fsutil.is_stale_temp(path, stale_after=stale_after):
                             remove(path, "temp_removed")
-                    elif (task_dir.name, path.name) not in live:
+                    else:  # nothing reads snapshots since the read cache took their place
                         remove(path, "snapshots_removed")
             for task in task_names:
                 for sub in ("versions", "refs", ""):

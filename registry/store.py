@@ -1,7 +1,10 @@
 """The abstract store: what the CLI, loader and server may ask of a registry backend.
 
-Kept small (in the spirit of mlflow's abstract model-registry store) so another backend, e.g. an
-object store, can come later without touching callers. ``FileStore`` is the one implementation.
+Kept small (in the spirit of mlflow's abstract model-registry store) so that callers never know
+which backend they hold: ``FileStore`` (a local directory, the embedded default) and
+``ObjectStore`` (S3, GCS, Azure, ``file://`` and ``memory://`` URLs over obstore) implement it with
+the same semantics. What both share (reference resolution, the checks before a publish writes
+anything, the manifest a publish records) lives here.
 """
 
 from __future__ import annotations
@@ -9,15 +12,21 @@ from __future__ import annotations
 import abc
 import dataclasses
 import io
+import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from adapterhub.errors import NotFound
+from adapterhub.errors import ConfigError, InvalidReference, NotFound
+from adapterhub.metadata import METADATA_FILE, Metadata, read_metadata
 
-from .manifest import Manifest
-from .names import Reference, parse_reference
+from .adapterdir import adapter_files
+from .manifest import FileEntry, Manifest, software_versions, utc_now
+from .names import Reference, parse_reference, validate_task
 
 RefLike = Union[str, Reference, Manifest]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +140,80 @@ class AdapterStore(abc.ABC):
         """Re-hash everything (or one task / version); an empty list means all is well."""
 
     @abc.abstractmethod
-    def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
-        """Remove unreferenced blobs, stale snapshots and temp files left by dead writers."""
+    def gc(self, *, dry_run: bool = False, break_lock: bool = False) -> dict[str, Any]:
+        """Remove unreferenced blobs, stale snapshots and temp files left by dead writers.
+
+        ``break_lock``: remove a lock left by a gc that died (object stores; a directory's lock is a
+        file lock, which dies with its holder).
+        """
 
     # -- shared behaviour ------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        """The registry's path or URL as messages show it (never a secret)."""
+        return str(self)
+
+    def _publish_inputs(self, task: str, adapter_dir: str | Path, parent: str | None, extra: dict | None,
+                        metadata: Metadata | None, max_file_bytes: int | None) -> tuple[dict[str, Path], Metadata, dict]:
+        """(files to store by name, metadata, extra), every refusal made before anything is written."""
+        validate_task(task)
+        adapter_dir = Path(adapter_dir)
+        sources = adapter_files(adapter_dir, max_file_bytes=max_file_bytes)
+        if metadata is None:
+            metadata = read_metadata(adapter_dir)
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)  # refuse unserializable extras before anything is written
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"extra is not JSON-serializable: {exc}") from exc
+        if parent is not None:
+            parse_reference(parent)
+        elif metadata.parent is not None:  # adapterhub.json may name a directory (continued with --from DIR)
+            try:
+                parse_reference(metadata.parent)
+            except InvalidReference as exc:
+                raise InvalidReference(f"{adapter_dir / METADATA_FILE}: parent {metadata.parent!r} is not a registry "
+                                       f"reference ({exc}); publish with parent=REF (--parent) instead") from None
+        return sources, metadata, extra
+
+    def _new_manifest(self, task: str, version: int, metadata: Metadata, files: dict[str, FileEntry],
+                      parent: str | None, extra: dict) -> Manifest:
+        return Manifest(
+            task=task,
+            version=version,
+            method=metadata.method,
+            method_config=metadata.method_config,
+            base_name=metadata.base_name,
+            base_fingerprint=metadata.base_fingerprint,
+            training=metadata.training,
+            metrics=metadata.metrics,
+            files=files,
+            parent=parent,
+            created=utc_now(),
+            software=software_versions(),
+            extra=extra,
+        )
+
+    def _resolve_parent(self, parent: str | None, *, explicit: bool) -> str | None:
+        """Record the parent pinned (``task@N``) so a moving tag cannot rewrite history.
+
+        A pinned parent that is not in this registry (e.g. an import from elsewhere) is kept as
+        given; an unpinned one must resolve here.
+        """
+        if parent is None:
+            return None
+        reference = parse_reference(parent)
+        try:
+            task, version = self.resolve(reference)
+        except NotFound:
+            if explicit or reference.version is None:
+                raise
+            log.info("parent %s is not in this registry; recording it as given", reference)
+            return str(reference)
+        return f"{task}@{version}"
 
     def resolve(self, ref: RefLike) -> tuple[str, int]:
         """``task``, ``task@N``, ``task@TAG`` or a Manifest -> (task, version), or NotFound."""

@@ -1,13 +1,14 @@
 """The server's only dependency on the registry: resolve a reference, fetch a version's files.
 
-Kept in one small module so a registry API change is fixed here and nowhere else.
+Kept in one small module so a registry API change is fixed here and nowhere else. The registry may
+be a directory or an object-store URL (a ``RegistryLocation`` carries its options and read cache);
+either way the server reads verified copies from its own read cache and never writes the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,9 +36,10 @@ class AdapterVersion:
 
 
 class AdapterSource:
-    """Resolves references (``task``, ``task@N``, ``task@tag``) against a registry directory."""
+    """Resolves references (``task``, ``task@N``, ``task@tag``) against a registry (directory or URL)."""
 
-    def __init__(self, registry: str | os.PathLike | None = None, *, max_bytes: int | None = None):
+    def __init__(self, registry: Any = None, *, max_bytes: int | None = None):
+        """``registry``: a path, a URL or a ``RegistryLocation`` (None: ``$ADAPTERHUB_HOME``, ~/.adapterhub)."""
         from adapterhub.registry import open_registry
 
         self.store = open_registry(registry)
@@ -115,4 +117,4 @@ class AdapterSource:
                     yield f"{task}@{tag}", versions[number]
 
     def describe(self) -> str:
-        return str(getattr(self.store, "root", self.store))
+        return self.store.location

@@ -12,6 +12,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_read_cache(tmp_path_factory):
+    """Registry reads verify versions into a read cache (``$ADAPTERHUB_CACHE``): one per test session,
+    inherited by the processes tests start, never the user's own ``~/.cache/adapterhub``."""
+    previous = os.environ.get("ADAPTERHUB_CACHE")
+    os.environ["ADAPTERHUB_CACHE"] = str(tmp_path_factory.mktemp("read-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ADAPTERHUB_CACHE", None)
+    else:
+        os.environ["ADAPTERHUB_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     """A tiny Llama base written by `adapterhub base init` (the same path users take)."""

@@ -31,7 +31,9 @@ def _corrupt(path: Path) -> None:
 
 
 def _blob(store, ref: str, name: str = WEIGHTS) -> Path:
-    return store.root / "blobs" / store.manifest(ref).files[name].sha256
+    """The copy of a file that the next load reads: the version's entry in the read cache (a load
+    that finds it damaged drops it, and the load after that fetches the registry's blob again)."""
+    return store.materialize(ref, verify="size") / name
 
 
 def _lora_dir(directory: Path, config: dict, *, size: int = 48, seed: int = 0) -> Path:
@@ -143,8 +145,7 @@ def test_every_chunk_of_a_file_is_hashed(tmp_path, monkeypatch, where, chunked):
         monkeypatch.setattr(hashing, "chunk_size_for", lambda size: None)
     store = open_registry(tmp_path / "registry")
     store.publish("t", make_adapter(tmp_path / "a", size=70_000))  # 9 chunks of 256 KiB
-    store.materialize("t@1")  # the snapshot the server reads (a hard link to the blob)
-    blob = _blob(store, "t@1")
+    blob = _blob(store, "t@1")  # the cached copy the server reads
     os.chmod(blob, 0o644)
     data = bytearray(blob.read_bytes())
     data[where] ^= 0x01
@@ -288,8 +289,7 @@ def test_cache_load_refuses_a_corrupted_blob_and_keeps_nothing(cache, task):
     with pytest.raises(IntegrityError, match="sha256"):
         cache.load(f"{task}@1")
     assert [e.key for e in cache.snapshot()] == []
-    _corrupt(_blob(cache.source.store, f"{task}@1"))  # repaired: loads again, the same form
-    cache.load(f"{task}@1")
+    cache.load(f"{task}@1")  # the damaged copy was dropped: fetched again from the registry, the same form
     slot = stack.slot_of[f"{task}@1"]
     assert all(torch.equal(t[slot], x) for m, ts in stack.tensors.items() for t, x in zip(ts, expected[m]))
 
@@ -435,8 +435,7 @@ def test_a_load_writes_its_stack_slot_and_a_failed_check_frees_it(cache):
         cache.load("big@1")
     assert stack.writes == 2, "the load did not write its slot before the check ended"
     assert "big@1" not in stack.slot_of, "a slot kept for bytes that failed their check"
-    _corrupt(_blob(cache.source.store, "big@1"))  # repaired
-    cache.load("big@1")
+    cache.load("big@1")  # the damaged copy was dropped: fetched again from the registry
     assert stack.writes == 3 and "big@1" in stack.slot_of
 
 

@@ -37,7 +37,7 @@ from adapterhub.registry import remote
 
 @pytest.fixture
 def store(tmp_path) -> FileStore:
-    return open_registry(tmp_path / "registry")
+    return open_registry(tmp_path / "registry", cache_dir=tmp_path / "cache")
 
 
 @pytest.fixture
@@ -289,8 +289,16 @@ def test_gc_frees_only_unreferenced_blobs(store, tmp_path):
     assert report["temp_removed"] == [str(stale)]
     assert not (store.root / "blobs" / weights).exists() and not stale.exists()
     assert (store.root / "blobs" / config).exists()
-    assert not (store.root / "snapshots/t/2").exists()
     assert store.verify() == [] and store.materialize("t@1").is_dir()
+
+
+def test_gc_removes_snapshots_that_earlier_versions_built_in_the_registry(store, adapter):
+    store.publish("t", adapter)
+    legacy = store.root / "snapshots" / "t" / "1"
+    legacy.mkdir(parents=True)
+    (legacy / "adapter_model.safetensors").write_bytes(b"old")
+    assert store.gc()["snapshots_removed"] == [str(legacy)]
+    assert not legacy.exists() and store.materialize("t@1").is_dir()
 
 
 def test_gc_keeps_temp_files_of_live_writers(store, adapter):
@@ -305,10 +313,12 @@ def test_gc_keeps_temp_files_of_live_writers(store, adapter):
 # -- materialize and integrity ---------------------------------------------------------------
 
 
-def test_materialize_builds_a_verified_snapshot(store, adapter):
+def test_materialize_builds_a_verified_snapshot_in_the_read_cache(store, adapter):
     manifest = store.publish("t", adapter)
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
     snapshot = store.materialize("t")
-    assert snapshot == store.root / "snapshots/t/1"
+    assert snapshot == store.cache.entry_path(manifest) and snapshot.is_relative_to(store.cache.root)
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before, "reading wrote to the registry"
     for name in manifest.files:
         assert (snapshot / name).read_bytes() == (adapter / name).read_bytes()
     assert store.materialize(manifest) == snapshot  # second call reuses and re-verifies
@@ -316,7 +326,10 @@ def test_materialize_builds_a_verified_snapshot(store, adapter):
     described = json.loads((snapshot / "adapterhub.json").read_text())
     assert described == json.loads((adapter / "adapterhub.json").read_text())
     assert Manifest.from_dict(json.loads((snapshot / "manifest.json").read_text())) == manifest
-    assert not [p for p in snapshot.parent.iterdir() if p.name != "1"]
+    weights = snapshot / "adapter_model.safetensors"
+    blob = store.root / "blobs" / manifest.files["adapter_model.safetensors"].sha256
+    assert not os.path.samefile(weights, blob), "a copy: editing the cache cannot touch the registry"
+    assert not os.stat(weights).st_mode & 0o222, "cached files are read-only"
 
 
 def test_corrupted_blob_is_refused_on_load_naming_the_file(store, adapter):
@@ -332,25 +345,35 @@ def test_corrupted_blob_is_refused_on_load_naming_the_file(store, adapter):
     assert any("adapter_model.safetensors" in p.path for p in problems)
 
 
-def test_corruption_after_materialize_is_caught_on_next_load(store, adapter):
+def test_a_damaged_cache_copy_is_fetched_again_from_the_registry(store, adapter, caplog):
     manifest = store.publish("t", adapter)
     snapshot = store.materialize("t@1")
     _corrupt(snapshot / "adapter_model.safetensors")
-    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
-        store.materialize("t@1")
     # same size, so a size-only check cannot see it; documented trade-off
     assert store.materialize("t@1", verify="size") == snapshot
-    assert manifest.files  # keep the manifest referenced
-
-
-def test_edited_snapshot_metadata_is_refused(store, adapter):
-    store.publish("t", adapter)
-    described = store.materialize("t@1") / "adapterhub.json"
+    with caplog.at_level(logging.WARNING, logger="adapterhub.registry.readcache"):
+        assert store.materialize("t@1") == snapshot  # the default re-hash sees it and fetches again
+    assert "damaged" in caplog.text
+    assert (snapshot / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    described = snapshot / "adapterhub.json"
     os.chmod(described, 0o644)
     described.write_text(described.read_text().replace('"lora"', '"ia3"'))
-    with pytest.raises(IntegrityError, match="adapterhub.json of t@1 was changed"):
-        store.materialize("t@1")
-    assert any("adapterhub.json" in p.message for p in store.verify())
+    assert json.loads((store.materialize("t@1") / "adapterhub.json").read_text())["method"] == "lora"
+    assert store.verify() == [] and manifest.files  # the registry itself was never damaged
+
+
+def test_a_damaged_cache_copy_fails_the_load_that_read_it_and_is_dropped(store, adapter):
+    manifest = store.publish("t", adapter)
+    snapshot = store.materialize("t@1")
+    _corrupt(snapshot / "adapter_model.safetensors")
+    read = store.read_version("t@1")
+    with pytest.raises(IntegrityError, match=r"adapter_model\.safetensors.*read cache"):
+        read.check()
+    assert not snapshot.exists(), "the next load fetches it again"
+    again = store.read_version("t@1")
+    again.check()
+    assert bytes(again.data["adapter_model.safetensors"]) == (adapter / "adapter_model.safetensors").read_bytes()
+    assert manifest.ref == "t@1"
 
 
 def test_missing_blob_is_an_integrity_error_naming_it(store, adapter):
@@ -537,7 +560,7 @@ def test_concurrent_materialize_builds_one_snapshot(store, adapter):
     def load():
         try:
             barrier.wait()
-            results.append(open_registry(store.root).materialize("t@1"))
+            results.append(open_registry(store.root, cache_dir=store.cache.root).materialize("t@1"))
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -546,8 +569,8 @@ def test_concurrent_materialize_builds_one_snapshot(store, adapter):
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == [] and set(results) == {store.root / "snapshots/t/1"}
-    assert os.listdir(store.root / "snapshots/t") == ["1"]  # losers cleaned up their temp dirs
+    assert errors == [] and set(results) == {store.cache.entry_path(store.manifest("t@1"))}
+    assert os.listdir(store.cache.root / "versions") == [results[0].name]  # losers cleaned up their temp dirs
 
 
 def test_threads_publishing_concurrently_get_distinct_versions(store, tmp_path):
@@ -628,21 +651,6 @@ def test_any_text_parses_or_raises_invalid_reference(text):
         return
     assert "/" not in ref.task and "\\" not in ref.task and not ref.task.startswith(".") and ".." not in ref.task
     assert str(ref) == text or text.split("@")[1].lstrip("0") == str(ref.version)
-
-
-def test_snapshot_falls_back_to_copies_where_hard_links_fail(store, adapter, monkeypatch):
-    manifest = store.publish("t", adapter)
-
-    def no_links(src, dst):
-        raise OSError(18, "Invalid cross-device link")
-
-    monkeypatch.setattr(os, "link", no_links)
-    snapshot = store.materialize("t@1")
-    weights = snapshot / "adapter_model.safetensors"
-    blob = store.root / "blobs" / manifest.files["adapter_model.safetensors"].sha256
-    assert weights.read_bytes() == blob.read_bytes() and not os.path.samefile(weights, blob)
-    assert not os.access(weights, os.W_OK) or os.geteuid() == 0  # read-only (root ignores modes)
-    assert store.verify() == []
 
 
 def test_parsed_manifests_are_reused_only_while_their_file_is_unchanged(store, tmp_path):
