@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from adapterhub.registry.location import add_registry_arguments, location_from_args
+
 from .base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from .errors import AdapterHubError, ConfigError
 
@@ -177,7 +179,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
                         "trainable weights stay float32")
-    p.add_argument("--registry", help="registry directory (default $ADAPTERHUB_HOME or ~/.adapterhub)")
+    add_registry_arguments(p)  # --registry DIR|URL, --registry-option KEY=VALUE, --cache-dir, --cache-max-bytes
     p.add_argument("--no-publish", action="store_true", default=None, help="do not publish to the registry")
     p.add_argument("--from", dest="from_adapter", help="continue training this adapter (REF or DIR)")
     for field, tp in _train_option_fields():
@@ -252,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainOptions
 
     top, method_values, option_values, objective_values = resolve_train_settings(args)
+    top["registry"] = location_from_args(args, top.get("registry"))  # a URL from --config takes the options too
     manager = get_manager()
     method = manager.get_method(top["plugin"])
     objective = manager.get_objective(top.get("objective") or "sft")
@@ -276,7 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import merge_to_directory
 
-    out = merge_to_directory(args.adapter, args.base, args.out, registry=args.registry,
+    out = merge_to_directory(args.adapter, args.base, args.out, registry=location_from_args(args),
                              allow_base_mismatch=args.allow_base_mismatch, dtype=args.dtype)
     print(out)
     return 0
@@ -323,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="registry reference (task@N) or adapter directory")
     merge.add_argument("--base", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--registry")
+    add_registry_arguments(merge)
     merge.add_argument("--allow-base-mismatch", action="store_true")
     merge.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="dtype of the written model (auto: the base checkpoint's own); the merge itself runs in float32")

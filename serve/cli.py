@@ -11,6 +11,7 @@ from typing import Any
 from adapterhub import hookimpl
 from adapterhub.base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from adapterhub.errors import AdapterHubError, ConfigError
+from adapterhub.registry.location import add_registry_arguments, location_from_args
 
 
 DEFAULT_TOKEN_ENV = "ADAPTERHUB_TOKEN"
@@ -35,7 +36,7 @@ def add_serve_parsers(sub: Any) -> None:
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
                             "a quantized base dequantizes to it")
-    serve.add_argument("--registry", help="registry directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)")
+    add_registry_arguments(serve)  # --registry DIR|URL, --registry-option, --cache-dir, --cache-max-bytes
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--max-adapters", type=int, default=8, help="adapters kept resident (LRU; pinned never evicted)")
@@ -122,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("adapterhub").setLevel(logging.INFO)
     limit_arenas()  # before the server's threads start: adapter loads must not grow it for good
     options = ServerOptions(
-        base=args.base, registry=args.registry, quantize=args.quantize, dtype=args.dtype, host=args.host, port=args.port,
+        base=args.base, registry=location_from_args(args), quantize=args.quantize, dtype=args.dtype, host=args.host, port=args.port,
         max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
         token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,

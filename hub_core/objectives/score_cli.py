@@ -17,6 +17,7 @@ from typing import Any
 from adapterhub import hookimpl
 from adapterhub.base import QUANTIZE_CHOICES
 from adapterhub.errors import DataError
+from adapterhub.registry.location import add_registry_arguments, location_from_args
 
 ANSWER_KEYS = ("response", "completion")
 
@@ -34,7 +35,7 @@ def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help='JSONL: {"prompt"|"messages"|"instruction", "response"} or {..., "chosen", "rejected"} lines')
     p.add_argument("--base", help="base model directory (default: the one recorded with the adapter)")
-    p.add_argument("--registry", help="registry directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)")
+    add_registry_arguments(p)
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     p.add_argument("--device", default=None, help="auto (default: the first GPU, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
@@ -75,7 +76,7 @@ def score_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
     kind, rows = read_score_lines(args.data)  # before the base loads
-    model = RewardModel.load(args.adapter, registry=args.registry, base=args.base,
+    model = RewardModel.load(args.adapter, registry=location_from_args(args), base=args.base,
                              quantize=args.quantize, device=args.device)
     prompts = [r["prompt"] for r in rows]
     if kind == "answers":
