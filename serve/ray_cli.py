@@ -44,7 +44,6 @@ def require_ray() -> None:
 
 def check(args: argparse.Namespace) -> None:
     """What ``--ray`` cannot do, refused before a cluster starts."""
-    require_ray()
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: give at least 1")
     if args.tls_cert or args.tls_key:
@@ -53,6 +52,7 @@ def check(args: argparse.Namespace) -> None:
     if args.metrics_port is not None:
         raise ConfigError("--metrics-port with --ray: each replica's metrics go through Ray's metrics export "
                           "(adapterhub_affinity_requests among them), not a port of its own")
+    require_ray()
 
 
 def shared_paths(options: Any) -> Any:

@@ -116,3 +116,15 @@ def test_ray_is_an_optional_extra(monkeypatch, tmp_path, capsys):
         monkeypatch.setitem(sys.modules, name, None)  # `import ray` now raises ImportError
     assert main(["serve", "--ray", "--base", str(tmp_path), "--registry", str(tmp_path)]) == ConfigError.exit_code
     assert "pip install 'adapterhub[ray]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--replicas", "0"], "--replicas 0: give at least 1"),
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "terminate TLS in front of it"),
+    (["--metrics-port", "9100"], "Ray's metrics export"),
+])
+def test_what_ray_cannot_do_is_refused_before_a_cluster_starts(tmp_path, capsys, flags, words):
+    from adapterhub.cli import main
+
+    assert main(["serve", "--ray", "--base", str(tmp_path), "--registry", str(tmp_path)] + flags) == ConfigError.exit_code
+    assert words in capsys.readouterr().err
