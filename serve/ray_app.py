@@ -108,7 +108,7 @@ class Replica:
         limit_arenas()  # before the engine's threads start, as `adapterhub serve` does
         self.server = AdapterServer(options)
         self.app = self.server.http_app()
-        self._lifespan: asyncio.Task | None = None
+        self._started: asyncio.Future | None = None  # the door's lifespan startup, run once on the replica's loop
         context = serve.get_replica_context()
         self.id = context.replica_id.unique_id
         self.ledger = ledger(context.app_name)
@@ -139,8 +139,9 @@ class Replica:
     async def forward(self, refs: tuple[str, ...], key: str, method: str, path: str, query: bytes,
                       headers: list[tuple[str, str]], body: bytes) -> AsyncIterator[Head | bytes]:
         """The door's answer to one request: a :class:`Head`, then body chunks."""
-        if self._lifespan is None:
-            self._lifespan = await start_lifespan(self.app)
+        if self._started is None:
+            self._started = asyncio.ensure_future(start_lifespan(self.app))
+        await asyncio.shield(self._started)  # a request cancelled meanwhile must not cancel the startup
         tags: tuple[tuple[str, str], ...] = (("x-adapterhub-replica", self.id),)
         if key:
             outcome = "hit" if self._resident(refs) else "miss"
