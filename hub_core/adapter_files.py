@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from .errors import NotFound
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Formats that run code when loaded (pickle and its wrappers): refused by the loader and the registry
+# alike. Safetensors is the only weight format.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 if TYPE_CHECKING:
     import torch

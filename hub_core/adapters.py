@@ -9,9 +9,11 @@ Directories without it (plain PEFT adapters) are recognised by ``adapter_config.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .adapter_files import PICKLE_SUFFIXES  # one list for the store and the loader
 from .errors import ConfigError, IntegrityError, NotFound, PluginError
 from .manager import PluginManager, get_manager
 from .metadata import METADATA_FILE, Metadata, check_base, read_metadata, write_metadata
@@ -34,8 +36,6 @@ def adapter_metadata(directory: str | Path) -> Metadata | None:
 
 
 def refuse_pickles(directory: Path) -> None:
-    from adapterhub.registry.adapterdir import PICKLE_SUFFIXES  # one list for the store and the loader
-
     for path in directory.iterdir():
         if path.name.lower().endswith(PICKLE_SUFFIXES):
             raise IntegrityError(
@@ -111,3 +111,15 @@ def parse_set_values(pairs: list[str], flag: str = "--set") -> dict[str, str]:
             raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE; e.g. {flag} r=16")
         values[key.strip()] = value
     return values
+
+
+def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = None) -> tuple[Path, str | None]:
+    """A directory for a registry reference or a path; also the resolved ``task@N`` if any."""
+    path = Path(ref_or_dir)
+    if path.is_dir():
+        return path, None
+    from adapterhub.registry import open_registry
+
+    store = open_registry(registry)
+    manifest = store.manifest(str(ref_or_dir))
+    return store.materialize(manifest), manifest.ref

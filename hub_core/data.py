@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .chat import ROLES, render_prompt
 from .errors import DataError
 
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 1 << 20  # a 1 MiB line is almost certainly not a training example
-ROLES = ("system", "user", "assistant")
 
 
 def instruction_to_messages(example: dict[str, Any]) -> list[dict[str, str]]:
@@ -92,11 +92,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
 def read_examples(path: str | Path) -> list[list[dict[str, str]]]:
     """Every example of a JSONL file as a list of chat messages."""
     return [_validate(example, where) for where, example in iter_jsonl(path)]
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The text the model sees before it answers (chat template + generation prompt)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from .data import render_prompt
+from .chat import render_prompt
 
 
 def greedy_tokens(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int,

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .adapters import resolve_adapter_dir
 from .errors import ConfigError
 
 
@@ -26,18 +27,6 @@ class TrainOutcome:
 def is_main_process() -> bool:
     """Under torchrun / accelerate only rank 0 writes the adapter and publishes it."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = None) -> tuple[Path, str | None]:
-    """A directory for a registry reference or a path; also the resolved ``task@N`` if any."""
-    path = Path(ref_or_dir)
-    if path.is_dir():
-        return path, None
-    from adapterhub.registry import open_registry
-
-    store = open_registry(registry)
-    manifest = store.manifest(str(ref_or_dir))
-    return store.materialize(manifest), manifest.ref
 
 
 def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any], objective: Any = None,

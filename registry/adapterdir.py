@@ -10,14 +10,13 @@ import json
 import struct
 from pathlib import Path
 
+from adapterhub.adapter_files import PICKLE_SUFFIXES
 from adapterhub.errors import ConfigError, IntegrityError, LimitExceeded, NotFound
 from adapterhub.metadata import BUILTIN_PEFT_FORMATS, peft_method
 
 from .manifest import RESERVED_FILES
 from .names import validate_file_name
 
-# Formats that run code when loaded (pickle and its wrappers). Safetensors is the only weight format.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def adapter_files(adapter_dir: Path, *, max_file_bytes: int | None) -> dict[str, Path]:

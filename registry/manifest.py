@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any, Mapping
 
+from adapterhub.adapter_files import PICKLE_SUFFIXES
 from adapterhub.errors import IntegrityError
 from adapterhub.metadata import METADATA_FILE, Metadata  # the publish input: adapterhub.json
 
@@ -138,7 +139,7 @@ class Manifest:
             files: dict[str, FileEntry] = {}
             for name, entry in dict(data["files"]).items():
                 validate_file_name(name)
-                if name.lower().endswith(_pickle_suffixes()):
+                if name.lower().endswith(PICKLE_SUFFIXES):
                     raise ValueError(f"file {name!r} is a pickle format, which can run code when loaded")
                 if name in RESERVED_FILES:
                     raise ValueError(f"reserved file name {name!r}")
@@ -170,12 +171,6 @@ class Manifest:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # InvalidReference is a ValueError
             raise IntegrityError(f"{source} is malformed ({type(exc).__name__}: {exc}); the registry may be damaged") from exc
-
-
-def _pickle_suffixes() -> tuple[str, ...]:
-    from .adapterdir import PICKLE_SUFFIXES  # imported here: adapterdir imports this module
-
-    return PICKLE_SUFFIXES
 
 
 def software_versions() -> dict[str, str]:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .adapterdir import PICKLE_SUFFIXES
+from adapterhub.adapter_files import PICKLE_SUFFIXES
 from .manifest import Manifest
 from .store import AdapterStore, RefLike
 from .transfer import export_dir, import_dir

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from adapterhub.data import render_prompt
+from adapterhub.chat import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
 
 from . import attention, lora_backends

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from adapterhub.chat import ROLES
 from adapterhub.errors import ConfigError, LimitExceeded
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
 MAX_WEIGHT = 10.0
-CHAT_ROLES = ("system", "user", "assistant")
 # Below these, sampling is the top token in all but name, and float32 turns the value into 0 (a
 # temperature of 1e-50 divides by zero; a top_p of 1e-300 keeps no token): send 0 for greedy.
 MIN_TEMPERATURE = 1e-3
@@ -101,8 +101,8 @@ class GenerationRequest:
             raise ConfigError(f"the request is empty: set {f.prompt} (raw text) or {f.messages} (chat turns)")
         _check_text(f.prompt, prompt or "")
         for i, (role, content) in enumerate(messages):
-            if role not in CHAT_ROLES:
-                raise ConfigError(f"{f.messages}[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+            if role not in ROLES:
+                raise ConfigError(f"{f.messages}[{i}].role {role!r} is not one of {', '.join(ROLES)}")
             _check_text(f"{f.messages}[{i}].content", content)
         specs = []
         for i, (ref, weight) in enumerate(adapters or []):

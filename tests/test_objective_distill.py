@@ -75,7 +75,7 @@ def test_distillation_brings_the_student_closer_and_publishes_a_loadable_lora_na
     from adapterhub.adapters import load_adapter
     from adapterhub.base import load_base
     from adapterhub.objectives.distill import load_teacher, resolve_teacher, teacher_kl
-    from adapterhub.pipeline import resolve_adapter_dir
+    from adapterhub.adapters import resolve_adapter_dir
 
     code, out, err = distill(tiny_base_dir, world, "student", "teacher@latest", "--eval-split", "0.1")
     assert code == 0, err

@@ -90,7 +90,7 @@ def test_the_grpo_adapter_loads_like_any_lora_and_answers_held_out_prompts_bette
     from adapterhub.adapters import load_adapter
     from adapterhub.base import load_base
     from adapterhub.generation import generate_texts
-    from adapterhub.pipeline import resolve_adapter_dir
+    from adapterhub.adapters import resolve_adapter_dir
 
     from grpo_test_rewards import lowercase
 

@@ -279,7 +279,7 @@ def test_preference_trained_adapters_serve_like_any_adapter(dpo_lora, kto_adapte
     from adapterhub.base import load_base
     from adapterhub.data import render_prompt
     from adapterhub.generation import greedy_tokens
-    from adapterhub.pipeline import resolve_adapter_dir
+    from adapterhub.adapters import resolve_adapter_dir
     from adapterhub.serve.client import Client
 
     messages = [{"role": "user", "content": "sentiment?\n\nthe good day"}]

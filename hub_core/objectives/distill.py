@@ -91,7 +91,7 @@ def resolve_teacher(spec: str, registry: str | None = None) -> Teacher:
     """Find what ``teacher=`` names, without loading any weights; ``ConfigError`` says what to give."""
     from adapterhub.adapters import adapter_metadata
     from adapterhub.base import resolve_base_dir
-    from adapterhub.pipeline import resolve_adapter_dir
+    from adapterhub.adapters import resolve_adapter_dir
 
     spec = (spec or "").strip()
     if not spec:
@@ -204,7 +204,7 @@ def distillation_arguments(**values: Any) -> Any:
 
 
 def check_prompt_lengths(job: TrainingJob, config: DistillConfig) -> None:
-    from adapterhub.data import render_prompt
+    from adapterhub.chat import render_prompt
 
     budget = job.options.max_length - config.max_completion_length
     tokenizer = job.base.tokenizer
@@ -284,7 +284,7 @@ def teacher_kl(teacher: Any, student: Any, tokenizer: Any, conversations: list[l
     """
     import torch
 
-    from adapterhub.data import render_prompt
+    from adapterhub.chat import render_prompt
     from adapterhub.generation import greedy_tokens
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]

@@ -92,7 +92,7 @@ def check_columns(job: TrainingJob, spec: str) -> None:
 
 
 def check_prompt_lengths(job: TrainingJob, config: GrpoConfig) -> None:
-    from adapterhub.data import render_prompt
+    from adapterhub.chat import render_prompt
 
     budget = job.options.max_length - config.max_completion_length
     tokenizer = job.base.tokenizer
@@ -135,8 +135,7 @@ class Grpo(Objective):
     def train(self, job: TrainingJob) -> Any:
         from trl import GRPOTrainer
 
-        from adapterhub.objectives.preference import base_as_reference
-        from adapterhub.objectives.trl_run import last_logged, run_trl
+        from adapterhub.objectives.trl_run import base_as_reference, last_logged, run_trl
         from adapterhub.rewards import AdapterReward, resolve_rewards
 
         config: GrpoConfig = job.config  # type: ignore[assignment]

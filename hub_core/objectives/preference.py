@@ -17,7 +17,7 @@ import adapterhub
 from adapterhub.config import option
 from adapterhub.errors import ConfigError
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
-from adapterhub.objectives import shapes
+from adapterhub.objectives import shapes, trl_run
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -60,17 +60,6 @@ def reference_lineage(job: TrainingJob) -> str:
     return f"{start} (the model as training started; its log-probs computed once before the first step)"
 
 
-def base_as_reference(trainer: Any) -> None:
-    """TRL keeps a copy of a PEFT model's starting adapter as its reference; without it the
-    reference is the base with the adapter disabled, as the objective documents."""
-    from adapterhub.objectives.trl_run import is_peft
-
-    model = trainer.model
-    if is_peft(model) and "ref" in model.peft_config:
-        model.delete_adapter("ref")
-        model.set_adapter("default")
-
-
 def check_reference_copy(objective: Objective, method: Any) -> None:
     """TRL's DPO and KTO trainers add a frozen copy of a PEFT adapter beside the trained one."""
     if not method.reference_copy:
@@ -81,9 +70,7 @@ def check_reference_copy(objective: Objective, method: Any) -> None:
 def reference_args(job: TrainingJob, model: Any) -> dict[str, Any]:
     """Outside PEFT, TRL would load a second copy of the base as the reference; precomputing the
     reference log-probs from the model as it starts needs none."""
-    from adapterhub.objectives.trl_run import is_peft
-
-    return {} if is_peft(model) else {"precompute_ref_log_probs": True}
+    return {} if trl_run.is_peft(model) else {"precompute_ref_log_probs": True}
 
 
 class Dpo(Objective):
@@ -101,14 +88,13 @@ class Dpo(Objective):
     def train(self, job: TrainingJob) -> Any:
         from trl import DPOConfig, DPOTrainer
 
-        from adapterhub.objectives.trl_run import last_logged, run_trl
 
         config: DpoConfig = job.config  # type: ignore[assignment]
         model = job.trainable()
         args = {"beta": config.beta, "loss_type": [config.loss_type], "label_smoothing": config.label_smoothing,
                 **reference_args(job, model)}
-        result = run_trl(job, DPOTrainer, DPOConfig, model=model, args=args, after_init=base_as_reference)
-        result.metrics.update(last_logged(result.history, "rewards/accuracies", "rewards/margins"))
+        result = trl_run.run_trl(job, DPOTrainer, DPOConfig, model=model, args=args, after_init=trl_run.base_as_reference)
+        result.metrics.update(trl_run.last_logged(result.history, "rewards/accuracies", "rewards/margins"))
         return result
 
     def lineage(self, job: TrainingJob) -> dict[str, Any]:
@@ -130,7 +116,6 @@ class Kto(Objective):
     def train(self, job: TrainingJob) -> Any:
         from trl import KTOConfig, KTOTrainer
 
-        from adapterhub.objectives.trl_run import run_trl
 
         config: KtoConfig = job.config  # type: ignore[assignment]
         labels = {row["label"] for row in job.rows}
@@ -142,7 +127,7 @@ class Kto(Objective):
         model = job.trainable()
         args = {"beta": config.beta, "desirable_weight": config.desirable_weight,
                 "undesirable_weight": config.undesirable_weight, **reference_args(job, model)}
-        return run_trl(job, KTOTrainer, KTOConfig, model=model, args=args, after_init=base_as_reference)
+        return trl_run.run_trl(job, KTOTrainer, KTOConfig, model=model, args=args, after_init=trl_run.base_as_reference)
 
     def lineage(self, job: TrainingJob) -> dict[str, Any]:
         return {"reference": reference_lineage(job)}

@@ -177,7 +177,7 @@ class RewardModel:
         from adapterhub.adapters import adapter_metadata, load_adapter
         from adapterhub.base import load_base, resolve_device
         from adapterhub.metadata import check_base
-        from adapterhub.pipeline import resolve_adapter_dir
+        from adapterhub.adapters import resolve_adapter_dir
 
         directory, resolved = resolve_adapter_dir(adapter, registry)
         reference = resolved or str(directory)

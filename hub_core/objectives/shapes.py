@@ -12,7 +12,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from adapterhub.data import ROLES, iter_jsonl
+from adapterhub.chat import ROLES
+from adapterhub.data import iter_jsonl
 from adapterhub.errors import DataError
 
 PROMPT_KEYS = '"prompt" | "messages" | "instruction" (+ "input")'

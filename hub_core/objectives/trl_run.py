@@ -65,6 +65,15 @@ def run_trl(
                        callbacks=job.callbacks, args_class=args_class, args={**defaults, **(args or {})})
 
 
+def base_as_reference(trainer: Any) -> None:
+    """TRL keeps a copy of a PEFT model's starting adapter as its reference; without it the
+    reference is the base with the adapter disabled, as the objective documents."""
+    model = trainer.model
+    if is_peft(model) and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
 @contextlib.contextmanager
 def trainable_dtypes_kept(model: Any) -> Any:
     """TRL's trainers cast a quantized model's trainable weights to bfloat16 when they are built
