@@ -24,6 +24,7 @@ BENCHMARKS = {
     "chunk_hashing": "(i) a registry read + chunk sha256 check, hashlib per chunk vs one sha256 per file",
     "exclusive_stall": "(j) how long a freeze/full request stalls running and newly arriving requests",
     "ray_affinity": "(k) Ray Serve: affinity hit rate with multiplexing on vs off, a replica killed mid-load",
+    "registry_race": "(l) registry on S3 (moto) and file://: publishes and tag moves racing, two servers, cold load",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 
