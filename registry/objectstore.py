@@ -237,16 +237,19 @@ class ObjectStore(AdapterStore):
             # under another content's hash
             entries = {name: _stage(path, Path(staging) / name, self.max_file_bytes) for name, path in sources.items()}
             digests = sorted({e.sha256 for e in entries.values()})
-            while True:
+            for _ in range(3):
                 with Lease(self.bucket, digests, wait=self.gc_wait, stale_after=self.lease_ttl) as lease:
                     for name, entry in entries.items():
                         self._put_blob(entry, Path(staging) / name)
                     if lease.age() > self.lease_ttl / 2:
-                        continue  # a slow upload: its lease may look stale to a gc; take a fresh one
+                        continue  # a slow upload: a gc may take its lease for stale; lease again, check again
                     recorded_parent = self._resolve_parent(parent if parent is not None else metadata.parent,
                                                            explicit=parent is not None)
                     manifest = self._allocate(task, metadata, entries, recorded_parent, extra)
                     break
+            else:
+                raise AdapterHubError(f"publishing to {self.location}: storing the blobs took longer than half the "
+                                      f"lease lifetime ({self.lease_ttl:g} s) three times; retry on a faster link")
         log.info("published %s to %s (%d files, %d bytes)", manifest.ref, self.location, len(entries),
                  manifest.total_size)
         return manifest

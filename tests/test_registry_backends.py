@@ -241,6 +241,18 @@ def test_publish_waits_for_a_running_gc_and_a_dead_gc_is_reported(tmp_path):
     assert _publish(store, tmp_path, seed=1).ref == "t@1"
 
 
+def test_a_publish_slower_than_its_lease_leases_again_and_gives_up_in_the_end(tmp_path):
+    """A lease older than half its lifetime may look stale to a gc before the manifest is written:
+    the publisher takes a fresh one and checks its blobs again; one that never keeps up fails."""
+    store = open_registry((tmp_path / "reg").as_uri(), cache_dir=tmp_path / "cache")
+    store.lease_ttl = 1e-9  # every upload is "slow"
+    with pytest.raises(AdapterHubError, match="longer than half the lease lifetime"):
+        _publish(store, tmp_path, seed=1)
+    assert store.list_versions("t") == [] and store.bucket.list("leases/") == []
+    store.lease_ttl = 3600.0
+    assert _publish(store, tmp_path, seed=1).ref == "t@1" and store.verify() == []
+
+
 def test_secrets_never_reach_an_error_message(s3_env, tmp_path, capsys):
     """obstore's own messages repeat the endpoint it tried, userinfo and query included: redacted."""
     from adapterhub.cli import main
