@@ -3,7 +3,8 @@
 A decode step feeds one token per row. PyTorch's ``scaled_dot_product_attention`` on the CPU spends
 most of that step's attention on dispatching a tiny matrix product per (row, head): 10-20% of a
 batch-128 step on the small base. The C kernel (``_bgmv.c``) makes one pass over the cached keys
-and values instead, reading the cache's strided buffers in place. Everything else (prefills,
+and values instead, reading the cache's strided buffers in place (reached through the CPU backend's
+module, :mod:`.lora_backends.cpu_c`, the one entry to the extension). Everything else (prefills,
 masks it does not know, other devices or dtypes, dropout, soft-capping, sliding windows, sinks)
 goes to transformers' own ``sdpa`` function unchanged.
 
@@ -13,12 +14,11 @@ builder) and switches one model to it; models loaded elsewhere keep theirs.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from . import bgmv
+from .lora_backends import cpu_c
 
 NAME = "adapterhub"
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "position_bias")  # kwargs this kernel cannot honour
@@ -30,7 +30,7 @@ MAX_GROUP = 2
 
 def install(model: Any) -> bool:
     """Use this attention in ``model`` (True), where it runs sdpa and the kernel is built."""
-    if bgmv._bgmv is None or getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if not cpu_c.available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -57,19 +57,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
            scaling: float | None, *, isa: str | None = None) -> torch.Tensor:
     """The kernel on inputs :func:`_fits` accepted: ``[B, 1, H, D]``."""
-    batch, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    out = query.new_empty(batch, 1, heads, dim)
-    if attention_mask is None:
-        mask, mask_stride = 0, 0
-    else:
-        mask, mask_stride = attention_mask.data_ptr(), attention_mask.stride(0) if attention_mask.shape[0] == batch else 0
-    strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0),
-               value.stride(1), value.stride(2), mask_stride, out.stride(0), out.stride(2))
-    bgmv._bgmv.decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mask, out.data_ptr(), batch, heads,
-                                kv_heads, length, dim, strides, scaling if scaling is not None else 1 / math.sqrt(dim),
-                                -1 if isa is None else bgmv.isas().index(isa))
-    return out
+    return cpu_c.decode_attention(query, key, value, attention_mask, scaling, isa=isa)
 
 
 def _fits(query, key, value, mask, dropout, kwargs) -> bool:

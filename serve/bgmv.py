@@ -8,13 +8,18 @@ tokens that share an adapter read it once, skips rows without one, and streams w
 The extension is optional: without a C compiler at install time (or on another device than the
 CPU) the engine takes the plain-torch backend; :func:`describe` says which one runs. The kernel
 runs on one thread; with more torch threads, the tokens are split over a few worker threads (the
-kernel releases the GIL).
+kernel releases the GIL). The same extension holds the decode-step attention kernel
+(:func:`decode_attention`) and the slot writes' transposing copy.
+
+One entry: the CPU backend (:mod:`.lora_backends.cpu_c`) is the only module that imports this
+one; the LoRA kind and :mod:`.attention` reach the kernels through it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import threading
 from typing import Iterator
 
@@ -185,6 +190,26 @@ def transpose_raw(jobs: list[tuple[int, int, int, int, int, float]], dtype: torc
     ``(source, target, rows, cols, target row stride, factor)``, float32 ``[rows, cols]`` source,
     target elements of ``dtype``. Unchecked: the caller vouches for every address and extent."""
     _bgmv.transpose_into(jobs, DTYPES[dtype])
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float | None, *, isa: str | None = None) -> torch.Tensor:
+    """One decode step's attention, ``[B, 1, H, D]``, in one pass over the cached keys and values
+    (read in place through their strides). Unchecked: :mod:`.attention` passes only inputs it
+    accepted (one query token per row, float32 CPU tensors, contiguous head dims, a boolean mask)."""
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    out = query.new_empty(batch, 1, heads, dim)
+    if attention_mask is None:
+        mask, mask_stride = 0, 0
+    else:
+        mask, mask_stride = attention_mask.data_ptr(), attention_mask.stride(0) if attention_mask.shape[0] == batch else 0
+    strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0),
+               value.stride(1), value.stride(2), mask_stride, out.stride(0), out.stride(2))
+    _bgmv.decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mask, out.data_ptr(), batch, heads,
+                           kv_heads, length, dim, strides, scaling if scaling is not None else 1 / math.sqrt(dim),
+                           -1 if isa is None else isas().index(isa))
+    return out
 
 
 def _workers(n: int) -> concurrent.futures.ThreadPoolExecutor:

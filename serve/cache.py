@@ -17,9 +17,9 @@ import functools
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
-from adapterhub.errors import AdapterHubError, ConfigError, LimitExceeded, PluginError
+from adapterhub.errors import AdapterHubError, ConfigError, LimitExceeded, NotFound, PluginError
 from adapterhub.metadata import check_base
 from adapterhub.objective import CAUSAL_LM
 
@@ -77,9 +77,14 @@ class AdapterCache:
         capacity: int,
         base_fingerprint: str,
         base_config: Any,
-        pool: Any = None,
+        pool: SlotPool | None = None,
+        loading: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
         metrics: Any = None,
     ):
+        """``pool``: the engine's slot pool (admit/retire/forget): a load copies its form into the
+        device slots itself, while the hash check still runs, instead of the scheduler between steps
+        (None: a CPU pool of its own, for a cache used alone). ``loading``: held around each load,
+        the engine's LoRA backend's guard (:meth:`LoraBackend.loading`)."""
         if capacity < 1:
             raise LimitExceeded(f"--max-adapters {capacity} must be at least 1")
         self.source = source
@@ -87,10 +92,8 @@ class AdapterCache:
         self.base_fingerprint = base_fingerprint
         self.base_config = base_config
         self.metrics = metrics
-        # the engine's slot pool (admit/retire/forget): a load copies its form into the device
-        # slots itself, while the hash check still runs, instead of the scheduler between steps
-        self.pool: Any = pool if pool is not None else SlotPool("cpu")
-        self.loading: Callable[[], Any] = contextlib.nullcontext  # set by the engine (see CLora.loading)
+        self.pool = pool if pool is not None else SlotPool("cpu")
+        self.loading = loading
         self._lock = threading.Lock()
         self._holds: collections.Counter[str] = collections.Counter()  # key -> requests holding it
         self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()
@@ -254,8 +257,6 @@ class AdapterCache:
         return entry
 
     def _resident_entry(self, ref: str) -> LoadedAdapter:
-        from adapterhub.errors import NotFound
-
         version = self.source.resolve(ref)
         with self._lock:
             entry = self._resident.get(version.ref)

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from typing import Any
 
 from adapterhub import hookimpl
-from adapterhub.base import DTYPE_CHOICES, QUANTIZE_CHOICES
 from adapterhub.errors import AdapterHubError, ConfigError
 from adapterhub.registry.location import add_registry_arguments, location_from_args
+
+from .malloc import limit_arenas
+from .options import ENV, FLAG, REGISTRY, ServerOptions
+from .ray_cli import add_arguments as add_ray_arguments, serve_on_ray
 
 
 DEFAULT_TOKEN_ENV = "ADAPTERHUB_TOKEN"
@@ -28,56 +33,7 @@ def adapterhub_register_commands(subparsers: Any) -> None:
 
 def add_serve_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve one base model and registry adapters over gRPC (and OpenAI's HTTP API)")
-    serve.add_argument("--base", required=True, help="base model directory or Hub id")
-    serve.add_argument("--quantize", default="nf4", choices=QUANTIZE_CHOICES)
-    serve.add_argument("--device", default="auto",
-                       help="where the base, its KV cache, the adapter slots and sampling live: auto (the first GPU "
-                            "when there is one, else the CPU), cpu, cuda, cuda:N")
-    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                       help="compute dtype of the base (auto: the checkpoint's own on a GPU, float32 on the CPU); "
-                            "a quantized base dequantizes to it")
-    add_registry_arguments(serve)  # --registry DIR|URL, --registry-option, --cache-dir, --cache-max-bytes
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--max-adapters", type=int, default=8, help="adapters kept resident (LRU; pinned never evicted)")
-    serve.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
-    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    serve.add_argument("--lora-dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
-                       help="precision of resident LoRA weights: auto = the base's compute dtype; float16 halves "
-                            "each adapter's memory and the bytes a mixed batch reads per step")
-    serve.add_argument("--lora-overlap", default="auto", choices=("auto", "on", "off"),
-                       help="run a mixed batch's LoRA on a core of its own while the base layers run (memory-bound "
-                            "beside compute-bound work); auto = when torch's threads leave a core unused")
-    serve.add_argument("--lora-backend", default="auto", choices=("auto", "c", "triton", "torch"),
-                       help="mixed-batch LoRA: auto = the C kernel on the CPU, Triton on CUDA; torch = the plain "
-                            "PyTorch reference (any device)")
-    serve.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
-    serve.add_argument("--max-adapters-per-request", type=int, default=4)
-    serve.add_argument("--token-env", default=None,
-                       help="name of an environment variable holding a bearer token clients must send")
-    serve.add_argument("--admin-token-env", default=None,
-                       help="environment variable holding a separate bearer token for the Admin service")
-    serve.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
-                       help="largest request message accepted (gRPC max_receive_message_length)")
-    serve.add_argument("--max-context-tokens", type=int, default=512,
-                       help="prompt + new tokens per request (capped at the base's context length)")
-    serve.add_argument("--max-adapter-bytes", type=int, default=None,
-                       help="refuse to load adapter versions with a file larger than this")
-    serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
-    serve.add_argument("--tls-key", help="PEM private key")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    serve.add_argument("--http-port", type=int, default=None,
-                       help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                            "/v1/models, /health, /metrics) on this port, on the same engine")
-    serve.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the base's model name in the HTTP API (default: the --base directory's name)")
-    serve.add_argument("--grace", type=float, default=10.0,
-                       help="on SIGTERM or SIGINT: health turns NOT_SERVING / 503, new requests are refused "
-                            "(UNAVAILABLE / 503), and the requests in flight get this many seconds to finish "
-                            "before they end with a final error; a second signal ends them at once (default 10)")
-    from .ray_cli import add_arguments as add_ray_arguments
-
+    add_option_arguments(serve)  # every ServerOptions field with a flag, in its order
     add_ray_arguments(serve)  # --ray, --replicas, ...: the same options, served by Ray Serve replicas
     serve.set_defaults(func=cmd_serve)
 
@@ -102,45 +58,74 @@ def add_serve_parsers(sub: Any) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+def add_option_arguments(parser: Any) -> None:
+    """A flag per :class:`ServerOptions` field, from its metadata: help, choices, default, and a
+    type from its annotation; ``env`` fields take the name of a variable that holds the value."""
+    hints = typing.get_type_hints(ServerOptions)
+    for field in dataclasses.fields(ServerOptions):
+        how, help_text, choices = field.metadata["cli"], field.metadata["help"], field.metadata["choices"]
+        if how == REGISTRY:
+            add_registry_arguments(parser)  # --registry DIR|URL, --registry-option, --cache-dir, --cache-max-bytes
+        elif how == ENV:
+            parser.add_argument(f"--{field.name.replace('_', '-')}-env", default=None, help=help_text)
+        elif how == FLAG:
+            kwargs: dict[str, Any] = {"help": help_text}
+            if field.default is dataclasses.MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = field.default
+            kind = next((t for t in (int, float) if t in (hints[field.name], *typing.get_args(hints[field.name]))), None)
+            if kind is not None:
+                kwargs["type"] = kind
+            if choices:
+                kwargs["choices"] = choices
+            parser.add_argument(f"--{field.name.replace('_', '-')}", **kwargs)
+
+
+def env_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The ``env`` fields' values, read from the variables their ``--...-env`` flags name (a
+    variable named there must be set: serving without the token meant would be open)."""
+    values: dict[str, str | None] = {}
+    for field in dataclasses.fields(ServerOptions):
+        if field.metadata["cli"] == ENV:
+            flag, variable = f"--{field.name.replace('_', '-')}-env", getattr(args, f"{field.name}_env")
+            values[field.name] = os.environ.get(variable) if variable else None
+            if variable and not values[field.name]:
+                raise ConfigError(f"{flag} {variable}: the environment variable is unset or empty")
+    return values
+
+
+def options_from_args(args: argparse.Namespace, **from_env: Any) -> ServerOptions:
+    """The options the flags of :func:`add_option_arguments` give; ``from_env``: :func:`env_options`."""
+    values: dict[str, Any] = dict(from_env)
+    for field in dataclasses.fields(ServerOptions):
+        how = field.metadata["cli"]
+        if how == FLAG:
+            values[field.name] = getattr(args, field.name)
+        elif how == REGISTRY:
+            values[field.name] = location_from_args(args)
+    return ServerOptions(**values)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .malloc import limit_arenas
-    from .server import AdapterServer, ServerOptions
+    from .server import AdapterServer  # here: grpc and torch load only when a server starts
 
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise ConfigError(f"--token-env {args.token_env}: the environment variable is unset or empty")
-    admin_token = None
-    if args.admin_token_env:
-        admin_token = os.environ.get(args.admin_token_env)
-        if not admin_token:
-            raise ConfigError(f"--admin-token-env {args.admin_token_env}: the environment variable is unset or empty")
+    from_env = env_options(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     logging.getLogger("adapterhub").setLevel(logging.INFO)
     limit_arenas()  # before the server's threads start: adapter loads must not grow it for good
-    options = ServerOptions(
-        base=args.base, registry=location_from_args(args), quantize=args.quantize, dtype=args.dtype, host=args.host, port=args.port,
-        max_adapters=args.max_adapters, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_new_tokens=args.max_new_tokens, max_adapters_per_request=args.max_adapters_per_request,
-        token=token, admin_token=admin_token, max_message_bytes=args.max_message_bytes,
-        max_context_tokens=args.max_context_tokens, max_adapter_bytes=args.max_adapter_bytes,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, lora_dtype=args.lora_dtype,
-        lora_overlap=args.lora_overlap, device=args.device, lora_backend=args.lora_backend, http_port=args.http_port, http_host=args.http_host,
-        served_model_name=args.served_model_name)
+    options = options_from_args(args, **from_env)
     if args.ray:
-        from .ray_cli import serve_on_ray
-
         return serve_on_ray(options, args)
     server = AdapterServer(options).start()
     print(f"serving on {args.host}:{server.port}", flush=True)
     if server.http_port is not None:
         print(f"OpenAI HTTP API on http://{server.http_host}:{server.http_port}/v1 (model {server.served_name!r}, "
               "or a registry reference)", flush=True)
-    print(server.wait(args.grace), flush=True)
+    print(server.wait(), flush=True)
     return 0
 
 

@@ -7,9 +7,10 @@ expired ones, then runs ONE forward pass for all rows, each row with its own ada
 :mod:`batch_plan` and :mod:`kinds`). A sequence holds its adapters until it finishes, so a tag moved or an adapter evicted
 meanwhile does not change a running request.
 
-Decoding keeps a key/value cache (:class:`KVBatch`): a request joining the batch is prefilled once
-(with the other newcomers of that step, left-padded, its prefix adapters' keys/values in front),
-its cache is spliced into the running batch's, and from then on every step feeds ONE token per row.
+Decoding keeps a key/value cache (:class:`KVBatch`; the passes are :mod:`forward_pass`'s): a
+request joining the batch is prefilled once (with the other newcomers of that step, left-padded,
+its prefix adapters' keys/values in front), its cache is spliced into the running batch's, and from
+then on every step feeds ONE token per row.
 Rows leave by an ``index_select`` of the cache; the cache sits in buffers with spare columns, so a
 step writes its token in place instead of re-concatenating. Adapter tensors stay in the device
 slot pool (:class:`~.slot_pool.SlotPool`) while resident, so a step applies them with a fixed
@@ -18,118 +19,47 @@ number of gathered matmuls (the LoRA backend's) whatever the mix of adapters.
 Adapters without a serving form (``freeze``, ``full``: whole weight matrices) take the exclusive
 path when they reach the head of the queue: the running batch pauses (its caches kept), the method
 attaches its adapter to the base (``method.load``), ``generate`` runs that request alone,
-``method.detach`` (on a quantized base: a fresh copy of the base, see ``_slow_path_base``), and the
+``method.detach`` (on a quantized base: a fresh copy of the base, see :mod:`exclusive`), and the
 batch resumes. So such a request stalls the others for about its own time, no longer.
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
-import itertools
 import logging
-import os
-import queue
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from adapterhub.chat import render_prompt
-from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded, PluginError
+from adapterhub.errors import LimitExceeded, Overloaded
 
 from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
-from .errors import RequestCancelled, RequestTimeout, RowFailed, ShuttingDown, StepFailed
+from .errors import RequestTimeout, RowFailed, ShuttingDown, StepFailed
+from .exclusive import generate_alone
+from .forward_pass import ForwardPasses
 from .isolation import isolate
-from .kv_batch import KVBatch
-from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
-from .batch_plan import BatchPlan, RowHooks
 from .kinds import check_composition
+from .kv_batch import KVBatch
+from .lora_backends import LoraBackend
+from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
+from .sampling import next_tokens
+from .sequence import Sequence
 from .slot_pool import SlotPool
-from .sampling import make_generator, next_tokens
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
-
-
-class Sequence:
-    """One request in flight: prompt, adapters, generated tokens and an event queue to its caller."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, request: GenerationRequest, prompt_ids: list[int], entries: list[tuple[LoadedAdapter, float]],
-                 resolved: list[ResolvedAdapter], deadline: float | None, stream: bool = True, events: Any = None):
-        self.id = next(self._ids)
-        self.request = request
-        self.stream = stream  # False: the caller wants the result only (no per-token chunks)
-        self.params = request.params
-        self.prompt_ids = prompt_ids
-        self.entries = entries
-        self.resolved = resolved
-        self.deadline = deadline
-        self.generated: list[int] = []
-        self.events: Any = events if events is not None else queue.Queue()  # anything with put(item)
-        self.cancelled = False
-        self.finished = False
-        self.emitted_text = ""
-        self.decoded = ""  # text of generated[:read_offset] (incremental detokenization)
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.done = threading.Event()  # set with the last event: result() waits on it, not on every token
-        self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
-        self.slow = any(entry.served is None for entry, _ in entries)
-        self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
-
-    def cancel(self) -> None:
-        """Called by the RPC layer when the client goes away; the slot is freed at the next step."""
-        if not self.finished:
-            self.cancelled = True
-            self.put(RequestCancelled(f"request {self.id} was cancelled by the client"), last=True)
-
-    def put(self, item: Any, *, last: bool = False) -> None:
-        self.events.put(item)
-        if last:
-            self.done.set()
-
-    def chunks(self) -> Iterator[Chunk]:
-        """Stream of chunks; the last has ``result``; raises the request's error if it failed."""
-        while True:
-            item = self.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.result is not None:
-                return
-
-    def result(self) -> GenerationResult:
-        """The final result (or the request's error). Waits once, not once per token, so a unary
-        caller's thread does not wake up (and take the GIL from the scheduler) at every step."""
-        self.done.wait()
-        while True:
-            item = self.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.result is not None:
-                return item.result
-
-
-def spare_core() -> bool:
-    """Whether this process may run on more cores than torch's threads use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores > torch.get_num_threads()
-
 
 class Engine:
-    def __init__(self, base: Any, cache: AdapterCache, *, limits: Limits = Limits(), max_batch: int = 32,
-                 max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
-                 admission_gap: float = 0.001, lora_dtype: torch.dtype | None = None, lora_overlap: bool | None = None,
-                 lora_backend: str = "auto"):
+    """Built by :meth:`create`, which gives each collaborator what it needs; ``cache`` writes into
+    the engine's slot pool (``cache.pool``) and ``backend`` runs the mixed batches' LoRA."""
+
+    def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
+                 max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
+                 admission_gap: float = 0.001):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -143,25 +73,15 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        self.num_layers = self.model.config.num_hidden_layers
-        self.hooks = RowHooks(self.model)
         self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
-        # a mixed batch's LoRA on a core of its own while the base layers run (the C backend); by
-        # default when torch leaves a core unused
-        self.lora_overlap = spare_core() if lora_overlap is None else lora_overlap
-        self.backend = lora_backends.select(self.device, lora_backend, overlap=self.lora_overlap)
-        cache.loading = getattr(self.backend, "loading", cache.loading)  # a load tells the backend it wants the cores
-        log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s", self.backend.name, self.device,
-                 " (overlapped with the base layers)" if getattr(self.backend, "overlap", False) else "",
+        self.backend = backend
+        self.pool = cache.pool  # loads write their slots themselves, off the scheduler thread
+        self.lora_dtype = self.pool.lora_dtype
+        self.passes = ForwardPasses(self.model, self.pool, backend, pad_id=self.pad_id)
+        self.hooks = self.passes.hooks  # the base's forward hooks that apply a step's adapters
+        log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s", backend.name, self.device,
+                 " (overlapped with the base layers)" if backend.overlap else "",
                  "C kernel" if self.fast_attention else self.model.config._attn_implementation)
-        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name goes through a
-        # deprecation wrapper on every forward; 4.x knows only the old one)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
-        # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
-        self.lora_dtype = lora_dtype or getattr(self.model, "dtype", torch.float32)
-        self.pool = SlotPool(self.device, lora_dtype=self.lora_dtype, slots=max(8, cache.capacity), model=self.model)
-        cache.pool = self.pool  # loads write their slots themselves, off the scheduler thread
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -176,14 +96,30 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="adapterhub-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def lora_overlap(self) -> bool:
+        """Whether mixed batches' LoRA runs on a core of its own beside the base layers."""
+        return self.backend.overlap
+
     @classmethod
     def create(cls, base: Any, source: Any, *, capacity: int, limits: Limits = Limits(), metrics: Any = None,
+               lora_dtype: torch.dtype | None = None, lora_overlap: bool | None = None, lora_backend: str = "auto",
                **kwargs: Any) -> "Engine":
-        cache = AdapterCache(source, capacity=capacity, base_fingerprint=base.fingerprint, base_config=base.model.config,
-                             metrics=metrics)
+        """An engine on ``base`` serving ``source``'s adapters: the LoRA backend for the base's device
+        (``lora_overlap`` None: when torch leaves a core unused), the slot pool on that device, and
+        the adapter cache that loads into that pool under the backend's loading guard."""
+        model = base.model
+        device = next(model.parameters()).device
+        backend = lora_backends.select(device, lora_backend, overlap=lora_overlap)
+        # LoRA stacks in the base's compute dtype unless asked otherwise: float16 halves the bytes a
+        # mixed batch reads per step and each adapter's memory, at ~5e-4 relative error in the delta
+        pool = SlotPool(device, lora_dtype=lora_dtype or getattr(model, "dtype", torch.float32), slots=max(8, capacity),
+                        model=model)
+        cache = AdapterCache(source, capacity=capacity, base_fingerprint=base.fingerprint, base_config=model.config,
+                             pool=pool, loading=backend.loading, metrics=metrics)
         limits = Limits(limits.max_new_tokens, limits.max_adapters_per_request,
-                        min(limits.context_length, getattr(base.model.config, "max_position_embeddings", 10**9)))
-        return cls(base, cache, limits=limits, metrics=metrics, **kwargs)
+                        min(limits.context_length, getattr(model.config, "max_position_embeddings", 10**9)))
+        return cls(base, cache, backend, limits=limits, metrics=metrics, **kwargs)
 
     # -- request side (caller threads) ------------------------------------------------------------
 
@@ -323,7 +259,7 @@ class Engine:
         known = {id(s) for s in batch.rows} if batch is not None else set()
         new = [s for s in rows if id(s) not in known]
         if new:  # a newcomer whose prefill fails alone fails alone (see isolation)
-            prefilled = isolate(new, self._prefill, lambda seq: self._prefill([seq]), self._row_failed,
+            prefilled = isolate(new, self.passes.prefill, lambda seq: self.passes.prefill([seq]), self._row_failed,
                                 self._step_failed)
             if prefilled is not None:
                 joined, logits = prefilled
@@ -336,7 +272,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.batch(len(batch.rows))
             logits = isolate(batch.rows, lambda _rows: self._decode_undoable(batch),
-                             lambda seq: self._decode(batch.alone(seq)), self._row_failed, self._step_failed)
+                             lambda seq: self.passes.decode(batch.alone(seq)), self._row_failed, self._step_failed)
             if logits is not None:
                 self._emit(batch.rows, logits)
             batch.keep_unfinished()
@@ -346,7 +282,7 @@ class Engine:
         batch.keep_unfinished()  # rows that failed alone since the last try
         lengths = [layer.length for layer in batch.layers]
         try:
-            return self._decode(batch)
+            return self.passes.decode(batch)
         except BaseException:
             batch.rewind(lengths)
             raise
@@ -379,72 +315,6 @@ class Engine:
                 f"request {seq.id}: the batch step it was in failed ({type(exc).__name__}); the server logged it "
                 "and serves the next step: retry"))
 
-    def _prefill(self, rows: list[Sequence]) -> tuple["KVBatch", torch.Tensor]:
-        """One forward pass over the newcomers' prompts (left-padded, after their prefixes)."""
-        from transformers import DynamicCache
-
-        plan = BatchPlan([s.entries for s in rows], self.pool, self.device, backend=self.backend)
-        # a row's input: its soft prompts' virtual tokens (if any), then its prompt; left-padded
-        lengths = [soft + len(s.prompt_ids) for s, soft in zip(rows, plan.soft_lengths)]
-        width = max(lengths)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, (s, n) in enumerate(zip(rows, lengths)):
-            ids[b, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[b, width - n:] = 1
-            s.prefix_len = plan.prefix_lengths[b] + plan.soft_lengths[b]  # positions before its prompt
-        positions = (mask.cumsum(-1) - 1).clamp_min(0) + torch.tensor(plan.prefix_lengths)[:, None]
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        inputs = self._soft_prompted(ids, plan.input_prefix(), lengths, width)
-        layers, prefix_mask = plan.prefix_cache(self.num_layers, self.device)
-        cache = DynamicCache(ddp_cache_data=layers) if layers is not None else DynamicCache()
-        prefix_width = 0 if layers is None else prefix_mask.shape[1]
-        if layers is not None:
-            mask = torch.cat([prefix_mask, mask], dim=1)
-        # a row's first attended column: its prefix's (right-aligned in the prefix block), else its prompt's
-        starts = [prefix_width - p if p else prefix_width + width - n for n, p in zip(lengths, plan.prefix_lengths)]
-        logits = self._forward(plan, inputs, mask, positions, cache)
-        return KVBatch(rows, [(layer.keys, layer.values) for layer in cache.layers], mask, starts), logits
-
-    def _decode(self, batch: "KVBatch") -> torch.Tensor:
-        """One token per row (its latest), attending to the cached keys/values."""
-        rows = batch.rows
-        plan = BatchPlan([s.entries for s in rows], self.pool, self.device, backend=self.backend)
-        ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
-        positions = torch.tensor([[s.prefix_len + len(s.prompt_ids) + len(s.generated) - 1] for s in rows],
-                                 device=self.device)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        logits = self._forward(plan, ids, mask, positions, batch.cache())
-        batch.mask = mask
-        return logits
-
-    def _soft_prompted(self, ids: torch.Tensor, soft: list | None, lengths: list[int], width: int) -> dict:
-        """The forward's input: ``input_ids``, or where some row has soft prompts, ``inputs_embeds``
-        with each row's virtual-token embeddings in front of its prompt's."""
-        if soft is None:
-            return {"input_ids": ids}
-        with torch.inference_mode():
-            embeds = self.model.get_input_embeddings()(ids)
-            for b, (prompt, n) in enumerate(zip(soft, lengths)):
-                if prompt is not None:
-                    embeds[b, width - n: width - n + prompt.shape[0]] = prompt.to(embeds.dtype)
-        return {"inputs_embeds": embeds}
-
-    def _forward(self, plan: BatchPlan, inputs: Any, mask, positions, cache) -> torch.Tensor:
-        """One forward pass with ``plan``'s adapters; ``inputs`` is ``input_ids`` (a tensor) or a dict
-        naming the model's input (``inputs_embeds`` for soft prompts)."""
-        inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
-        self.hooks.ensure(plan.modules, plan.input_modules)
-        self.hooks.plan = plan
-        try:
-            with torch.inference_mode():
-                out = self.model(**inputs, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache},
-                                 use_cache=True, logits_to_keep=1)
-        finally:
-            self.hooks.plan = None
-            plan.drain()
-        return out.logits[:, -1, :].float()
-
     def _advance(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)
         params = seq.params
@@ -454,26 +324,16 @@ class Engine:
             if len(seq.generated) >= params.max_new_tokens:
                 return self._complete(seq, token, "length")
             if seq.stream:
-                self._stream(seq, token, self._text(seq), hold=0)
+                seq.emit(token, seq.text(self.tokenizer), hold=0)
             return
-        text = self._text(seq)
+        text = seq.text(self.tokenizer)
         cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
         if cut >= 0:
             return self._complete(seq, token, "stop", text[:cut])
         if len(seq.generated) >= params.max_new_tokens:
             return self._complete(seq, token, "length")
         if seq.stream:
-            self._stream(seq, token, text, hold=max(len(s) - 1 for s in params.stop))
-
-    def _stream(self, seq: Sequence, token: int, text: str, hold: int) -> None:
-        """Emit the text that is final: not a partial character, not a possible stop-string start."""
-        safe = text[: len(text) - hold] if hold else text
-        safe = safe.rstrip("\ufffd")
-        if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
-            delta, seq.emitted_text = safe[len(seq.emitted_text):], safe
-        else:
-            delta = ""
-        seq.put(Chunk(delta, [token]))
+            seq.emit(token, text, hold=max(len(s) - 1 for s in params.stop))
 
     def _complete(self, seq: Sequence, token: int, reason: str, text: str | None = None) -> None:
         """Finish ``seq``; the authoritative text is one full decode (a stop cut passes its text)."""
@@ -485,18 +345,6 @@ class Engine:
         self._finish(seq)
         self.completed += 1
         seq.put(Chunk(delta, [token] if seq.stream else list(seq.generated), result), last=True)
-
-    def _text(self, seq: Sequence) -> str:
-        """The generated text so far, decoding only the last few tokens each step (TGI's prefix /
-        read offsets: decode with a little context, keep what follows it once it is complete)."""
-        prefix = self.tokenizer.decode(seq.generated[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(seq.generated[seq.prefix_offset:], skip_special_tokens=True)
-        new = full[len(prefix):] if full.startswith(prefix) else full
-        if new and not new.endswith("\ufffd"):
-            seq.decoded += new
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
-            return seq.decoded
-        return seq.decoded + new
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished = True
@@ -517,42 +365,9 @@ class Engine:
 
     def _run_slow(self, seq: Sequence) -> None:
         """Exclusive path for a method without a serving form: attach, generate alone, detach."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         entry, _ = seq.entries[0]
-        engine = self
-
-        class Abort(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                late = seq.deadline is not None and time.monotonic() > seq.deadline
-                stop = seq.cancelled or late or engine._abort
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        try:
-            model = entry.method.load(self._slow_path_base(), entry.directory)
-        except AdapterHubError:
-            raise
-        except Exception as exc:  # a plugin bug fails this request only, and says whose bug it is
-            raise PluginError(
-                f"method plugin {entry.method.name!r} ({entry.method.origin}) failed to load {entry.key}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        try:
-            model.eval()
-            p = seq.params
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
-            kwargs: dict[str, Any] = {"do_sample": False}
-            if p.temperature > 0:
-                torch.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)  # as make_generator: a seed is 64 bits
-                kwargs = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
-                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                     stopping_criteria=StoppingCriteriaList([Abort()]), **kwargs)
-        finally:
-            if self.base.quantize == "none":
-                entry.method.detach(model)
-            del model
+        tokens = generate_alone(self.base, self.device, entry, seq, pad_id=self.pad_id, eos_id=self.eos_id,
+                                aborted=lambda: self._abort)
         if seq.cancelled:
             return self._finish_error(seq, None)
         if self._abort:
@@ -560,26 +375,9 @@ class Engine:
             return self._finish_error(seq, _stopped(seq))
         if seq.deadline is not None and time.monotonic() > seq.deadline:
             return self._finish_error(seq, RequestTimeout(f"request {seq.id} passed its deadline on the slow path"))
-        tokens = out[0, len(seq.prompt_ids):].tolist()
         for token in tokens:
             if not seq.finished:
-                engine._advance(seq, token)
-
-    def _slow_path_base(self) -> Any:
-        """The base the slow path attaches to.
-
-        On a bitsandbytes-quantized base, PEFT attached after the base has run a forward pass gives
-        wrong outputs on the CPU backend (logits off by ~3 on the tiny base; bnb repacks 4-bit
-        weights on first use), and some methods cannot detach from a 4-bit base at all (PEFT IA3).
-        So a quantized server loads a fresh copy of the base for each slow-path request: slow, but
-        never wrong. A full-precision base is shared: attach, run, ``method.detach``.
-        """
-        if self.base.quantize == "none":
-            return self.model
-        from adapterhub.base import load_base
-
-        return load_base(self.base.directory, self.base.quantize, device=str(self.device),
-                         dtype=self.base.dtype).model
+                self._advance(seq, token)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -1,29 +1,26 @@
 """The OpenAI-compatible HTTP door: FastAPI routes on the same engine, cache and batch as gRPC.
 
-A request's ``model`` names the base or a composition of registry adapters (see
-:mod:`model_names`); errors come from :mod:`status`, the table the gRPC interceptor uses too. The
-engine thread hands each request's chunks to the event loop (:class:`LoopEvents`), so a waiting
-request holds no thread; a client that goes away mid-stream cancels its sequence, which frees its
-batch slot at the next step.
+Like the gRPC servicers, the routes only translate: a body becomes an engine request (:mod:`openai_schema`),
+a result becomes OpenAI's response (:mod:`openai_responses`). Waiting and streaming are
+:mod:`openai_stream`'s, the model list's paging :mod:`openai_models`'s, the adapter admin
+:mod:`openai_admin`'s; errors come from :mod:`openai_errors` over :mod:`status`, the table the gRPC
+interceptor uses too. A request's ``model`` names the base or a composition of registry adapters
+(see :mod:`model_names`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
-import json
-import logging
 import math
 import time
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any, AsyncIterator, Callable
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.sse import format_sse_event
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
 from adapterhub.errors import ConfigError, NotFound
@@ -31,17 +28,15 @@ from adapterhub.errors import ConfigError, NotFound
 from .auth import Tokens
 from .engine import Engine
 from .errors import RequestCancelled
-from .request_log import Watch
 from .model_names import resolved_model, unknown_model
+from .openai_admin import admin_routes
 from .openai_errors import document_errors, install_error_handlers
+from .openai_models import list_models
 from .openai_responses import Reply, error_body
-from .openai_schema import AdapterAdminBody, ChatBody, CompletionBody, GenerationBody
-from .status import public_message
+from .openai_schema import ChatBody, CompletionBody, GenerationBody
+from .openai_stream import LoopEvents, sse_stream, wait_result
+from .request_log import Watch
 
-log = logging.getLogger("adapterhub.serve.requests")
-
-DISCONNECT_POLL_S = 0.5  # how often a unary request checks that its client is still there
-DONE = format_sse_event(data_str="[DONE]")
 RPC_BY_PATH = {"/v1/completions": "Completions", "/v1/chat/completions": "ChatCompletions"}
 
 
@@ -61,27 +56,6 @@ class HttpContext:
     @property
     def base_names(self) -> tuple[str, ...]:  # what ``model`` may say for the base alone
         return (self.served_name, self.engine.base.name)
-
-
-class LoopEvents:
-    """A sequence's event queue read on the event loop: the engine thread puts, never blocks."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop has closed: the server stopped and nobody reads any more
-            pass
-
-    async def get(self) -> Any:
-        return await self.queue.get()
-
-
-def sse(obj: dict[str, Any]) -> bytes:
-    return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
 
 
 def request_timeout(header: str | None) -> float | None:
@@ -125,8 +99,6 @@ def routes(ctx: HttpContext) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        import anyio.to_thread
-
         # submit() and admin calls run in threads (they may load an adapter); as many as gRPC's workers
         anyio.to_thread.current_default_thread_limiter().total_tokens = ctx.workers
         yield
@@ -140,7 +112,7 @@ def routes(ctx: HttpContext) -> FastAPI:
             ctx.tokens.check(authorization, admin=admin, where="send the header")
         return Depends(check)
 
-    inference, admin = [needs(False)], [needs(True)]
+    inference = [needs(False)]
 
     install_error_handlers(app, metrics=ctx.metrics, counted=RPC_BY_PATH, max_body_bytes=ctx.max_body_bytes)
     document_errors(app)
@@ -154,8 +126,6 @@ def routes(ctx: HttpContext) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- inference --------------------------------------------------------------------------------
@@ -185,7 +155,8 @@ def routes(ctx: HttpContext) -> FastAPI:
             raise
         reply = Reply(chat, resolved_model(seq.resolved, ctx.served_name), engine.base.fingerprint)
         if body.stream:
-            return StreamingResponse(stream(seq, events, reply, body.include_usage, watch), media_type="text/event-stream",
+            return StreamingResponse(sse_stream(seq, events, reply, body.include_usage, watch),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             result = await wait_result(seq, events, request)
@@ -196,48 +167,7 @@ def routes(ctx: HttpContext) -> FastAPI:
         watch.done(result)
         return reply.whole(result)
 
-    async def wait_result(seq: Any, events: LoopEvents, request: Request) -> Any:
-        while True:
-            try:
-                item = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise RequestCancelled(f"request {seq.id}: the client disconnected") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            if item.result is not None:
-                return item.result
-
-    async def stream(seq: Any, events: LoopEvents, reply: Reply, include_usage: bool, watch: Watch) -> AsyncIterator[bytes]:
-        finished = False
-        try:
-            if reply.chat:
-                yield sse(reply.chunk(None, first=True))
-            while True:
-                item = await events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.text:
-                    yield sse(reply.chunk(item.text))
-                if item.result is not None:
-                    yield sse(reply.chunk(None, item.result.finish_reason))
-                    if include_usage:
-                        yield sse(reply.usage_chunk(item.result))
-                    yield DONE
-                    finished = True
-                    watch.done(item.result)
-                    return
-        except Exception as exc:  # after the 200 went out: the error is the stream's last event
-            finished = True
-            status = watch.fail(exc)
-            yield sse(error_body(public_message(exc, status), status.kind, code=status.name.lower()))
-        finally:
-            if not finished:  # the client went away (Starlette cancelled us): free the batch slot
-                seq.cancel()
-                watch.fail(RequestCancelled(f"request {seq.id}: the client disconnected mid-stream"))
-
-    # -- models -----------------------------------------------------------------------------------
+    # -- models and admin ---------------------------------------------------------------------------
 
     started = int(time.time())
 
@@ -245,64 +175,8 @@ def routes(ctx: HttpContext) -> FastAPI:
     async def models(limit: int = Query(1000, ge=1, le=10_000), after: str | None = None) -> dict[str, Any]:
         """The base, then every version trained on it and every tag, each adapter with ``parent`` = the
         base (vLLM's convention); ``after`` = the last id of the previous page."""
-        return await run_in_threadpool(list_models, limit, after)
+        return await run_in_threadpool(list_models, engine.cache.source, engine.base.fingerprint, ctx.served_name,
+                                       started, limit, after)
 
-    def list_models(limit: int, after: str | None) -> dict[str, Any]:
-        base = {"id": ctx.served_name, "object": "model", "created": started, "owned_by": "adapterhub",
-                "root": ctx.served_name, "parent": None}  # not engine.base.name: a directory of this server
-        catalog = ((name, {"id": name, "object": "model", "created": _epoch(v.manifest.created), "owned_by": "adapterhub",
-                           "root": v.ref, "parent": ctx.served_name, "method": v.method})
-                   for name, v in engine.cache.source.catalog(engine.base.fingerprint))
-        entries = iter([(ctx.served_name, base)])
-        data, seen, more = [], after is None, False
-        for name, entry in itertools.chain(entries, catalog):
-            if not seen:
-                seen = name == after
-                continue
-            if len(data) == limit:
-                more = True
-                break
-            data.append(entry)
-        if not seen:
-            raise ConfigError(f"after={after!r} is not a model id of this server; pass the last id of the previous page")
-        return {"object": "list", "data": data, "has_more": more}
-
-    # -- admin (the admin token) --------------------------------------------------------------------
-
-    @app.get("/v1/adapters", dependencies=admin)
-    async def resident() -> dict[str, Any]:
-        return {"object": "list", "data": [_resident(e) for e in engine.cache.snapshot()]}
-
-    @app.post("/v1/load_lora_adapter", dependencies=admin)
-    async def load(body: AdapterAdminBody) -> dict[str, Any]:
-        try:
-            return {"adapter": _resident(await run_in_threadpool(engine.cache.load, body.ref()))}
-        except NotFound as exc:
-            raise NotFound(body.not_found(exc)) from exc
-
-    @app.post("/v1/unload_lora_adapter", dependencies=admin)
-    async def unload(body: AdapterAdminBody) -> dict[str, Any]:
-        ref, was = await run_in_threadpool(engine.cache.unload, body.ref())
-        return {"id": ref, "was_resident": was}
-
-    @app.post("/v1/pin_adapter", dependencies=admin)
-    async def pin(body: AdapterAdminBody) -> dict[str, Any]:
-        return {"adapter": _resident(await run_in_threadpool(engine.cache.set_pinned, body.ref(), True))}
-
-    @app.post("/v1/unpin_adapter", dependencies=admin)
-    async def unpin(body: AdapterAdminBody) -> dict[str, Any]:
-        return {"adapter": _resident(await run_in_threadpool(engine.cache.set_pinned, body.ref(), False))}
-
+    app.include_router(admin_routes(engine.cache, [needs(True)]))
     return app
-
-
-def _resident(entry: Any) -> dict[str, Any]:
-    return {"id": entry.key, "object": "adapter", "method": entry.method.name, "pinned": entry.pinned,
-            "in_use": entry.in_use, "mixed_batch": entry.served is not None, "form": entry.form_kind}
-
-
-def _epoch(iso: str) -> int:
-    try:
-        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0

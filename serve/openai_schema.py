@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapterhub.chat import ROLES
 from adapterhub.errors import ConfigError
 
 from .model_names import parse_model
@@ -34,13 +35,19 @@ class AdapterItem(Strict):
     weight: float = 1.0
 
 
+# OpenAI's other names for a role ("developer" is its newer name for the system role)
+ROLE_ALIASES = {"developer": "system"}
+# what a message's role may say on the wire: each of the chat roles, then its OpenAI aliases
+WIRE_ROLES = tuple(name for role in ROLES for name in (role, *(a for a, to in ROLE_ALIASES.items() if to == role)))
+
+
 class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[WIRE_ROLES]  # type: ignore[valid-type]
     content: str | list[TextPart]
     name: str | None = None  # accepted, as OpenAI does; chat templates have no place for it
 
@@ -133,8 +140,7 @@ class ChatBody(GenerationBody):
     def to_request(self, base_names: Sequence[str], limits: Limits) -> GenerationRequest:
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
             raise ConfigError("max_tokens and max_completion_tokens differ; set one")
-        # "developer" is OpenAI's newer name for the system role
-        messages = [("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+        messages = [(ROLE_ALIASES.get(m.role, m.role), m.text()) for m in self.messages]
         return self.build(base_names, limits, self.max_completion_tokens or self.max_tokens, messages=messages)
 
 

@@ -3,7 +3,6 @@ optional OpenAI HTTP API on the same engine."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -15,17 +14,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapterhub.base import load_base, resolve_device
+
 from ._proto import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from .adapter_source import AdapterSource
 from . import lora_backends
+from .adapter_source import AdapterSource
 from .auth import Tokens
 from .engine import Engine
 from .interceptors import BearerTokenInterceptor, ErrorInterceptor
 from .metrics import Metrics
+from .options import ServerOptions, lora_dtype, lora_overlap
 from .ports import check_free, in_use
-from .requests import Limits
 from .servicers import AdminServicer, InferenceServicer
 from .signals import StopSignals, summary
+
+__all__ = ["AdapterServer", "ServerOptions"]  # ServerOptions: defined in .options, named here for callers
 
 log = logging.getLogger(__name__)
 
@@ -35,69 +38,10 @@ SERVICE_NAMES = (
 )
 
 
-@dataclasses.dataclass
-class ServerOptions:
-    base: str
-    registry: str | None = None
-    quantize: str = "nf4"
-    dtype: str = "auto"  # of the base's compute (see adapterhub.base.resolve_dtype)
-    host: str = "127.0.0.1"
-    port: int = 50051
-    max_adapters: int = 8
-    max_batch: int = 32
-    max_queue: int = 256
-    max_new_tokens: int = 512
-    max_adapters_per_request: int = 4
-    workers: int = 64
-    token: str | None = None
-    admin_token: str | None = None  # when set, Admin RPCs need this token instead of ``token``
-    max_message_bytes: int = 4 * 2**20  # gRPC max_receive_message_length; larger requests: RESOURCE_EXHAUSTED
-    max_context_tokens: int = 512  # prompt + new tokens per request (capped at the base's positions)
-    max_adapter_bytes: int | None = None  # refuse loading adapter versions whose files are larger
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    metrics_port: int | None = None
-    http_port: int | None = None  # the OpenAI HTTP API (off unless set)
-    http_host: str | None = None  # default: host
-    served_model_name: str | None = None  # the base's name in the HTTP API (default: the --base directory's name)
-    lora_dtype: str = "auto"  # of the resident LoRA stacks: auto (the base's compute dtype), float16, bfloat16, float32
-    lora_overlap: str = "auto"  # mixed-batch LoRA on a core of its own: auto (when torch leaves one unused), on, off
-    device: str = "auto"  # of the base, its KV cache, the adapter slots and sampling: auto, cpu, cuda, cuda:N
-    lora_backend: str = "auto"  # mixed-batch LoRA: auto (C on the CPU, Triton on CUDA), c, triton, torch
-
-
-LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
-
-
-def lora_dtype(name: str) -> Any:
-    """The torch dtype for ``--lora-dtype`` (None for auto: the engine takes the base's)."""
-    import torch
-
-    if name not in LORA_DTYPES:
-        from adapterhub.errors import ConfigError
-
-        raise ConfigError(f"--lora-dtype {name!r}: use one of {', '.join(LORA_DTYPES)}")
-    return None if name == "auto" else getattr(torch, name)
-
-
-LORA_OVERLAP = {"auto": None, "on": True, "off": False}
-
-
-def lora_overlap(name: str) -> bool | None:
-    """``--lora-overlap`` as the engine takes it (None for auto)."""
-    if name not in LORA_OVERLAP:
-        from adapterhub.errors import ConfigError
-
-        raise ConfigError(f"--lora-overlap {name!r}: use one of {', '.join(LORA_OVERLAP)}")
-    return LORA_OVERLAP[name]
-
-
 class AdapterServer:
     """A running server; ``port`` is the bound port (ask for 0 to get a free one)."""
 
     def __init__(self, options: ServerOptions, *, base: Any = None):
-        from adapterhub.base import load_base, resolve_device
-
         self.options = options
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         overlap = lora_overlap(options.lora_overlap)
@@ -110,9 +54,8 @@ class AdapterServer:
             check_free(self.http_host, options.http_port, "--http-port")
         self.metrics = Metrics()
         base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype, device=device)
-        limits = Limits(options.max_new_tokens, options.max_adapters_per_request, options.max_context_tokens)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
-        self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=limits,
+        self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=options.limits(),
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
                                     lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend)
         self.metrics.watch(self.engine, self.served_name)  # the gauges Kubernetes routers read, on both /metrics
@@ -175,14 +118,14 @@ class AdapterServer:
         return self
 
     def _http_server(self) -> Any:
-        from .http_server import HttpServer
+        from .http_server import HttpServer  # uvicorn and FastAPI load only for a server with --http-port
 
         return HttpServer(self.http_app(), self.http_host, self.options.http_port)
 
     def http_app(self) -> Any:
         """The OpenAI HTTP door's ASGI app on this server's engine: on uvicorn here, called in process
         by a Ray Serve replica (:mod:`ray_app`)."""
-        from .openai_api import HttpContext, create_app
+        from .openai_api import HttpContext, create_app  # FastAPI loads only where the HTTP door is used
 
         context = HttpContext(self.engine, self.served_name, self.tokens, self.metrics,
                               serving=lambda: not self._stopped.is_set(), max_body_bytes=self.options.max_message_bytes,
@@ -196,14 +139,15 @@ class AdapterServer:
         self.health.enter_graceful_shutdown()
         self.engine.drain()
 
-    def stop(self, grace: float = 10.0, *, hurry: Callable[[], bool] = lambda: False) -> tuple[int, int]:
-        """Drain; let the requests in flight finish within ``grace`` seconds (less once ``hurry()``);
+    def stop(self, grace: float | None = None, *, hurry: Callable[[], bool] = lambda: False) -> tuple[int, int]:
+        """Drain; let the requests in flight finish within ``grace`` seconds (default ``--grace``; less
+        once ``hurry()``);
         end the rest with a final error (an SSE error event, a gRPC UNAVAILABLE status); then close
         both doors. Returns how many of those in flight (finished, ended)."""
         if self._closed is not None:
             return self._closed
         self.drain()
-        self._closed = self.engine.stop(grace, hurry=hurry)
+        self._closed = self.engine.stop(self.options.grace if grace is None else grace, hurry=hurry)
         flush = HURRIED_FLUSH_S if hurry() else FLUSH_S  # every request has its last event: this only sends it
         done = self.server.stop(flush)
         if self.http is not None:
@@ -213,9 +157,10 @@ class AdapterServer:
         gc.unfreeze()  # frozen objects are never freed: at exit, extensions would report them all as leaked
         return self._closed
 
-    def wait(self, grace: float = 10.0) -> str:
+    def wait(self, grace: float | None = None) -> str:
         """Serve until SIGTERM or SIGINT, then stop gracefully (a second signal: at once); returns the
         one line that says how the requests in flight ended."""
+        grace = self.options.grace if grace is None else grace
         signals = StopSignals()
         name = signals.wait()
         finished, ended = self.stop(grace, hurry=signals.again)

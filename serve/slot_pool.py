@@ -11,7 +11,6 @@ larger rank, a module not seen before); ``rebuilds`` and ``writes`` count both f
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any, Sequence
 
@@ -19,24 +18,9 @@ import torch
 
 from adapterhub.errors import PluginError
 
+from .kinds import KINDS, Served, Slots, kind_of
 
-@dataclasses.dataclass
-class Slots:
-    """Per-row slot indices into one kind's stack (0 = none) and weights, ``[B, K]`` (K = the most
-    adapters of the kind in one row), on the device and, for plans, on the host."""
-
-    index: torch.Tensor  # [B, K] long
-    weight: torch.Tensor  # [B, K] float32
-    host_index: list[list[int]]  # what per-step plans are built from, without a device sync
-    host_weight: list[list[float]]
-
-    def shared(self) -> int | None:
-        """The one slot every row uses (one adapter, weight 1), or None: rows differ or compose."""
-        if len(self.host_index[0]) != 1:
-            return None
-        first = self.host_index[0][0]
-        same = all(r == [first] for r in self.host_index) and all(w == [1.0] for w in self.host_weight)
-        return first if same else None
+__all__ = ["Served", "SlotPool", "SlotStack", "Slots"]  # Served and Slots: the kinds' types, named here too
 
 
 Parts = dict[str, tuple[torch.Tensor, ...]]  # stack name (a module, or "out:module") -> its tensors
@@ -54,6 +38,7 @@ class SlotStack:
         # keeps a consistent set for the step it serves
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.meta: dict[int, Any] = {}  # slot -> what the kind keeps per adapter (e.g. an activation)
+        self.derived: dict[str, Any] = {}  # what the kind derives from the tensors (it checks they are current)
         self.slot_of: dict[str, int] = {}
         self.retired: dict[str, None] = {}  # keys the cache let go, oldest first: their slots may be reused
         self._dense: tuple[int, Parts] | None = None
@@ -153,23 +138,6 @@ class SlotStack:
         return Slots(index.to(device), weight.to(device), host_index, host_weight)
 
 
-@dataclasses.dataclass(eq=False)
-class Served:
-    """What the cache keeps of a servable adapter: its kind, the key/value positions it puts in front
-    of a row's cache (prefixes), the input tokens it puts in front of the row's prompt (soft
-    prompts), whatever the kind keeps off the stacks (their device tensors), and every kind whose
-    step applies it (DoRA: the LoRA kind's delta, then its own channel scale)."""
-
-    kind: Any
-    positions: int = 0
-    data: Any = None
-    kinds: tuple = ()
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.kinds = self.kinds or (self.kind,)
-
-
 class SlotPool:
     """The stacks of every stacked kind on one device, with one dtype for LoRA (``--lora-dtype``)."""
 
@@ -191,12 +159,10 @@ class SlotPool:
     def admit(self, key: str, form: Any) -> Served:
         """The form's kind prepares it: stacked kinds copy it into a slot here; PluginError when the
         form is of no kind the engine knows (the method declared ``mixed_batch`` but returned it)."""
-        from .kinds import kind_of
-
         kind = kind_of(form)
         if kind is None:
             raise PluginError(f"serving form {type(form).__name__} is of no kind this server applies "
-                              f"({', '.join(k.form_type.__name__ for k in _kinds())}); the method must declare "
+                              f"({', '.join(k.form_type.__name__ for k in KINDS)}); the method must declare "
                               "mixed_batch=False, or return one of those")
         return kind.admit(self, key, form)
 
@@ -219,16 +185,8 @@ class SlotPool:
 
     def __getattr__(self, name: str) -> SlotStack:
         """``pool.lora``, ``pool.scale``, ...: a kind's stack by the kind's name (tests, benchmarks)."""
-        from .kinds import KINDS
-
         for kind in KINDS:
             if kind.name == name and kind.stacked:
                 return self.stack(kind)
         raise AttributeError(name)
-
-
-def _kinds() -> Sequence[Any]:
-    from .kinds import KINDS
-
-    return KINDS
 

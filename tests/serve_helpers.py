@@ -105,7 +105,7 @@ class OfflineLora:
 
     The same PEFT path ``test_serve`` checks the server against, but the base is loaded once. Every
     adapter is attached before the first forward pass: on the CPU bitsandbytes backend, PEFT layers
-    attached after a 4-bit forward give wrong outputs (see Engine._slow_path_base).
+    attached after a 4-bit forward give wrong outputs (see serve/exclusive.py, base_to_attach).
     """
 
     def __init__(self, base_dir: Path, tokenizer, directories: list[Path], dtype: str = "auto"):

@@ -318,7 +318,7 @@ def test_a_forward_pass_that_raises_still_waits_for_its_jobs_and_ends_its_busy_s
     ids = torch.tensor([[72, 105, 33]] * len(refs))
     try:
         with pytest.raises(RuntimeError, match="a layer failed"):
-            engine._forward(plan, ids, torch.ones_like(ids), torch.arange(3).expand(len(refs), 3), None)
+            engine.passes.forward(plan, ids, torch.ones_like(ids), torch.arange(3).expand(len(refs), 3), None)
     finally:
         handle.remove()
         for row in entries:

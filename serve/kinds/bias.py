@@ -9,8 +9,7 @@ import torch
 
 from adapterhub.serving_forms import BiasForm
 
-from ..slot_pool import Slots
-from . import Part, StackedKind, write_parts
+from .base import Part, Slots, StackedKind, write_parts
 
 
 class BiasKind(StackedKind):

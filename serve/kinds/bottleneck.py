@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import BottleneckForm
 
-from ..slot_pool import Slots
-from . import Part, StackedKind, write_parts
+from .base import Part, Slots, StackedKind, write_parts
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 

@@ -18,8 +18,7 @@ import torch
 from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import DoraForm
 
-from ..slot_pool import Served, Slots
-from . import Kind, Part, write_parts
+from .base import Kind, Part, Served, Slots, write_parts
 
 
 class DoraKind(Kind):

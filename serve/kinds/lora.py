@@ -16,10 +16,8 @@ import torch
 
 from adapterhub.serving_forms import LoraDeltas, LoraForm
 
-from .. import bgmv
-from ..lora_backends import TokenSlots
-from ..slot_pool import Slots
-from . import Part, StackedKind, copy_scaled, write_parts
+from ..lora_backends import LoraBackend, TokenSlots, cpu_c
+from .base import Part, Slots, StackedKind, copy_scaled, write_parts
 
 
 class LoraKind(StackedKind):
@@ -35,13 +33,13 @@ class LoraKind(StackedKind):
             parts = {m: (a.detach().T, b.detach().T) for m, (a, b) in form.deltas.items()}
             write_parts(stack, slot, parts, {m: (1.0, s) for m, s in form.scales.items()}, copy=_copy_lora)
 
-    def part(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any) -> Part:
+    def part(self, slots: Slots, stack: Any, backend: LoraBackend, rows: int, device: Any) -> Part:
         return LoraPart(slots, stack, backend, rows, device)
 
 
 def _copy_lora(regions: list[torch.Tensor], sources: list[torch.Tensor], factors: list[float]) -> None:
     """The C extension's transposing copy where it applies (CPU stacks), PyTorch for the rest."""
-    rest = bgmv.copy_transposed(regions, sources, factors)
+    rest = cpu_c.copy_transposed(regions, sources, factors)
     if rest[0]:
         copy_scaled(*rest)
 
@@ -67,35 +65,35 @@ def _write_from_file(stack: Any, slot: int, form: LoraForm) -> bool:
             return False
         jobs.append((a.address, at + slot * a_step, a.shape[0], a.shape[1], a_ld, 1.0))
         jobs.append((b.address, bt + slot * b_step, b.shape[0], b.shape[1], b_ld, form.scales.get(module, 1.0)))
-    bgmv.transpose_raw(jobs, dtype)
+    cpu_c.transpose_raw(jobs, dtype)
     return True
 
 
 def _layout(stack: Any) -> tuple[dict[str, list[tuple]], torch.dtype | None]:
     """name -> per stack tensor (address, bytes per slot, slot shape, row stride), and their dtype;
     None where the C copy cannot write them. Remade when the stacks are replaced (grown)."""
-    cached = getattr(stack, "_lora_layout", None)
+    cached = stack.derived.get("lora_layout")
     if cached is None or cached[0] is not stack.tensors:
         stacks = [t for ts in stack.tensors.values() for t in ts]
         dtypes = {t.dtype for t in stacks}
-        ok = (bgmv.available() and len(dtypes) == 1 and all(t.is_cpu and t.is_contiguous() for t in stacks)
-              and bgmv.supports(next(iter(dtypes)), 0))
+        ok = (len(dtypes) == 1 and all(t.is_cpu and t.is_contiguous() for t in stacks)
+              and cpu_c.copies_raw(next(iter(dtypes))))
         cached = (stack.tensors, {
             name: [(t.data_ptr(), t.stride(0) * t.element_size(), tuple(t.shape[1:]), t.stride(1)) for t in ts]
             for name, ts in stack.tensors.items()}, next(iter(dtypes)) if ok else None)
-        stack._lora_layout = cached
+        stack.derived["lora_layout"] = cached
     return cached[1], cached[2]
 
 
 class LoraPart(Part):
-    def __init__(self, slots: Slots, stack: Any, backend: Any, rows: int, device: Any):
+    def __init__(self, slots: Slots, stack: Any, backend: LoraBackend, rows: int, device: Any):
         self.slots, self.backend, self.rows, self.device = slots, backend, rows, device
         self.stacks = stack.tensors
         self.output_modules = frozenset(self.stacks)
         self.shared_slot = slots.shared()
         self.shared = stack.dense(self.shared_slot) if self.shared_slot is not None else {}
         self.early = frozenset(m for m, (At, _) in self.stacks.items() if backend.supports(At.dtype, At.shape[2])) \
-            if getattr(backend, "overlap", False) and self.shared_slot is None else frozenset()
+            if backend.overlap and self.shared_slot is None else frozenset()
         self.input_modules = self.early
         self._tokens_of: dict[tuple[int, int], TokenSlots] = {}
         self._pending: dict[str, Any] = {}

@@ -14,8 +14,7 @@ import torch
 from adapterhub.errors import LimitExceeded
 from adapterhub.serving_forms import PrefixForm
 
-from ..slot_pool import Served
-from . import Kind, Part
+from .base import Kind, Part, Served
 
 
 class PrefixKind(Kind):

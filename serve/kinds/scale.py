@@ -12,8 +12,7 @@ import torch
 
 from adapterhub.serving_forms import ScaleForm
 
-from ..slot_pool import Slots
-from . import Part, StackedKind, write_parts
+from .base import Part, Slots, StackedKind, write_parts
 
 
 class ScaleKind(StackedKind):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import TokenSlots
+from .contract import LoraBackend, TokenSlots
 
 
-class TorchLora:
+class TorchLora(LoraBackend):
     name = "torch"
 
     def supports(self, stack_dtype: torch.dtype, rank: int) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import TokenSlots
+from .contract import LoraBackend, TokenSlots
 
 try:
     import triton
@@ -114,7 +114,7 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-class TritonLora:
+class TritonLora(LoraBackend):
     """Block sizes were chosen so that no variant spills registers on sm_90 (checked with ptxas)."""
 
     name = "triton"

@@ -1,0 +1,100 @@
+"""One request in flight: its prompt, adapters and generated tokens, and the events its caller reads.
+
+The scheduler (:mod:`engine`) appends tokens; a sequence turns them into text incrementally and
+hands its caller only text that is final (no partial character, no possible start of a stop string).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Any, Iterator
+
+from .cache import LoadedAdapter
+from .errors import RequestCancelled
+from .requests import Chunk, GenerationRequest, GenerationResult, ResolvedAdapter
+from .sampling import make_generator
+
+
+class Sequence:
+    """One request in flight: prompt, adapters, generated tokens and an event queue to its caller."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], entries: list[tuple[LoadedAdapter, float]],
+                 resolved: list[ResolvedAdapter], deadline: float | None, stream: bool = True, events: Any = None):
+        self.id = next(self._ids)
+        self.request = request
+        self.stream = stream  # False: the caller wants the result only (no per-token chunks)
+        self.params = request.params
+        self.prompt_ids = prompt_ids
+        self.entries = entries
+        self.resolved = resolved
+        self.deadline = deadline
+        self.generated: list[int] = []
+        self.events: Any = events if events is not None else queue.Queue()  # anything with put(item)
+        self.cancelled = False
+        self.finished = False
+        self.emitted_text = ""
+        self.decoded = ""  # text of generated[:read_offset] (incremental detokenization)
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.done = threading.Event()  # set with the last event: result() waits on it, not on every token
+        self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
+        self.slow = any(entry.served is None for entry, _ in entries)
+        self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
+
+    def cancel(self) -> None:
+        """Called by the RPC layer when the client goes away; the slot is freed at the next step."""
+        if not self.finished:
+            self.cancelled = True
+            self.put(RequestCancelled(f"request {self.id} was cancelled by the client"), last=True)
+
+    def put(self, item: Any, *, last: bool = False) -> None:
+        self.events.put(item)
+        if last:
+            self.done.set()
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Stream of chunks; the last has ``result``; raises the request's error if it failed."""
+        while True:
+            item = self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.result is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        """The final result (or the request's error). Waits once, not once per token, so a unary
+        caller's thread does not wake up (and take the GIL from the scheduler) at every step."""
+        self.done.wait()
+        while True:
+            item = self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.result is not None:
+                return item.result
+
+    def text(self, tokenizer: Any) -> str:
+        """The generated text so far, decoding only the last few tokens each step (TGI's prefix /
+        read offsets: decode with a little context, keep what follows it once it is complete)."""
+        prefix = tokenizer.decode(self.generated[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = tokenizer.decode(self.generated[self.prefix_offset:], skip_special_tokens=True)
+        new = full[len(prefix):] if full.startswith(prefix) else full
+        if new and not new.endswith("\ufffd"):
+            self.decoded += new
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
+            return self.decoded
+        return self.decoded + new
+
+    def emit(self, token: int, text: str, hold: int) -> None:
+        """Emit the text that is final: not a partial character, not a possible stop-string start."""
+        safe = text[: len(text) - hold] if hold else text
+        safe = safe.rstrip("\ufffd")
+        if len(safe) > len(self.emitted_text) and safe.startswith(self.emitted_text):
+            delta, self.emitted_text = safe[len(self.emitted_text):], safe
+        else:
+            delta = ""
+        self.put(Chunk(delta, [token]))
