@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import Client, parse_adapter_arg
+    from .client import Client, parse_adapter_arg  # grpc loads only when a request is sent
 
     token = os.environ.get(args.token_env or DEFAULT_TOKEN_ENV) or None
     if args.token_env and token is None:  # named on purpose: sending no token would fail later, and say less
