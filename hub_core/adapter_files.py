@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .errors import NotFound
+from .errors import IntegrityError, NotFound
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Formats that run code when loaded (pickle and its wrappers): refused by the loader and the registry
@@ -197,7 +197,6 @@ class TensorViews(Mapping[str, "torch.Tensor"]):
 
 def _index(data: bytearray, where: str) -> dict[str, tuple]:
     """Name -> (dtype, itemsize, shape, first byte, element count) of each tensor, every entry checked."""
-    from .errors import IntegrityError
 
     def bad(why: str) -> IntegrityError:
         return IntegrityError(f"{where} is not a valid safetensors file: {why}")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapterhub.registry import open_registry
+
 from .adapter_files import PICKLE_SUFFIXES  # one list for the store and the loader
 from .errors import ConfigError, IntegrityError, NotFound, PluginError
 from .manager import PluginManager, get_manager
@@ -118,7 +120,6 @@ def resolve_adapter_dir(ref_or_dir: str | os.PathLike, registry: str | None = No
     path = Path(ref_or_dir)
     if path.is_dir():
         return path, None
-    from adapterhub.registry import open_registry
 
     store = open_registry(registry)
     manifest = store.manifest(str(ref_or_dir))

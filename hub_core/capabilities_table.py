@@ -13,6 +13,11 @@ import re
 import sys
 from pathlib import Path
 
+from adapterhub import metadata
+from adapterhub.base import init_base, load_base
+from adapterhub.manager import PluginManager
+from adapterhub.training import TrainOptions
+
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 KEYS_BEGIN, KEYS_END = "<!-- method-configs:begin -->", "<!-- method-configs:end -->"
 DEFAULTS_BEGIN, DEFAULTS_END = "<!-- method-defaults:begin -->", "<!-- method-defaults:end -->"
@@ -21,7 +26,6 @@ PEFT_BEGIN, PEFT_END = "    # peft-formats:begin", "    # peft-formats:end"
 
 def trainable_share(method, base_dir) -> float:
     """Trainable parameters of a freshly attached adapter over the base's parameter count."""
-    from adapterhub.base import load_base
 
     total = sum(p.numel() for p in load_base(base_dir, "none").model.parameters())  # 4-bit packing halves numel
     base = load_base(base_dir, getattr(method, "default_quantize", None) or "none")
@@ -31,8 +35,6 @@ def trainable_share(method, base_dir) -> float:
 
 
 def render(base_dir) -> str:
-    from adapterhub.manager import PluginManager
-
     yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     lines = [
         "| method | origin | mergeable | quantized base | mixed-batch servable | composable | trainable share (tiny base) |",
@@ -50,7 +52,6 @@ def render(base_dir) -> str:
 
 def render_config_keys() -> str:
     """One paragraph per method: what it is and every config key with its type, default and help."""
-    from adapterhub.manager import PluginManager
 
     parts = []
     for name, method in sorted(PluginManager(autoload=False).methods().items()):
@@ -65,8 +66,6 @@ def render_config_keys() -> str:
 
 def render_defaults() -> str:
     """The training options each method gets unless the user sets them (``recommended_options``)."""
-    from adapterhub.manager import PluginManager
-    from adapterhub.training import TrainOptions
 
     general = TrainOptions()
     lines = ["| method | recommended training options (flags override them) |", "| --- | --- |"]
@@ -80,7 +79,6 @@ def render_defaults() -> str:
 
 def render_peft_formats() -> str:
     """The body of ``adapterhub.metadata.BUILTIN_PEFT_FORMATS``, from the built-ins' declarations."""
-    from adapterhub.manager import PluginManager
 
     formats = PluginManager(autoload=False).peft_formats()
     text = lambda value: "None" if value is None else f'"{value}"'  # noqa: E731
@@ -102,8 +100,6 @@ def replace_table(readme: str, table: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from adapterhub.base import init_base
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--write", help="README to update in place (default: print the table)")
     args = parser.parse_args(argv)
@@ -114,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         text = replace_table(path.read_text(), table)
         text = replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys())
         path.write_text(replace_between(text, DEFAULTS_BEGIN, DEFAULTS_END, render_defaults()))
-        from adapterhub import metadata
 
         source = Path(metadata.__file__)
         source.write_text(replace_between(source.read_text(), PEFT_BEGIN, PEFT_END, render_peft_formats()))

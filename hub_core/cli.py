@@ -18,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.registry.location import add_registry_arguments, location_from_args
+from adapterhub.registry.names import validate_task
 
-from .base import DTYPE_CHOICES, QUANTIZE_CHOICES
+from .adapters import parse_set_values
+from .base import DTYPE_CHOICES, QUANTIZE_CHOICES, fingerprint, init_base
 from .errors import AdapterHubError, ConfigError
+from .manager import get_manager
+from .pipeline import merge_to_directory, train_and_publish
+from .presets import DEFAULT_PRESET, PRESETS, SAVE_DTYPES
+from .training import TrainOptions
 
 log = logging.getLogger("adapterhub")
 
@@ -29,16 +35,12 @@ log = logging.getLogger("adapterhub")
 
 
 def cmd_base_init(args: argparse.Namespace) -> int:
-    from .base import init_base
-
     out = init_base(args.preset, args.out, seed=args.seed, dtype=args.dtype)
     print(out)
     return 0
 
 
 def cmd_base_fingerprint(args: argparse.Namespace) -> int:
-    from .base import fingerprint
-
     print(fingerprint(args.base))
     return 0
 
@@ -47,8 +49,6 @@ def cmd_base_fingerprint(args: argparse.Namespace) -> int:
 
 
 def plugin_rows() -> list[dict[str, Any]]:
-    from .manager import get_manager
-
     manager = get_manager()
     rows = []
     for method in manager.methods().values():
@@ -72,7 +72,6 @@ def plugin_rows() -> list[dict[str, Any]]:
 
 def recommended_text(recommended: dict[str, Any]) -> str:
     """``  --lr 0.001 (adapterhub's default: 0.0002)`` lines for a method's recommended options."""
-    from .training import TrainOptions
 
     defaults = TrainOptions()
     lines = [f"  --{k.replace('_', '-')} {v} (general default {getattr(defaults, k)})" for k, v in recommended.items()]
@@ -84,8 +83,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.method:
         rows = [r for r in rows if r["name"] == args.method]
         if not rows:
-            from .manager import get_manager
-
             get_manager().get_method(args.method)  # raises the helpful error
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -111,8 +108,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def objective_rows() -> list[dict[str, Any]]:
-    from .manager import get_manager
-
     return [
         {
             "name": o.name,
@@ -133,8 +128,6 @@ def cmd_objectives(args: argparse.Namespace) -> int:
     if args.objective:
         rows = [r for r in rows if r["name"] == args.objective]
         if not rows:
-            from .manager import get_manager
-
             get_manager().get_objective(args.objective)  # raises the helpful error
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -156,8 +149,6 @@ def cmd_objectives(args: argparse.Namespace) -> int:
 
 
 def _train_option_fields():
-    from .training import TrainOptions
-
     hints = typing.get_type_hints(TrainOptions)
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainOptions)]
 
@@ -215,8 +206,6 @@ def resolve_train_settings(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(top-level settings, method config values, training options, objective config values) from
     YAML + flags."""
-    from .adapters import parse_set_values
-    from .training import TrainOptions
 
     yaml_values = _load_yaml(args.config) if args.config else {}
     method_values = dict(yaml_values.pop("method_config", None) or {})
@@ -250,9 +239,6 @@ def resolve_train_settings(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .manager import get_manager
-    from .training import TrainOptions
-
     top, method_values, option_values, objective_values = resolve_train_settings(args)
     top["registry"] = location_from_args(args, top.get("registry"))  # a URL from --config takes the options too
     manager = get_manager()
@@ -262,10 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     objective_config = objective.make_config(objective_values)
     options = TrainOptions.for_method(method, option_values, objective)
     if top.get("task"):
-        from adapterhub.registry.names import validate_task
-
         validate_task(top["task"])
-    from .pipeline import train_and_publish
 
     result = train_and_publish(method, config, options, top, objective, objective_config)
     if result.reference or result.directory:  # under torchrun only rank 0 wrote (and prints) it
@@ -277,8 +260,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .pipeline import merge_to_directory
-
     out = merge_to_directory(args.adapter, args.base, args.out, registry=location_from_args(args),
                              allow_base_mismatch=args.allow_base_mismatch, dtype=args.dtype)
     print(out)
@@ -292,8 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapterhub", description="Train, version and serve fine-tuning adapters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    from .presets import DEFAULT_PRESET, PRESETS, SAVE_DTYPES
 
     base = sub.add_parser("base", help="base models: write a preset, fingerprint").add_subparsers(
         dest="base_command", metavar="VERB")
@@ -332,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the written model (auto: the base checkpoint's own); the merge itself runs in float32")
     merge.set_defaults(func=cmd_merge)
 
-    from .manager import get_manager
 
     get_manager().register_commands(sub)  # registry, serve, generate and plugins' commands: one hook
     return parser

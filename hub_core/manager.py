@@ -25,6 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .metadata import peft_method
 from .method import Method
 from .objective import Objective
 
@@ -231,7 +232,6 @@ class PluginManager:
 
     def method_for_peft_config(self, config: dict[str, Any]) -> Method | None:
         """The method that reads a plain PEFT adapter with this ``adapter_config.json``."""
-        from .metadata import peft_method
 
         name = peft_method(config, self.peft_formats())
         return self.get_method(name) if name else None

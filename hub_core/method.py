@@ -143,7 +143,7 @@ class Method:
         and the ``sft`` objective runs :meth:`prepare` + the shared trainer run directly unless a
         plugin overrides this. ``resume_adapter`` continues an existing adapter of this method.
         """
-        from .training import fit
+        from .training import fit  # up a layer, lazily: the one ignored edge in .importlinter
 
         trainable = self.prepare(model, config, options, train_size=len(dataset), resume_adapter=resume_adapter)
         return fit(

@@ -12,8 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .adapters import resolve_adapter_dir
+from adapterhub.registry import open_registry
+
+from .adapters import adapter_metadata, load_adapter, resolve_adapter_dir, save_adapter
+from .base import load_base
 from .errors import ConfigError
+from .manager import get_manager
+from .metadata import check_base
+from .objective import TrainingJob
+from .objectives.shapes import split_rows
+from .presets import saved_dtype
+from .training import resolve_checkpoint, seed_everything
 
 
 @dataclasses.dataclass
@@ -37,13 +46,6 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     Everything a user can get wrong (paths, data lines, --from, checkpoint, what the objective's
     config names) is checked before the base loads.
     """
-    from .adapters import save_adapter
-    from .base import load_base
-    from .manager import get_manager
-    from .metadata import check_base
-    from .objective import TrainingJob
-    from .objectives.shapes import split_rows
-    from .training import resolve_checkpoint, seed_everything
 
     objective = objective or get_manager().get_objective("sft")
     objective_config = objective_config or objective.make_config({})
@@ -97,8 +99,6 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     objective.save_extra(result.model, out_dir)
     reference = None
     if not top.get("no_publish"):
-        from adapterhub.registry import open_registry
-
         manifest = open_registry(top.get("registry")).publish(top["task"], out_dir, parent=parent)
         reference = f"{manifest.task}@{manifest.version}"
         if not top.get("output"):
@@ -123,7 +123,6 @@ def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Pa
     Incremental fine-tuning keeps the parent's method and config (its weights have that shape), so a
     ``--set`` that contradicts the parent is refused rather than silently ignored.
     """
-    from .adapters import adapter_metadata
 
     directory, reference = resolve_adapter_dir(top["from_adapter"], top.get("registry"))
     meta = adapter_metadata(directory)
@@ -151,9 +150,7 @@ def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str |
     """
     import torch
 
-    from .adapters import load_adapter
     from .base import DTYPE_CHOICES, load_base
-    from .presets import saved_dtype
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .architectures import check_quantizable
 from .errors import BaseModelError, ConfigError
 
 # Tokens the byte tokenizer's chat template uses; ids follow the 256 byte tokens.
@@ -196,8 +197,6 @@ def build_tokenizer(model_max_length: int = 512):
 def _write_random(p: RandomPreset, out: Path, seed: int, dtype: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .architectures import check_quantizable
 
     tokenizer = build_tokenizer(p.max_position_embeddings)
     config = LlamaConfig(

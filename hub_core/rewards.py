@@ -39,6 +39,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from adapterhub.errors import AdapterHubError
+from adapterhub.objective import SEQUENCE_CLASSIFICATION
+from adapterhub.objectives.scoring import RewardModel
+from adapterhub.registry import open_registry
+
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "adapterhub.rewards"
@@ -150,8 +155,6 @@ class AdapterReward:
         self.model: Any = None
 
     def load(self, *, base: str | None = None, device: str | None = None) -> "AdapterReward":
-        from adapterhub.objectives.scoring import RewardModel
-
         if self.model is None:
             self.model = RewardModel.load(self.reference, registry=self.registry, base=base, device=device)
         return self
@@ -163,9 +166,6 @@ class AdapterReward:
 
 def resolve_adapter(reference: str, registry: str | None) -> tuple[AdapterReward, str]:
     """The registry's exact version for ``reference``; refuses one that is not a reward model."""
-    from adapterhub.errors import AdapterHubError
-    from adapterhub.objective import SEQUENCE_CLASSIFICATION
-    from adapterhub.registry import open_registry
 
     if not reference:
         raise ConfigError("reward 'adapter:' names no adapter; e.g. reward=adapter:sentiment-rm@1")

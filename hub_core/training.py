@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import option
+from .architectures import decoder_layers, layer_index_of
+from .config import _coerce, option
+from .data import CausalCollator
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -104,8 +106,6 @@ class TrainOptions:
         """Options from YAML / flag values (strings coerced to each field's type); unknown keys are errors."""
         import typing
 
-        from .config import _coerce
-
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -152,7 +152,6 @@ def build_param_groups(method: "Method", model: "nn.Module", config: Any, option
     embeddings get ``d ** L``, everything else outside the layers (head, final norm) 1. Layers are
     found from the model's module tree, so this works on any decoder (``transformer.h.N`` too).
     """
-    from .architectures import decoder_layers, layer_index_of
 
     groups = method.optimizer_groups(model, config, options)
     if groups is None:
@@ -292,8 +291,6 @@ def fit(
 ) -> TrainResult:
     """Supervised fine-tuning: the Hugging Face Trainer on an already-attached adapter model."""
     from transformers import Trainer
-
-    from .data import CausalCollator
 
     has_eval = eval_dataset is not None and len(eval_dataset) > 0
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0

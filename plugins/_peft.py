@@ -15,6 +15,7 @@ import torch
 
 from adapterhub.errors import ConfigError, MergeError
 from adapterhub.method import Method
+from adapterhub.serving_forms import LoraDeltas, LoraForm, SoftPromptForm
 
 
 def is_quantized(model: Any) -> bool:
@@ -108,7 +109,6 @@ class PromptLearningMethod(PeftMethod):
     def serving_form(self, files: Any, base_config: Any) -> Any:
         """The saved virtual-token embeddings (for P-tuning PEFT saves the encoder's output), served
         in front of each row's input embeddings."""
-        from adapterhub.serving_forms import SoftPromptForm
 
         views = files.tensor_views("adapter_model.safetensors")
         if "prompt_embeddings" not in views:
@@ -159,7 +159,6 @@ def lora_form_from_state(state: Mapping[str, torch.Tensor], scaling: Callable[[s
     keep the file's layout and dtype: the write converts too. The state is only indexed here, not
     read: over a file's tensor views, the slot write reads the bytes in place (:class:`LoraDeltas`).
     """
-    from adapterhub.serving_forms import LoraDeltas, LoraForm
 
     keys, scales = {}, {}
     for key in state:

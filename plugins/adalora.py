@@ -17,6 +17,7 @@ from typing import Any
 import adapterhub
 from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
 from adapterhub.plugins._peft import PeftMethod, base_module_name, refuse_quantized
+from adapterhub.serving_forms import LoraForm
 
 
 @dataclasses.dataclass
@@ -156,7 +157,6 @@ def adalora_form(files: AdapterFiles) -> Any:
 
     PEFT divides by the *initial* rank (``ranknum``) even after pruning, and adds 1e-5 to it.
     """
-    from adapterhub.serving_forms import LoraForm
 
     cfg = files.read_json("adapter_config.json")
     alpha = cfg.get("lora_alpha") or 0

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 import adapterhub
 from adapterhub import Capabilities, ConfigError, MethodConfig, option
+from adapterhub.architectures import block_layout, model_type
 from adapterhub.plugins import _modules as M
 from adapterhub.plugins._peft import is_quantized
+from adapterhub.serving_forms import BottleneckForm
 
 CHILD = "bottleneck"
 AUTO = "auto"  # module name resolved from the base's architecture (adapterhub.architectures.block_layout)
@@ -62,7 +64,6 @@ class AdapterConfig(MethodConfig):
         wanted = ["mlp_output_module"] + ([] if self.variant == "pfeiffer" else ["attn_output_module"])
         if all(getattr(self, key) != AUTO for key in wanted):
             return self
-        from adapterhub.architectures import block_layout, model_type
 
         layout = block_layout(model)
         found = {"attn_output_module": ("attention", layout.attention_output),
@@ -183,8 +184,6 @@ class AdapterMethod(adapterhub.Method):
         return model
 
     def serving_form(self, files: adapterhub.AdapterFiles, base_config: Any) -> Any:
-        from adapterhub.serving_forms import BottleneckForm
-
         config = self.make_config(M.read_config(files, "bottleneck"))
         tensors = files.read_tensors()
         suffix = f".{CHILD}.down.weight"

@@ -14,6 +14,7 @@ import adapterhub
 from adapterhub import AdapterFiles, Capabilities, DataError
 from adapterhub.plugins._peft import base_module_name
 from adapterhub.plugins.lora import LoraConfig, LoraMethod, peft_lora_form
+from adapterhub.serving_forms import DoraForm
 
 
 @dataclasses.dataclass
@@ -36,8 +37,6 @@ class DoraMethod(LoraMethod):
         return super().peft_config(config, use_dora=True, **extra)
 
     def serving_form(self, files: AdapterFiles, base_config: Any) -> Any:
-        from adapterhub.serving_forms import DoraForm
-
         if files.read_json("adapter_config.json").get("fan_in_fan_out"):
             # trained on GPT-2-style Conv1D layers: the per-row scale does not yet reproduce PEFT's
             # there (tests/test_architectures.py), so such adapters take the exclusive path, exactly

@@ -14,7 +14,9 @@ from typing import Any
 
 import adapterhub
 from adapterhub import AdapterFiles, Capabilities, ConfigError, MethodConfig, option
+from adapterhub.architectures import ia3_defaults
 from adapterhub.plugins._peft import PeftMethod, base_module_name
+from adapterhub.serving_forms import ScaleForm
 
 AUTO = "auto"  # resolved from the base's architecture (adapterhub.architectures.ia3_defaults)
 
@@ -84,7 +86,6 @@ def resolve_modules(config: IA3Config, model: Any = None) -> tuple[list[str] | N
     if model is None:  # None: PEFT looks its own table up by model_type
         return (None if config.target_modules == [AUTO] else list(config.target_modules),
                 None if config.feedforward_modules == [AUTO] else list(config.feedforward_modules))
-    from adapterhub.architectures import ia3_defaults
 
     default_targets, default_feedforward = ia3_defaults(model)
     targets = default_targets if config.target_modules == [AUTO] else list(config.target_modules)
@@ -96,8 +97,6 @@ def resolve_modules(config: IA3Config, model: Any = None) -> tuple[list[str] | N
 
 
 def ia3_form(files: AdapterFiles) -> Any:
-    from adapterhub.serving_forms import ScaleForm
-
     state = files.read_tensors()
     inputs, outputs = {}, {}
     for key, vector in state.items():

@@ -17,6 +17,7 @@ import adapterhub
 from adapterhub import AdapterFiles, Capabilities, ConfigError, option
 from adapterhub.config import MethodConfig
 from adapterhub.plugins._peft import PromptLearningMethod
+from adapterhub.serving_forms import PrefixForm
 
 
 @dataclasses.dataclass
@@ -79,7 +80,6 @@ def prefix_form(files: AdapterFiles) -> Any:
     layer ``l`` at rows ``2l`` and ``2l + 1``); ``token_dim`` and ``num_attention_heads`` in its
     config already count key/value heads (grouped-query attention).
     """
-    from adapterhub.serving_forms import PrefixForm
 
     cfg = files.read_json("adapter_config.json")
     table = files.read_tensors()["prompt_embeddings"].float()

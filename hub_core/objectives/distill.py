@@ -30,10 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import adapterhub
+from adapterhub.adapters import adapter_metadata, method_for_directory, resolve_adapter_dir
+from adapterhub.base import fingerprint, load_base, resolve_base_dir
+from adapterhub.chat import render_prompt
 from adapterhub.config import option
 from adapterhub.errors import AdapterHubError, ConfigError, DataError
+from adapterhub.generation import greedy_tokens
+from adapterhub.metadata import check_base
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
 from adapterhub.objectives import shapes
+from adapterhub.objectives.trl_run import last_logged, run_trl
 
 MODEL_PREFIX = "model:"
 TEACHER_HELP = "a registry reference TASK@N, an adapter directory trained on this base, or model:DIR for a full model"
@@ -77,8 +83,6 @@ class Teacher:
 
     def lineage(self) -> dict[str, Any]:
         if self.kind == "model":
-            from adapterhub.base import fingerprint
-
             return {"kind": "model", "model": self.spec[len(MODEL_PREFIX):], "directory": str(self.directory),
                     "fingerprint": fingerprint(self.directory)}
         where = {"ref": self.ref} if self.ref else {"directory": str(self.directory)}
@@ -89,9 +93,6 @@ class Teacher:
 
 def resolve_teacher(spec: str, registry: str | None = None) -> Teacher:
     """Find what ``teacher=`` names, without loading any weights; ``ConfigError`` says what to give."""
-    from adapterhub.adapters import adapter_metadata
-    from adapterhub.base import resolve_base_dir
-    from adapterhub.adapters import resolve_adapter_dir
 
     spec = (spec or "").strip()
     if not spec:
@@ -133,10 +134,6 @@ def load_teacher(teacher: Teacher, base: Any) -> Any:
 
 
 def load_adapter_teacher(teacher: Teacher, base: Any) -> Any:
-    from adapterhub.adapters import method_for_directory
-    from adapterhub.base import load_base
-    from adapterhub.metadata import check_base
-
     if teacher.meta is not None:
         check_base(teacher.meta, base.fingerprint, where=f"teacher={teacher.spec}", base_name=base.name,
                    advice=f"a teacher adapter must be trained on the student's base; for another model write "
@@ -204,8 +201,6 @@ def distillation_arguments(**values: Any) -> Any:
 
 
 def check_prompt_lengths(job: TrainingJob, config: DistillConfig) -> None:
-    from adapterhub.chat import render_prompt
-
     budget = job.options.max_length - config.max_completion_length
     tokenizer = job.base.tokenizer
     for index, row in enumerate(job.rows + (job.eval_rows or [])):
@@ -243,8 +238,6 @@ class Distill(Objective):
 
     def train(self, job: TrainingJob) -> Any:
         from trl import DistillationTrainer
-
-        from adapterhub.objectives.trl_run import last_logged, run_trl
 
         config: DistillConfig = job.config  # type: ignore[assignment]
         check_prompt_lengths(job, config)
@@ -284,8 +277,6 @@ def teacher_kl(teacher: Any, student: Any, tokenizer: Any, conversations: list[l
     """
     import torch
 
-    from adapterhub.chat import render_prompt
-    from adapterhub.generation import greedy_tokens
 
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
     answers = greedy_tokens(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)

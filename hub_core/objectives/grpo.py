@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import adapterhub
+from adapterhub.chat import render_prompt
 from adapterhub.config import option
 from adapterhub.errors import ConfigError, DataError
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
 from adapterhub.objectives import shapes
-from adapterhub.rewards import SPEC_HELP
+from adapterhub.objectives.trl_run import base_as_reference, last_logged, run_trl
+from adapterhub.registry import open_registry
+from adapterhub.rewards import COLUMNS, SPEC_HELP, resolve_rewards
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 
@@ -81,7 +84,6 @@ def check_batch(job: TrainingJob, config: GrpoConfig) -> None:
 
 def check_columns(job: TrainingJob, spec: str) -> None:
     """A built-in reward that reads a column must find it on every line, not fail mid-run."""
-    from adapterhub.rewards import COLUMNS
 
     for name in (part.rpartition("*")[2].strip() for part in spec.split(",")):  # "2*keyword": keyword
         column = COLUMNS.get(name)
@@ -92,8 +94,6 @@ def check_columns(job: TrainingJob, spec: str) -> None:
 
 
 def check_prompt_lengths(job: TrainingJob, config: GrpoConfig) -> None:
-    from adapterhub.chat import render_prompt
-
     budget = job.options.max_length - config.max_completion_length
     tokenizer = job.base.tokenizer
     for index, row in enumerate(job.rows):
@@ -125,8 +125,6 @@ class Grpo(Objective):
         self._rewards: dict[int, list[str]] = {}  # per job: the descriptions lineage() records
 
     def check(self, config: ObjectiveConfig, *, registry: str | None = None) -> None:
-        from adapterhub.rewards import resolve_rewards
-
         resolve_rewards(config.reward, registry=registry)  # type: ignore[attr-defined]
 
     def read_data(self, path: str | Path) -> list[Any]:
@@ -135,7 +133,6 @@ class Grpo(Objective):
     def train(self, job: TrainingJob) -> Any:
         from trl import GRPOTrainer
 
-        from adapterhub.objectives.trl_run import base_as_reference, last_logged, run_trl
         from adapterhub.rewards import AdapterReward, resolve_rewards
 
         config: GrpoConfig = job.config  # type: ignore[assignment]
@@ -166,7 +163,6 @@ class Grpo(Objective):
 def same_base(reward: Any, job: TrainingJob) -> str | None:
     """The policy's base directory when the reward adapter was trained on the same weights (a path
     known to load here); otherwise None, and the reward model loads the base its manifest names."""
-    from adapterhub.registry import open_registry
 
     manifest = open_registry(reward.registry).manifest(reward.reference)
     return str(job.base.directory) if manifest.base_fingerprint == job.base.fingerprint else None

@@ -16,6 +16,7 @@ from adapterhub.config import option
 from adapterhub.errors import ConfigError
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
 from adapterhub.objectives import shapes
+from adapterhub.objectives.trl_run import run_trl
 
 
 @dataclasses.dataclass
@@ -60,8 +61,6 @@ class Orpo(_ReferenceFree):
     def train(self, job: TrainingJob) -> Any:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        from adapterhub.objectives.trl_run import run_trl
-
         return run_trl(job, ORPOTrainer, ORPOConfig, args={"beta": job.config.beta})
 
 
@@ -73,7 +72,6 @@ class Simpo(_ReferenceFree):
     def train(self, job: TrainingJob) -> Any:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        from adapterhub.objectives.trl_run import run_trl
 
         config: SimpoConfig = job.config  # type: ignore[assignment]
         args = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": config.beta, "simpo_gamma": config.gamma}

@@ -24,7 +24,9 @@ import adapterhub
 from adapterhub.config import option
 from adapterhub.errors import ConfigError
 from adapterhub.objective import SEQUENCE_CLASSIFICATION, Objective, ObjectiveConfig, TrainingJob
-from adapterhub.objectives import shapes
+from adapterhub.objectives import scoring, shapes
+from adapterhub.objectives.scoring import HEAD_FILE, load_head, render, save_head, score_head
+from adapterhub.objectives.trl_run import last_logged, run_trl
 
 WORKING_METHODS = "lora, qlora, dora, adalora, loraplus, ia3, prefix, adapter, bitfit, freeze, full"
 
@@ -65,9 +67,6 @@ class Reward(Objective):
         from trl import RewardConfig as TrlRewardConfig
         from trl import RewardTrainer
 
-        from adapterhub.objectives import scoring
-        from adapterhub.objectives.trl_run import last_logged, run_trl
-
         config: RewardConfig = job.config  # type: ignore[assignment]
         check_lengths(job)
         scoring.ready_for_methods(job.base.model)
@@ -90,14 +89,11 @@ class Reward(Objective):
         return {"head": SEQUENCE_CLASSIFICATION}
 
     def save_extra(self, model: Any, directory: Path) -> None:
-        from adapterhub.objectives.scoring import save_head
-
         save_head(model, directory)
 
 
 def check_lengths(job: TrainingJob) -> None:
     """TRL's RewardTrainer silently drops pairs longer than max_length; refuse them instead."""
-    from adapterhub.objectives.scoring import render
 
     limit, tokenizer = job.options.max_length, job.base.tokenizer
     for kind, rows in (("training", job.rows), ("eval", job.eval_rows or [])):
@@ -113,7 +109,6 @@ def check_lengths(job: TrainingJob) -> None:
 def head_in_float32(trainer: Any) -> None:
     """TRL casts a quantized model's trainable weights to bfloat16; the head is a plain Linear (no
     PEFT layer casting its input), so it stays float32 like every trainable weight here."""
-    from adapterhub.objectives.scoring import score_head
 
     for param in score_head(trainer.model)[1].parameters():
         param.data = param.data.float()
@@ -121,7 +116,6 @@ def head_in_float32(trainer: Any) -> None:
 
 def continued_head(job: TrainingJob) -> None:
     """``--from``: the parent's head goes on the base before its adapter, as when scoring."""
-    from adapterhub.objectives.scoring import HEAD_FILE, load_head
 
     assert job.resume_adapter is not None
     if not (job.resume_adapter / HEAD_FILE).is_file():

@@ -16,7 +16,10 @@ from typing import Any
 
 from adapterhub import hookimpl
 from adapterhub.base import QUANTIZE_CHOICES
-from adapterhub.errors import DataError
+from adapterhub.data import iter_jsonl
+from adapterhub.errors import ConfigError, DataError
+from adapterhub.objectives.scoring import RewardModel
+from adapterhub.objectives.shapes import answer_turns, prompt_turns
 from adapterhub.registry.location import add_registry_arguments, location_from_args
 
 ANSWER_KEYS = ("response", "completion")
@@ -46,8 +49,6 @@ def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def read_score_lines(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """("answers" | "pairs", rows); every line validated, ``file:line: reason`` for a bad one."""
-    from adapterhub.data import iter_jsonl
-    from adapterhub.objectives.shapes import answer_turns, prompt_turns
 
     kind, first, rows = "", "", []
     for where, example in iter_jsonl(path):
@@ -70,9 +71,6 @@ def read_score_lines(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def score_command(args: argparse.Namespace) -> int:
-    from adapterhub.errors import ConfigError
-    from adapterhub.objectives.scoring import RewardModel
-
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
     kind, rows = read_score_lines(args.data)  # before the base loads

@@ -18,7 +18,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from adapterhub.adapters import adapter_metadata, load_adapter, resolve_adapter_dir
+from adapterhub.base import load_base, resolve_device
 from adapterhub.errors import ConfigError, IntegrityError, NotFound
+from adapterhub.metadata import check_base
 from adapterhub.objective import SEQUENCE_CLASSIFICATION
 
 HEAD_FILE = "reward_head.safetensors"
@@ -174,10 +177,6 @@ class RewardModel:
              device: str | None = None) -> "RewardModel":
         """``adapter``: ``task@N`` / ``task@tag`` or an adapter directory; ``base``: the base model
         directory (default: the one recorded in the adapter's ``adapterhub.json``)."""
-        from adapterhub.adapters import adapter_metadata, load_adapter
-        from adapterhub.base import load_base, resolve_device
-        from adapterhub.metadata import check_base
-        from adapterhub.adapters import resolve_adapter_dir
 
         directory, resolved = resolve_adapter_dir(adapter, registry)
         reference = resolved or str(directory)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import adapterhub
+from adapterhub.data import read_examples, tokenize_examples
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
+from adapterhub.training import fit
 
 
 @dataclasses.dataclass
@@ -29,14 +31,9 @@ class Sft(Objective):
     config_class = SftConfig
 
     def read_data(self, path: str | Path) -> list[Any]:
-        from adapterhub.data import read_examples
-
         return read_examples(path)
 
     def train(self, job: TrainingJob) -> Any:
-        from adapterhub.data import tokenize_examples
-        from adapterhub.training import fit
-
         options, tokenizer = job.options, job.base.tokenizer
         train_set = tokenize_examples(job.rows, tokenizer, options.max_length, job.data)
         eval_set = None
