@@ -12,11 +12,11 @@ from pathlib import Path
 
 from adapterhub.adapter_files import PICKLE_SUFFIXES
 from adapterhub.errors import ConfigError, IntegrityError, LimitExceeded, NotFound
+from adapterhub.manager import get_manager
 from adapterhub.metadata import BUILTIN_PEFT_FORMATS, peft_method
 
 from .manifest import RESERVED_FILES
 from .names import validate_file_name
-
 
 
 def adapter_files(adapter_dir: Path, *, max_file_bytes: int | None) -> dict[str, Path]:
@@ -84,7 +84,6 @@ def infer_method(adapter_dir: Path) -> tuple[str, dict]:
         raise ConfigError(f"{path}: expected a JSON object")
     method = peft_method(config, BUILTIN_PEFT_FORMATS)
     if method is None:  # a format only a third-party plugin reads: ask the plugins (they may import torch)
-        from adapterhub.manager import get_manager
 
         formats = get_manager().peft_formats()
         method = peft_method(config, formats)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from adapterhub import hookimpl
+from adapterhub.errors import AdapterHubError, InvalidReference
 
 from . import open_registry, remote
 from .filestore import DEFAULT_MAX_FILE_BYTES
@@ -170,8 +171,6 @@ def _untag(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     if not parse_reference(args.ref).explicit:
-        from adapterhub.errors import InvalidReference
-
         raise InvalidReference(f"rm needs an explicit version, e.g. {args.ref}@1; a bare task name is refused")
     manifest = _store(args).remove_version(args.ref, force=args.force)
     _emit(args, {"removed": manifest.ref}, f"removed {manifest.ref} (run `adapterhub registry gc` to free its blobs)")
@@ -242,7 +241,6 @@ def _pull(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m adapterhub.registry``): the verbs without the main CLI."""
-    from adapterhub.errors import AdapterHubError
 
     parser = argparse.ArgumentParser(prog="python -m adapterhub.registry")
     sub = parser.add_subparsers(dest="command", required=True)

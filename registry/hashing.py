@@ -30,6 +30,8 @@ import threading
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING
 
+from .manifest import FileEntry
+
 if TYPE_CHECKING:
     from .manifest import FileEntry
 
@@ -77,8 +79,6 @@ class FileDigests:
                 self._chunk, self._in_chunk = hashlib.sha256(), 0
 
     def entry(self) -> "FileEntry":
-        from .manifest import FileEntry
-
         if self.chunk_size is None:
             return FileEntry(self._whole.hexdigest(), self.size)
         chunks = self._chunks + ([self._chunk.hexdigest()] if self._in_chunk or not self._chunks else [])

@@ -43,7 +43,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from adapterhub.errors import AdapterHubError, IntegrityError, NotFound
+from adapterhub.errors import AdapterHubError, IntegrityError, LimitExceeded, NotFound
 from adapterhub.metadata import Metadata
 
 from . import fsutil, hashing
@@ -421,7 +421,6 @@ class ObjectStore(AdapterStore):
 
 def _stage(source: Path, staged: Path, max_bytes: int | None) -> FileEntry:
     """Copy ``source`` to ``staged`` while hashing the copied bytes (and their chunk digests)."""
-    from adapterhub.errors import LimitExceeded
 
     digests = hashing.FileDigests(hashing.chunk_size_for(source.stat().st_size))
     fsutil.copy_hashing(source, staged, digests, max_bytes=max_bytes, fsync=False,

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from adapterhub.base import fingerprint  # light: torch is only imported for loading models
 from adapterhub.errors import ConfigError, NotFound
 from adapterhub.metadata import METADATA_FILE, Metadata
 
@@ -82,7 +83,6 @@ def import_dir(
                 f"importing {adapter_dir} needs the base model it was trained on: pass --base BASE_DIR "
                 "(or a known fingerprint with --base-fingerprint sha256:...)"
             )
-        from adapterhub.base import fingerprint  # light: torch is only imported for loading models
 
         base_fingerprint = fingerprint(base)
     if method is not None:

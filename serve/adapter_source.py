@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from adapterhub.adapter_files import AdapterFiles
-from adapterhub.errors import IntegrityError
+from adapterhub.errors import IntegrityError, LimitExceeded
+from adapterhub.registry import open_registry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ class AdapterSource:
 
     def __init__(self, registry: Any = None, *, max_bytes: int | None = None):
         """``registry``: a path, a URL or a ``RegistryLocation`` (None: ``$ADAPTERHUB_HOME``, ~/.adapterhub)."""
-        from adapterhub.registry import open_registry
 
         self.store = open_registry(registry)
         self.max_bytes = max_bytes
@@ -80,7 +80,6 @@ class AdapterSource:
     def _check_sizes(self, manifest) -> None:
         if self.max_bytes is None:
             return
-        from adapterhub.errors import LimitExceeded
 
         for name, entry in manifest.files.items():
             if entry.size > self.max_bytes:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from adapterhub.errors import AdapterHubError, ConfigError, LimitExceeded, NotFound, PluginError
+from adapterhub.manager import get_manager
 from adapterhub.metadata import check_base
 from adapterhub.objective import CAUSAL_LM
 
@@ -172,8 +173,6 @@ class AdapterCache:
             return self._load_files(version)
 
     def _load_files(self, version: AdapterVersion) -> LoadedAdapter:
-        from adapterhub.manager import get_manager
-
         method = get_manager().get_method(version.method)
         files = self.source.read(version)  # each file read once; their sha256 checks run meanwhile
         served = None

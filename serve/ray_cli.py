@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import ConfigError
+from adapterhub.registry import registry_path
 
 RAY_MISSING = "--ray needs Ray Serve, an optional extra: pip install 'adapterhub[ray]'"
 DEFAULT_HTTP_PORT = 8000  # Ray Serve's own default
@@ -58,7 +59,6 @@ def check(args: argparse.Namespace) -> None:
 def shared_paths(options: Any) -> Any:
     """Local paths made absolute (replicas do not share the caller's working directory), and the
     default registry named, so every replica reads the one the caller meant. URLs pass as they are."""
-    from adapterhub.registry import registry_path
 
     def absolute(value: str) -> str:
         path = Path(value).expanduser()
