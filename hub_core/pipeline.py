@@ -15,7 +15,7 @@ from typing import Any
 from adapterhub.registry import open_registry
 
 from .adapters import adapter_metadata, load_adapter, resolve_adapter_dir, save_adapter
-from .base import load_base
+from .base import DTYPE_CHOICES, load_base
 from .errors import ConfigError
 from .manager import get_manager
 from .metadata import check_base
@@ -149,8 +149,6 @@ def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str |
     The merge runs in float32; the model is written in ``dtype`` (auto: the base checkpoint's own).
     """
     import torch
-
-    from .base import DTYPE_CHOICES, load_base
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):

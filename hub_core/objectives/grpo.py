@@ -28,7 +28,7 @@ from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
 from adapterhub.objectives import shapes
 from adapterhub.objectives.trl_run import base_as_reference, last_logged, run_trl
 from adapterhub.registry import open_registry
-from adapterhub.rewards import COLUMNS, SPEC_HELP, resolve_rewards
+from adapterhub.rewards import COLUMNS, SPEC_HELP, AdapterReward, resolve_rewards
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 
@@ -132,8 +132,6 @@ class Grpo(Objective):
 
     def train(self, job: TrainingJob) -> Any:
         from trl import GRPOTrainer
-
-        from adapterhub.rewards import AdapterReward, resolve_rewards
 
         config: GrpoConfig = job.config  # type: ignore[assignment]
         check_batch(job, config)

@@ -25,7 +25,7 @@ from adapterhub.config import option
 from adapterhub.errors import ConfigError
 from adapterhub.objective import SEQUENCE_CLASSIFICATION, Objective, ObjectiveConfig, TrainingJob
 from adapterhub.objectives import scoring, shapes
-from adapterhub.objectives.scoring import HEAD_FILE, load_head, render, save_head, score_head
+from adapterhub.objectives.scoring import HEAD_FILE, load_head, render, rewards, save_head, score_head
 from adapterhub.objectives.trl_run import last_logged, run_trl
 
 WORKING_METHODS = "lora, qlora, dora, adalora, loraplus, ia3, prefix, adapter, bitfit, freeze, full"
@@ -127,7 +127,6 @@ def continued_head(job: TrainingJob) -> None:
 def check_padding(job: TrainingJob, model: Any) -> None:
     """The head reads each sequence's last non-pad token of ``input_ids``; a method that feeds the
     model embeddings instead (prompt tuning, P-tuning) makes a padded answer score differently."""
-    from adapterhub.objectives.scoring import render, rewards
 
     row = job.rows[0]
     ids = render(job.base.tokenizer, row["prompt"], row["chosen"][0]["content"])
