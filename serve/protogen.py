@@ -23,7 +23,9 @@ PROTOS = ("inference.proto", "admin.proto")
 
 
 def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]:
-    """Run protoc into a scratch tree and copy the generated modules to ``out_dir``."""
+    """Run protoc into a scratch tree and copy the generated modules to ``out_dir``, with the
+    ``.proto`` sources beside them: the wheel carries them there (package data), for clients in
+    other languages and for gRPC reflection users who want the files."""
     from grpc_tools import protoc
     import grpc_tools
 
@@ -45,6 +47,9 @@ def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]
         for path in sorted((Path(tmp) / VIRTUAL).iterdir()):
             shutil.copyfile(path, out_dir / path.name)
             written.append(out_dir / path.name)
+        for name in PROTOS:
+            shutil.copyfile(proto_dir / name, out_dir / name)
+            written.append(out_dir / name)
     return written
 
 

@@ -42,7 +42,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_the_generated_grpc_modules_and_every_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("inference_pb2.py", "inference_pb2_grpc.py", "admin_pb2.py", "admin_pb2_grpc.py"):
+    for module in ("inference_pb2.py", "inference_pb2_grpc.py", "admin_pb2.py", "admin_pb2_grpc.py", "inference.proto",
+                   "admin.proto"):
         assert f"adapterhub/serve/_proto/{module}" in names
     packages = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     on_disk = set()
