@@ -26,7 +26,7 @@ from .errors import AdapterHubError, ConfigError
 from .manager import get_manager
 from .pipeline import merge_to_directory, train_and_publish
 from .presets import DEFAULT_PRESET, PRESETS, SAVE_DTYPES
-from .training import TrainOptions
+from .training import METHOD_RECOMMENDED, TrainOptions
 
 log = logging.getLogger("adapterhub")
 
@@ -153,6 +153,13 @@ def _train_option_fields():
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainOptions)]
 
 
+def _default_text(field: dataclasses.Field) -> str:
+    if field.name in METHOD_RECOMMENDED:
+        return (f"default: the method's recommended value, shown by `adapterhub plugins --method NAME`; "
+                f"{field.default} for a method that recommends none")
+    return f"default {field.default}"
+
+
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train an adapter with a method plugin", description="Train an adapter.")
     p.add_argument("--plugin", help="method plugin name (see `adapterhub plugins`)")
@@ -179,7 +186,7 @@ def add_train_parser(sub: Any) -> None:
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
-            p.add_argument(flag, dest=field.name, default=None, help=f"{helptext} (default {field.default})")
+            p.add_argument(flag, dest=field.name, default=None, help=f"{helptext} ({_default_text(field)})")
     p.set_defaults(func=cmd_train)
 
 

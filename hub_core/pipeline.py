@@ -71,7 +71,9 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
 
     base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)
     if parent_meta is not None:
-        check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]))
+        check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]),
+                   advice="continue it on the base it was trained on (--base DIR), or drop --from to train a "
+                          "new adapter on this base")  # train has no --allow-base-mismatch: only merge does
     seed_everything(options.seed)  # before the adapter is created: its initial weights are random
     job = TrainingJob(
         method=method, method_config=config, options=options, config=objective_config, base=base, rows=rows,

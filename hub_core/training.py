@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+# Options a method may recommend (how it learns: LoRA trains at 1e-3, full fine-tuning at 5e-5), so
+# `train --help` says their default comes from the method instead of quoting the general one.
+METHOD_RECOMMENDED = ("lr", "epochs", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm")
 
 
 @dataclasses.dataclass

@@ -11,6 +11,8 @@ read cache that ``export`` and ``materialize`` verify versions into).
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import sys
 import tempfile
@@ -32,6 +34,28 @@ def adapterhub_register_commands(subparsers: Any) -> None:
     add_registry_parser(subparsers)
 
 
+class DiskError(AdapterHubError):
+    """A registry verb met a full or read-only disk: one ``error:`` line and exit 2, not a traceback."""
+
+
+# Conditions of the disk (full, read-only, not ours), not bugs: other OSErrors keep their traceback.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _disk_errors_on_one_line(verb: str, func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise DiskError(f"registry {verb}: {exc.strerror}{where}; free space or make it writable, or point "
+                            f"--registry (and --cache-dir) at a writable directory") from exc
+    return run
+
+
 def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``registry`` command and its verbs to an argparse subparsers object."""
     parser = subparsers.add_parser("registry", help="list, tag, verify, export and share published adapters")
@@ -43,7 +67,7 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help, aliases=list(aliases))
         p.add_argument("--json", action="store_true", help="print machine-readable JSON")
         add_registry_arguments(p, suppress=True)
-        p.set_defaults(func=func)
+        p.set_defaults(func=_disk_errors_on_one_line(name, func))
         return p
 
     p = verb("list", _list, "list tasks, or the versions of one task", aliases=("ls",))

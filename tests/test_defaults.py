@@ -52,6 +52,19 @@ def test_recommended_learning_rate_differs_from_the_general_default(name, manage
     assert manager.get_method(name).recommended_options["lr"] != TrainOptions().lr
 
 
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_train_help_says_a_recommended_option_defaults_to_the_methods_value(name, manager):
+    """`train --help` once quoted lr's general default (2e-4) where LoRA trains at 1e-3 (issue 32)."""
+    import argparse
+
+    from adapterhub.cli import build_parser
+
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for key in manager.get_method(name).recommended_options:
+        entry = train._option_string_actions["--" + key.replace("_", "-")].help
+        assert "method's recommended value" in entry and "plugins --method NAME" in entry, (key, entry)
+
+
 def test_adalora_plans_its_rank_schedule_from_the_recommended_epochs(manager):
     from adapterhub.plugins.adalora import planned_steps
 

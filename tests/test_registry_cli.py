@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -170,3 +171,54 @@ def test_the_registry_infers_a_plain_peft_dirs_method_without_the_plugins(tmp_pa
             "sorted(m for m in ('torch', 'peft', 'adapterhub.plugins.dora') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "dora []"
+
+
+@contextlib.contextmanager
+def mounted(directory: Path, *options: str, kind: str = "tmpfs"):
+    """``directory`` as a real tmpfs (``size=...``) or a read-only bind of itself; skipped where
+    mounting is not allowed (not root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    commands = ([["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(directory)]] if kind == "tmpfs" else
+                [["mount", "--bind", str(directory), str(directory)],
+                 ["mount", "-o", "remount,bind,ro", str(directory)]])
+    done = 0
+    try:
+        for command in commands:
+            if subprocess.run(command, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot {' '.join(command[:3])} here (needs root)")
+            done += 1
+        yield directory
+    finally:
+        if done:
+            subprocess.run(["umount", str(directory)], check=True)
+
+
+def main_cli(*args: str, registry: Path):
+    """The main CLI, as README promises it: `adapterhub registry VERB ... --registry DIR`."""
+    return subprocess.run([sys.executable, "-m", "adapterhub", "registry", *args, "--registry", str(registry)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_error_line(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_import_on_a_full_disk_is_one_error_line_and_exit_2(tmp_path):
+    adapter = make_adapter(tmp_path / "adapter", seed=5, size=4096)  # 128 KB: more than the disk
+    with mounted(tmp_path / "full", "size=64k") as registry:
+        result = main_cli("import", str(adapter), "--task", "t", registry=registry)
+    _one_error_line(result, "registry import", "No space left on device", "--registry")
+
+
+def test_import_and_tag_on_a_read_only_registry_are_one_error_line_and_exit_2(tmp_path, populated):
+    adapter = make_adapter(tmp_path / "adapter", seed=6)
+    with mounted(populated.root, kind="bind-ro") as registry:
+        tagged = main_cli("tag", "t@1", "prod", registry=registry)
+        imported = main_cli("import", str(adapter), "--task", "t", registry=registry)
+    _one_error_line(tagged, "registry tag", "Read-only file system")
+    _one_error_line(imported, "registry import", "Read-only file system")
+    assert populated.resolve("t@prod") == ("t", 2)  # nothing moved

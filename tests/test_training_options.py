@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -321,6 +322,21 @@ def test_from_adapter_refuses_a_conflicting_method_config(tiny_base_dir, data_fi
         pipeline_run(tiny_base_dir, data_files[0], tmp_path / "child", max_steps=1,
                      from_adapter=str(tmp_path / "parent"), set={"r": "4"})
     assert not (tmp_path / "child").exists()
+
+
+def test_from_adapter_on_another_base_names_options_train_has(tiny_base_dir, data_files, tmp_path):
+    """The advice used to name --allow-base-mismatch, which only merge takes (issue 32)."""
+    from adapterhub.base import init_base
+    from adapterhub.cli import build_parser
+    from adapterhub.errors import BaseMismatch
+
+    pipeline_run(tiny_base_dir, data_files[0], tmp_path / "parent", max_steps=1)
+    other = init_base("tiny", tmp_path / "other-base", seed=1)
+    with pytest.raises(BaseMismatch) as info:
+        pipeline_run(other, data_files[0], tmp_path / "child", max_steps=1, from_adapter=str(tmp_path / "parent"))
+    train_flags = build_parser()._subparsers._group_actions[0].choices["train"]._option_string_actions
+    named = re.findall(r"--[a-z][a-z-]+", str(info.value))
+    assert named and all(flag in train_flags for flag in named), (named, str(info.value))
 
 
 # -- validation and YAML precedence ------------------------------------------------------------
