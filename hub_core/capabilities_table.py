@@ -1,5 +1,6 @@
-"""The README's method tables (capabilities, config keys, recommended training options), generated
-from the registered plugins (never written by hand), and the built-in PEFT formats table of
+"""The README's method tables (capabilities, config keys, recommended training options) and
+the objectives table (their recommended training options), generated from the registered plugins (never
+written by hand), and the built-in PEFT formats table of
 :mod:`adapterhub.metadata` (the registry's torch-free copy of what the plugins declare).
 
 ``python -m adapterhub.capabilities_table --write README.md`` rewrites the tables between the
@@ -21,6 +22,7 @@ from adapterhub.training import TrainOptions
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 KEYS_BEGIN, KEYS_END = "<!-- method-configs:begin -->", "<!-- method-configs:end -->"
 DEFAULTS_BEGIN, DEFAULTS_END = "<!-- method-defaults:begin -->", "<!-- method-defaults:end -->"
+OBJECTIVES_BEGIN, OBJECTIVES_END = "<!-- objective-defaults:begin -->", "<!-- objective-defaults:end -->"
 PEFT_BEGIN, PEFT_END = "    # peft-formats:begin", "    # peft-formats:end"
 
 
@@ -77,6 +79,18 @@ def render_defaults() -> str:
     return "\n".join(lines)
 
 
+def render_objective_defaults() -> str:
+    """The training options each objective brings over the method's (``Objective.recommended_options``)."""
+
+    lines = ["| objective | recommended training options (over the method's; flags override them) |", "| --- | --- |"]
+    own = "(the method's own)"
+    for name, objective in sorted(PluginManager(autoload=False).objectives().items()):
+        options = TrainOptions.from_dict(dict(objective.recommended_options))  # also checks keys and values
+        shown = ", ".join(f"`--{key.replace('_', '-')} {getattr(options, key)}`" for key in objective.recommended_options)
+        lines.append(f"| `{name}` | {shown or own} |")
+    return "\n".join(lines)
+
+
 def render_peft_formats() -> str:
     """The body of ``adapterhub.metadata.BUILTIN_PEFT_FORMATS``, from the built-ins' declarations."""
 
@@ -109,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.write)
         text = replace_table(path.read_text(), table)
         text = replace_between(text, KEYS_BEGIN, KEYS_END, render_config_keys())
-        path.write_text(replace_between(text, DEFAULTS_BEGIN, DEFAULTS_END, render_defaults()))
+        text = replace_between(text, DEFAULTS_BEGIN, DEFAULTS_END, render_defaults())
+        path.write_text(replace_between(text, OBJECTIVES_BEGIN, OBJECTIVES_END, render_objective_defaults()))
 
         source = Path(metadata.__file__)
         source.write_text(replace_between(source.read_text(), PEFT_BEGIN, PEFT_END, render_peft_formats()))

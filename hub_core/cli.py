@@ -142,7 +142,17 @@ def cmd_objectives(args: argparse.Namespace) -> int:
             for f in row["config"]:
                 choices = f" (one of {', '.join(map(str, f['choices']))})" if f["choices"] else ""
                 print(f"    {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}{choices}")
+            print(objective_recommended_text(row["recommended_options"]))
     return 0
+
+
+def objective_recommended_text(recommended: dict[str, Any]) -> str:
+    """What ``adapterhub objectives --objective NAME`` says about the training options it brings."""
+
+    if not recommended:
+        return "  training options: the method's recommended ones (this objective brings none of its own)"
+    lines = [f"    --{key.replace('_', '-')} {value}" for key, value in recommended.items()]
+    return "\n".join(["  training options (over the method's recommended ones; flags override them):", *lines])
 
 
 # -- train ---------------------------------------------------------------------------------------

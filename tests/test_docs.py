@@ -32,6 +32,15 @@ def test_method_defaults_table_is_generated_from_the_plugins():
     assert current == render_defaults(), "README method defaults are stale: python -m adapterhub.capabilities_table --write README.md"
 
 
+def test_objective_defaults_table_is_generated_from_the_objectives():
+    from adapterhub.capabilities_table import OBJECTIVES_BEGIN, OBJECTIVES_END, render_objective_defaults
+
+    readme = (ROOT / "README.md").read_text()
+    current = readme.split(OBJECTIVES_BEGIN)[1].split(OBJECTIVES_END)[0].strip()
+    assert current == render_objective_defaults(), \
+        "README objective defaults are stale: python -m adapterhub.capabilities_table --write README.md"
+
+
 def test_quickstart_is_two_make_targets():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()

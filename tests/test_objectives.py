@@ -139,6 +139,60 @@ def test_unknown_objective_and_config_key_name_the_fix(tiny_base_dir, prefs):
         dpo.make_config({"loss_type": "nope"})
 
 
+# -- recommended training options: the user's > the objective's > the method's -----------------
+
+LEARNING_OPTIONS = {"lr", "epochs", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm"}
+
+
+@pytest.mark.parametrize("name", sorted(PluginManager(autoload=False).objectives()))
+def test_an_objectives_recommendations_are_learning_options_only(name):
+    from adapterhub.training import TrainOptions
+
+    recommended = PluginManager(autoload=False).get_objective(name).recommended_options
+    assert set(recommended) <= LEARNING_OPTIONS, f"{name} recommends {set(recommended) - LEARNING_OPTIONS}"
+    options = TrainOptions.from_dict(dict(recommended))  # TrainOptions' own validation
+    assert {k: getattr(options, k) for k in recommended} == recommended
+
+
+def test_options_come_from_the_user_then_the_objective_then_the_method():
+    from types import SimpleNamespace
+
+    from adapterhub.training import TrainOptions
+
+    method = SimpleNamespace(recommended_options={"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5})
+    objective = SimpleNamespace(recommended_options={"lr": 5e-5, "epochs": 1.0})
+    options = TrainOptions.for_method(method, {"epochs": "2"}, objective)
+    assert (options.lr, options.epochs, options.warmup_steps) == (5e-5, 2.0, 5)
+    assert TrainOptions.for_method(method, {}, None).lr == 1e-3
+
+
+def test_dpo_trains_a_lora_at_its_own_lr_and_lr_overrides_it(tiny_base_dir, prefs, tmp_path):
+    manager = PluginManager(autoload=False)
+    dpo_lr = manager.get_objective("dpo").recommended_options["lr"]
+    assert dpo_lr < manager.get_method("lora").recommended_options["lr"]  # LoRA's SFT lr wrecks DPO
+
+    def trained(out: Path, *flags: str) -> dict:
+        assert main(["train", "--plugin", "lora", "--objective", "dpo", "--base", str(tiny_base_dir), "--data",
+                     str(prefs), "--no-publish", "--output", str(out), "--max-steps", "1", "--no-progress",
+                     *flags]) == 0
+        return json.loads((out / "adapterhub.json").read_text())["training"]
+
+    recommended = {**manager.get_method("lora").recommended_options, **manager.get_objective("dpo").recommended_options}
+    training = trained(tmp_path / "recommended")
+    assert {k: training[k] for k in recommended} == recommended
+    assert trained(tmp_path / "flag", "--lr", "0.003")["lr"] == 0.003
+
+
+def test_objectives_shows_the_options_an_objective_brings(capsys):
+    assert main(["objectives", "--objective", "dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "training options (over the method's recommended ones; flags override them):" in out
+    for key, value in PluginManager(autoload=False).get_objective("dpo").recommended_options.items():
+        assert f"    --{key.replace('_', '-')} {value}\n" in out
+    assert main(["objectives", "--objective", "sft"]) == 0
+    assert "the method's recommended ones (this objective brings none of its own)" in capsys.readouterr().out
+
+
 def test_sft_stays_the_default_and_records_its_lineage(capsys, tiny_base_dir, sentiment_data, registry):
     ref = train(capsys, tiny_base_dir, registry, "--plugin", "lora", "--data", str(sentiment_data[0]),
                 "--task", "sft-default", "--max-steps", "2")
