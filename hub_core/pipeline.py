@@ -69,6 +69,9 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
 
+    import torch
+
+    torch.set_num_threads(options.threads)  # on the CPU: torch's default (every core) collapses beside other work
     base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)
     if parent_meta is not None:
         check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]),
@@ -84,7 +87,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     if not is_main_process():
         return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
-    training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress")}
+    training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress", "threads")}
     training.update({"data": str(top["data"]), "data_sha256": file_sha256(top["data"]), "quantize": quantize,
                      "dtype": base.dtype, "examples": len(rows)})
     training["objective"] = {"name": objective.name, "config": objective_config.to_dict(), **objective.lineage(job)}

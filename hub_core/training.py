@@ -60,6 +60,8 @@ class TrainOptions:
     tensorboard: bool = option(False, "write TensorBoard logs under the run directory")
     logging_steps: int = option(10, "log loss every N steps")
     progress: bool = option(True, "show a progress bar")
+    threads: int = option(1, "torch CPU threads (1 measured fastest on 2 cores, alone and beside a busy neighbour: "
+                             "bench/results/train_threads.json; raise it on a quiet machine with many cores)")
     run_dir: str | None = option(None, "directory for checkpoints and logs (default: a temp dir)")
 
     def __post_init__(self) -> None:
@@ -78,6 +80,7 @@ class TrainOptions:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("save_steps", self.save_steps >= 0, "must be >= 0"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("threads", self.threads >= 1, "must be >= 1"),
             ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
             ("early_stopping_threshold", self.early_stopping_threshold >= 0, "must be >= 0"),
             ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),

@@ -354,6 +354,7 @@ def test_from_adapter_on_another_base_names_options_train_has(tiny_base_dir, dat
         ({"early_stopping_patience": 2}, "early stopping needs eval data"),
         ({"eval_steps": 5}, "eval_steps=5 needs eval data"),
         ({"eval_split": 0.1, "eval_data": "x.jsonl"}, "exclusive"),
+        ({"threads": 0}, r"threads=0 must be >= 1"),
     ],
 )
 def test_bad_options_are_clear_errors(values, message):
@@ -404,3 +405,23 @@ def test_layerwise_lr_decay_finds_the_layers_and_embeddings_of_any_decoder():
     assert lr_of[id(named["transformer.h.0.attn.c_attn.weight"])] == 0.5**2
     assert lr_of[id(named["transformer.h.2.mlp.c_proj.weight"])] == 1.0
     assert lr_of[id(named["transformer.ln_f.weight"])] == 1.0
+
+
+def test_train_runs_on_the_threads_it_is_given(tiny_base_dir, sentiment_data, tmp_path):
+    """``--threads`` (default 1: bench/train_threads.py) sets torch's CPU threads for the run, and is not
+    recorded as a training option (it changes speed, not what is learned)."""
+    import torch
+
+    from adapterhub.cli import main
+
+    torch.set_num_threads(2)
+    registry = tmp_path / "registry"
+    assert main(["train", "--plugin", "lora", "--base", str(tiny_base_dir), "--data", str(sentiment_data[0]),
+                 "--task", "t", "--registry", str(registry), "--max-steps", "1", "--no-progress"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["train", "--plugin", "lora", "--base", str(tiny_base_dir), "--data", str(sentiment_data[0]),
+                 "--task", "t", "--registry", str(registry), "--max-steps", "1", "--no-progress", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    from adapterhub.registry import open_registry
+
+    assert "threads" not in open_registry(registry).manifest("t@2").training
