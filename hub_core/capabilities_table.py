@@ -86,7 +86,10 @@ def render_objective_defaults() -> str:
     own = "(the method's own)"
     for name, objective in sorted(PluginManager(autoload=False).objectives().items()):
         options = TrainOptions.from_dict(dict(objective.recommended_options))  # also checks keys and values
-        shown = ", ".join(f"`--{key.replace('_', '-')} {getattr(options, key)}`" for key in objective.recommended_options)
+        shown = [f"`--{key.replace('_', '-')} {getattr(options, key)}`" for key in objective.recommended_options]
+        if objective.lr_scale is not None and "lr" not in objective.recommended_options:
+            shown.append(f"`--lr`: the method's x {objective.lr_scale:g}")
+        shown = ", ".join(shown)
         lines.append(f"| `{name}` | {shown or own} |")
     return "\n".join(lines)
 

@@ -118,6 +118,7 @@ def objective_rows() -> list[dict[str, Any]]:
             "head": o.head,
             "config": o.config_class.describe(),
             "recommended_options": dict(o.recommended_options),
+            "lr_scale": o.lr_scale,
         }
         for o in get_manager().objectives().values()
     ]
@@ -142,16 +143,18 @@ def cmd_objectives(args: argparse.Namespace) -> int:
             for f in row["config"]:
                 choices = f" (one of {', '.join(map(str, f['choices']))})" if f["choices"] else ""
                 print(f"    {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}{choices}")
-            print(objective_recommended_text(row["recommended_options"]))
+            print(objective_recommended_text(row["recommended_options"], row["lr_scale"]))
     return 0
 
 
-def objective_recommended_text(recommended: dict[str, Any]) -> str:
+def objective_recommended_text(recommended: dict[str, Any], lr_scale: float | None = None) -> str:
     """What ``adapterhub objectives --objective NAME`` says about the training options it brings."""
 
-    if not recommended:
+    if not recommended and lr_scale is None:
         return "  training options: the method's recommended ones (this objective brings none of its own)"
     lines = [f"    --{key.replace('_', '-')} {value}" for key, value in recommended.items()]
+    if lr_scale is not None and "lr" not in recommended:
+        lines.append(f"    --lr: the method's recommended lr x {lr_scale:g}")
     return "\n".join(["  training options (over the method's recommended ones; flags override them):", *lines])
 
 

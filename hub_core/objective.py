@@ -76,6 +76,11 @@ class Objective:
     head: ClassVar[str] = CAUSAL_LM
     """The model the adapter trains on: ``causal-lm``, or ``sequence-classification`` (a reward
     model: the base with a one-score head, saved with the adapter)."""
+    lr_scale: ClassVar[float | None] = None
+    """The objective's learning rate as a fraction of the method's recommended one (unless the user
+    sets ``--lr``): methods' recommended options were measured with SFT, and a preference objective
+    wants a smaller step on the same adapter. A fraction, not a value, because methods' own rates
+    differ by 100x (LoRA 1e-3, IA3 2e-2, prompt tuning 1e-1)."""
     recommended_options: ClassVar[dict[str, Any]] = {}
     """Training options this objective gets unless the user sets them (over the method's own)."""
 

@@ -104,7 +104,10 @@ class TrainOptions:
     @classmethod
     def for_method(cls, method: "Method", values: dict[str, Any], objective: Any = None) -> "TrainOptions":
         """Options from the user's ``values`` over the objective's and the method's recommended ones."""
-        recommended = getattr(objective, "recommended_options", {})
+        recommended = dict(getattr(objective, "recommended_options", {}))
+        scale = getattr(objective, "lr_scale", None)
+        if scale is not None and "lr" not in recommended:
+            recommended["lr"] = method.recommended_options.get("lr", cls.lr) * scale
         return cls.from_dict({**method.recommended_options, **recommended, **values})
 
     @classmethod

@@ -152,6 +152,8 @@ def test_an_objectives_recommendations_are_learning_options_only(name):
     assert set(recommended) <= LEARNING_OPTIONS, f"{name} recommends {set(recommended) - LEARNING_OPTIONS}"
     options = TrainOptions.from_dict(dict(recommended))  # TrainOptions' own validation
     assert {k: getattr(options, k) for k in recommended} == recommended
+    scale = PluginManager(autoload=False).get_objective(name).lr_scale
+    assert scale is None or 0 < scale <= 1
 
 
 def test_options_come_from_the_user_then_the_objective_then_the_method():
@@ -164,12 +166,17 @@ def test_options_come_from_the_user_then_the_objective_then_the_method():
     options = TrainOptions.for_method(method, {"epochs": "2"}, objective)
     assert (options.lr, options.epochs, options.warmup_steps) == (5e-5, 2.0, 5)
     assert TrainOptions.for_method(method, {}, None).lr == 1e-3
+    scaled = SimpleNamespace(recommended_options={}, lr_scale=0.2)  # a fraction of each method's own lr
+    assert TrainOptions.for_method(method, {}, scaled).lr == pytest.approx(2e-4)
+    assert TrainOptions.for_method(SimpleNamespace(recommended_options={"lr": 2e-2}), {}, scaled).lr == pytest.approx(4e-3)
+    assert TrainOptions.for_method(method, {"lr": "0.01"}, scaled).lr == 0.01
 
 
 def test_dpo_trains_a_lora_at_its_own_lr_and_lr_overrides_it(tiny_base_dir, prefs, tmp_path):
     manager = PluginManager(autoload=False)
-    dpo_lr = manager.get_objective("dpo").recommended_options["lr"]
-    assert dpo_lr < manager.get_method("lora").recommended_options["lr"]  # LoRA's SFT lr wrecks DPO
+    lora_lr = manager.get_method("lora").recommended_options["lr"]
+    dpo_lr = lora_lr * manager.get_objective("dpo").lr_scale
+    assert dpo_lr < lora_lr  # LoRA's SFT lr wrecks DPO
 
     def trained(out: Path, *flags: str) -> dict:
         assert main(["train", "--plugin", "lora", "--objective", "dpo", "--base", str(tiny_base_dir), "--data",
@@ -177,7 +184,7 @@ def test_dpo_trains_a_lora_at_its_own_lr_and_lr_overrides_it(tiny_base_dir, pref
                      *flags]) == 0
         return json.loads((out / "adapterhub.json").read_text())["training"]
 
-    recommended = {**manager.get_method("lora").recommended_options, **manager.get_objective("dpo").recommended_options}
+    recommended = {**manager.get_method("lora").recommended_options, "lr": pytest.approx(dpo_lr)}
     training = trained(tmp_path / "recommended")
     assert {k: training[k] for k in recommended} == recommended
     assert trained(tmp_path / "flag", "--lr", "0.003")["lr"] == 0.003
@@ -189,6 +196,7 @@ def test_objectives_shows_the_options_an_objective_brings(capsys):
     assert "training options (over the method's recommended ones; flags override them):" in out
     for key, value in PluginManager(autoload=False).get_objective("dpo").recommended_options.items():
         assert f"    --{key.replace('_', '-')} {value}\n" in out
+    assert f"    --lr: the method's recommended lr x {PluginManager(autoload=False).get_objective('dpo').lr_scale:g}\n" in out
     assert main(["objectives", "--objective", "sft"]) == 0
     assert "the method's recommended ones (this objective brings none of its own)" in capsys.readouterr().out
 

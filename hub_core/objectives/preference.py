@@ -81,7 +81,8 @@ class Dpo(Objective):
     # examples/objectives/sweep_lr.py (LoRA, SmolLM2-135M-Instruct, 12 steps; bench/results/objectives/
     # sweep_lr_dpo.json): at LoRA's SFT lr 1e-3 the held-out answers turn to garbage; at 2e-4 the
     # model's own preference moves (0.38 -> 0.58) and the answers stay readable; 5e-5 barely moves it.
-    recommended_options = {"lr": 2e-4}
+    # A fifth of LoRA's SFT rate; taken as a fraction so methods with other rates (ia3, prompt) scale too.
+    lr_scale = 0.2
 
     def read_data(self, path: str | Path) -> list[Any]:
         return shapes.read_pairs(path)
@@ -112,7 +113,7 @@ class Kto(Objective):
     config_class = KtoConfig
     # The same sweep (bench/results/objectives/sweep_lr_kto.json, the pairs split into unpaired rows):
     # garbage answers at 1e-3, own preference 0.38 -> 0.54 with readable answers at 2e-4, no move at 5e-5.
-    recommended_options = {"lr": 2e-4}
+    lr_scale = 0.2
 
     def read_data(self, path: str | Path) -> list[Any]:
         return shapes.read_unpaired(path)
