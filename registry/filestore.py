@@ -30,7 +30,7 @@ from adapterhub.metadata import Metadata
 
 from . import fsutil, hashing
 from .manifest import FileEntry, Manifest
-from .names import parse_reference, validate_tag, validate_task
+from .names import validate_tag, validate_task
 from .readcache import ReadCache
 from .store import AdapterStore, Problem, RefLike, VersionRead
 
@@ -355,17 +355,8 @@ class FileStore(AdapterStore):
             found = blob_entries[key]
             return found.sha256 == sha and found.chunks == chunks
 
-        if ref is None:
-            tasks_dir = self.root / "tasks"
-            scope = {entry.name: None for entry in sorted(tasks_dir.iterdir())} if tasks_dir.is_dir() else {}
-        elif isinstance(ref, Manifest) or parse_reference(ref).explicit:
-            task, version = self.resolve(ref)
-            scope = {task: [version]}
-        else:
-            task = parse_reference(ref).task
-            if not self.list_versions(task):
-                raise NotFound(f"task {task!r} has no versions; {self._task_hint(task)}")
-            scope = {task: None}
+        tasks_dir = self.root / "tasks"
+        scope = self._verify_scope(ref, lambda: sorted(e.name for e in tasks_dir.iterdir()) if tasks_dir.is_dir() else [])
 
         for task, only in scope.items():
             try:

@@ -353,16 +353,7 @@ class ObjectStore(AdapterStore):
                     hashed[sha] = ""
             return hashed[sha]
 
-        if ref is None:
-            scope: dict[str, list[int] | None] = {t: None for t in self.bucket.folders("tasks/")}
-        elif isinstance(ref, Manifest) or parse_reference(ref).explicit:
-            task, version = self.resolve(ref)
-            scope = {task: [version]}
-        else:
-            task = parse_reference(ref).task
-            if not self.list_versions(task):
-                raise NotFound(f"task {task!r} has no versions; {self._task_hint(task)}")
-            scope = {task: None}
+        scope = self._verify_scope(ref, lambda: list(self.bucket.folders("tasks/")))
         for task, only in scope.items():
             try:
                 validate_task(task)

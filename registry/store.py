@@ -251,6 +251,20 @@ class AdapterStore(abc.ABC):
         """A verified file as a binary stream (e.g. for ``safetensors.safe_load`` from bytes)."""
         return io.BytesIO(self.read_bytes(ref, name))
 
+    def _verify_scope(self, ref: RefLike | None, every_task: Callable[[], list[str]]) -> dict[str, list[int] | None]:
+        """What ``verify(ref)`` covers, task -> versions (None: all of them and the task's tags): every
+        task the backend lists (``every_task()``, names unchecked: verify reports bad ones), one task, or
+        one version."""
+        if ref is None:
+            return {task: None for task in every_task()}
+        if isinstance(ref, Manifest) or parse_reference(ref).explicit:
+            task, version = self.resolve(ref)
+            return {task: [version]}
+        task = parse_reference(ref).task
+        if not self.list_versions(task):
+            raise NotFound(f"task {task!r} has no versions; {self._task_hint(task)}")
+        return {task: None}
+
     def _task_hint(self, task: str) -> str:
         tasks = self.list_tasks()
         return f"known tasks: {', '.join(tasks)}" if tasks else "the registry is empty"
