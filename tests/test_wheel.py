@@ -30,10 +30,15 @@ def _run(*args: str, cwd: Path, env: dict, timeout: float = 900) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # from a copy: setuptools would reuse (and leave) a build/ folder in the checkout, stale files and all
+    # from a copy of what git would commit: setuptools would reuse (and leave) a build/ folder in the
+    # checkout, stale files and all, and a dev checkout holds gigabytes of demo and bench output
     source = out / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
-                                                                 "__pycache__", "*.so", ".pytest_cache", "runs"))
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source), cwd=out,
          env=dict(os.environ))
     (found,) = out.glob("adapterhub-*.whl")
