@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from adapterhub.chat import render_prompt
-from adapterhub.errors import LimitExceeded, Overloaded
+from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded
 
 from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
@@ -211,8 +211,7 @@ class Engine:
                     self._step()
             except Exception as exc:  # never let one bad batch kill the scheduler
                 if slow is not None:  # fails that request only: the paused batch resumes untouched
-                    log.exception("exclusive-path request failed")
-                    self._finish_error(slow, exc)
+                    self._exclusive_failed(slow, exc)
                     continue
                 self._step_failed(list(self._active), exc)
                 self.hooks.plan = None
@@ -304,6 +303,18 @@ class Engine:
         log.error("request %d failed alone %s; the rest of its batch goes on", seq.id, where, exc_info=exc)
         self._finish_error(seq, RowFailed(f"request {seq.id} failed {where}: {type(exc).__name__}: {exc}; the other "
                                           "requests in its batch were not affected (the server log has the details)"))
+
+    def _exclusive_failed(self, seq: Sequence, exc: Exception) -> None:
+        """An exclusive-path request failed alone. A domain error reaches its client as it is; any other
+        is logged here once, with its traceback, and reaches the client as ``RowFailed`` (which its door
+        logs without a second traceback)."""
+        if isinstance(exc, AdapterHubError):
+            self._finish_error(seq, exc)
+            return
+        log.error("exclusive-path request %d failed with %s", seq.id, _adapters(seq), exc_info=exc)
+        self._finish_error(seq, RowFailed(f"request {seq.id} failed on the exclusive path with {_adapters(seq)}: "
+                                          f"{type(exc).__name__}: {exc}; other requests were not affected (the "
+                                          "server log has the details)"))
 
     def _step_failed(self, rows: list[Sequence], exc: Exception) -> None:
         """A fault of the step itself (no row fails alone): its rows end, the log gets it once, and

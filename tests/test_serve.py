@@ -256,6 +256,28 @@ def test_an_exclusive_request_pauses_running_rows_instead_of_waiting_for_them(se
     assert slow.completion_tokens > 0 and [r.token_ids for r in results] == alone, "the paused rows changed course"
 
 
+def test_an_exclusive_request_that_breaks_fails_alone_logged_once(server, client, noform_plugin, caplog):
+    """A fault on the exclusive path (not a domain error) ends that request as INTERNAL in its own words,
+    with one traceback in the log (the engine's; the door does not log it again), and the next works."""
+    engine = server.engine
+
+    def broken(seq):
+        raise RuntimeError("kernel exploded")
+
+    client.load("noform@1")
+    engine._run_slow = broken
+    try:
+        with caplog.at_level("INFO"), pytest.raises(grpc.RpcError) as err:
+            client.generate(messages=chat("the good day"), adapters=["noform@1"], max_new_tokens=MAX_NEW)
+    finally:
+        del engine._run_slow
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "exclusive path" in err.value.details() and "kernel exploded" in err.value.details()
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1 and "exclusive-path request" in tracebacks[0].getMessage()
+    assert client.generate(messages=chat("the good day"), adapters=["noform@1"], max_new_tokens=2).completion_tokens
+
+
 @pytest.mark.parametrize("method_name", ["prompt", "ptuning"])
 def test_served_soft_prompt_equals_the_models_own_greedy_decoding(world, client, tiny_base_dir, tiny_tokenizer,
                                                                   method_name):
