@@ -26,6 +26,7 @@ BENCHMARKS = {
     "ray_affinity": "(k) Ray Serve: affinity hit rate with multiplexing on vs off, a replica killed mid-load",
     "registry_race": "(l) registry on S3 (moto) and file://: publishes and tag moves racing, two servers, cold load",
     "train_threads": "(n) training step time by thread setting, alone and beside a busy neighbour",
+    "serve_threads": "(o) serving tokens/s by thread setting, alone and beside a busy neighbour",
     "chaos": "(m) a real server under mixed load on both doors: poisoned rows, disconnects, evictions, tag moves, SIGTERM",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself

@@ -26,6 +26,7 @@ from .errors import AdapterHubError, ConfigError
 from .manager import get_manager
 from .pipeline import merge_to_directory, train_and_publish
 from .presets import DEFAULT_PRESET, PRESETS, SAVE_DTYPES
+from .threads import add_threads_argument, use_threads
 from .training import METHOD_RECOMMENDED, TrainOptions
 
 log = logging.getLogger("adapterhub")
@@ -280,6 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    use_threads(args.threads)  # before the base loads
     out = merge_to_directory(args.adapter, args.base, args.out, registry=location_from_args(args),
                              allow_base_mismatch=args.allow_base_mismatch, dtype=args.dtype)
     print(out)
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-base-mismatch", action="store_true")
     merge.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="dtype of the written model (auto: the base checkpoint's own); the merge itself runs in float32")
+    add_threads_argument(merge)
     merge.set_defaults(func=cmd_merge)
 
 

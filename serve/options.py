@@ -50,6 +50,10 @@ class ServerOptions:
     max_adapters: int = _option(8, "adapters kept resident (LRU; pinned never evicted)")
     max_batch: int = _option(32, "rows per decode step")
     max_queue: int = _option(256, "waiting requests before RESOURCE_EXHAUSTED")
+    threads: str = _option("auto", "torch CPU threads, set before the base loads: auto = torch's own (OMP_NUM_THREADS, "
+                                   "else one per core), or N. On 2 cores auto held 651 tok/s beside a busy neighbour "
+                                   "(781 alone); 1 with --lora-overlap off 819 (831); 1 with the overlap's auto (on: "
+                                   "its worker wants the busy core) 335 (867): bench/results/serve_threads.json")
     lora_dtype: str = _option("auto", "precision of resident LoRA weights: auto = the base's compute dtype; float16 "
                                       "halves each adapter's memory and the bytes a mixed batch reads per step",
                               choices=LORA_DTYPES)
@@ -95,6 +99,19 @@ def lora_dtype(name: str) -> Any:
     import torch  # here, not at the top: the CLI parser imports this module
 
     return None if name == "auto" else getattr(torch, name)
+
+
+def torch_threads(value: str | int) -> int | None:
+    """``--threads`` as a thread count (None for auto: leave torch's default)."""
+    if str(value) == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--threads {value!r}: use auto or a number of threads >= 1")
+    return n
 
 
 def lora_overlap(name: str) -> bool | None:

@@ -23,7 +23,7 @@ from .auth import Tokens
 from .engine import Engine
 from .interceptors import BearerTokenInterceptor, ErrorInterceptor
 from .metrics import Metrics
-from .options import ServerOptions, lora_dtype, lora_overlap
+from .options import ServerOptions, lora_dtype, lora_overlap, torch_threads
 from .ports import check_free, in_use
 from .servicers import AdminServicer, InferenceServicer
 from .signals import StopSignals, summary
@@ -45,6 +45,7 @@ class AdapterServer:
         self.options = options
         dtype = lora_dtype(options.lora_dtype)  # a bad option fails before the base loads
         overlap = lora_overlap(options.lora_overlap)
+        threads = torch_threads(options.threads)
         device = resolve_device(options.device)
         lora_backends.select(device, options.lora_backend)  # a backend that cannot run there fails before the base loads
         check_free(options.host, options.port, "--port")  # taken ports fail before the base loads
@@ -53,6 +54,10 @@ class AdapterServer:
         if options.http_port is not None:
             check_free(self.http_host, options.http_port, "--http-port")
         self.metrics = Metrics()
+        if threads is not None:  # before the base loads; --lora-overlap auto then counts the cores these leave
+            import torch
+
+            torch.set_num_threads(threads)
         base = base if base is not None else load_base(options.base, options.quantize, dtype=options.dtype, device=device)
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=options.limits(),

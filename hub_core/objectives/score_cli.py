@@ -21,6 +21,7 @@ from adapterhub.errors import ConfigError, DataError
 from adapterhub.objectives.scoring import RewardModel
 from adapterhub.objectives.shapes import answer_turns, prompt_turns
 from adapterhub.registry.location import add_registry_arguments, location_from_args
+from adapterhub.threads import add_threads_argument, use_threads
 
 ANSWER_KEYS = ("response", "completion")
 
@@ -43,6 +44,7 @@ def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default: the first GPU, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    add_threads_argument(p)
     p.set_defaults(func=score_command)
     return p
 
@@ -74,6 +76,7 @@ def score_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
     kind, rows = read_score_lines(args.data)  # before the base loads
+    use_threads(args.threads)
     model = RewardModel.load(args.adapter, registry=location_from_args(args), base=args.base,
                              quantize=args.quantize, device=args.device)
     prompts = [r["prompt"] for r in rows]
