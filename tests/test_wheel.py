@@ -36,7 +36,10 @@ def wheel(tmp_path_factory) -> Path:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
-        if (ROOT / name).is_file():
+        if (ROOT / name).is_symlink():  # hub_core/{plugins,registry,serve}: as a clone has them
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source), cwd=out,
