@@ -324,3 +324,45 @@ class ServerProcess:
             self.proc.wait(30)
         except Exception:
             self.proc.kill()
+
+
+# The thread setting a fresh worker process applies before it imports anything heavy (THREADS:
+# "affinity" or a count; unset: torch's default): prepended to the workers of the thread benchmarks.
+THREADS_PREAMBLE = r"""
+import os
+import torch
+want = os.environ.get("THREADS")
+if want == "affinity":
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+elif want:
+    torch.set_num_threads(int(want))
+"""
+
+
+def alone_and_beside_busy(candidates: dict[str, dict[str, str]], worker: str, args: list[str]) -> dict[str, dict]:
+    """Run ``worker`` (Python source printing one JSON line) once per candidate environment, each in a
+    fresh process (torch's threads are process-wide, OpenMP reads its wait policy once): first alone,
+    then beside a busy neighbour (``yes``) holding a core. Returns {"alone": {name: json}, "beside_busy": ...}."""
+    import subprocess
+    import sys
+
+    def run(env: dict[str, str]) -> dict:
+        done = subprocess.run([sys.executable, "-c", THREADS_PREAMBLE + worker, *args], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-2000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results: dict[str, dict] = {"alone": {}, "beside_busy": {}}
+    for name, env in candidates.items():
+        results["alone"][name] = run(env)
+        print(name, "alone done", flush=True)
+    busy = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+    try:
+        for name, env in candidates.items():
+            results["beside_busy"][name] = run(env)
+            print(name, "beside busy done", flush=True)
+    finally:
+        busy.terminate()
+        busy.wait()
+    return results

@@ -13,11 +13,8 @@ Medians of the rounds after a warm-up; ratios against one thread.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 
 from bench import common
 
@@ -35,12 +32,6 @@ CANDIDATES = {
 WORKER = r"""
 import json, os, statistics, sys, time
 from concurrent.futures import ThreadPoolExecutor
-import torch
-want = os.environ.get("THREADS")
-if want == "affinity":
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-elif want:
-    torch.set_num_threads(int(want))
 from adapterhub.serve.client import Client
 from adapterhub.serve.server import AdapterServer, ServerOptions
 base, registry, rounds, n, new, adapters = sys.argv[1:7]
@@ -69,33 +60,16 @@ print(json.dumps(result))
 """
 
 
-def run(base: str, registry: str, env: dict[str, str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", WORKER, base, registry, str(ROUNDS), str(REQUESTS),
-                           str(NEW_TOKENS), str(ADAPTERS)], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["tokens_per_s"] = statistics.median(r["tokens"] / r["seconds"] for r in out["rounds"])
-    return out
-
-
 def main() -> dict:
     base = common.small_base()
     registry = common.registry(base, ADAPTERS)
     results: dict = {"requests": REQUESTS, "new_tokens": NEW_TOKENS, "rounds": ROUNDS, "adapters": ADAPTERS,
-                     "quantize": "none", "cpus": len(os.sched_getaffinity(0)), "alone": {}, "beside_busy": {}}
-    for name, env in CANDIDATES.items():
-        results["alone"][name] = run(str(base), str(registry), env)
-        print(name, "alone", round(results["alone"][name]["tokens_per_s"], 1), flush=True)
-    busy = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
-    try:
-        for name, env in CANDIDATES.items():
-            results["beside_busy"][name] = run(str(base), str(registry), env)
-            print(name, "beside busy", round(results["beside_busy"][name]["tokens_per_s"], 1), flush=True)
-    finally:
-        busy.terminate()
-        busy.wait()
+                     "quantize": "none", "cpus": len(os.sched_getaffinity(0)),
+                     **common.alone_and_beside_busy(CANDIDATES, WORKER, [str(base), str(registry), str(ROUNDS),
+                                                                         str(REQUESTS), str(NEW_TOKENS), str(ADAPTERS)])}
+    for runs in (results["alone"], results["beside_busy"]):
+        for out in runs.values():
+            out["tokens_per_s"] = statistics.median(r["tokens"] / r["seconds"] for r in out["rounds"])
     rows = []
     for name in CANDIDATES:
         alone, busy_ = results["alone"][name], results["beside_busy"][name]

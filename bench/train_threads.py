@@ -10,11 +10,8 @@ threads, and one thread. Medians of the steps after the first two; ratios agains
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 
 from bench import common
 
@@ -27,15 +24,9 @@ CANDIDATES = {
 }
 
 WORKER = r"""
-import json, os, statistics, sys, time
-import torch
+import json, sys, time
 from adapterhub.base import load_base
 from adapterhub.manager import PluginManager
-want = os.environ.get("THREADS")
-if want == "affinity":
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-elif want:
-    torch.set_num_threads(int(want))
 torch.manual_seed(0)
 base = load_base(sys.argv[1], "none")
 lora = PluginManager(autoload=False).get_method("lora")
@@ -54,28 +45,13 @@ print(json.dumps({"threads": torch.get_num_threads(), "steps_s": times}))
 """
 
 
-def run(base: str, env: dict[str, str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", WORKER, base, str(STEPS)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["median_s"] = statistics.median(out["steps_s"][2:])
-    return out
-
-
 def main() -> dict:
     base = str(common.small_base())
-    results: dict = {"steps": STEPS, "cpus": len(os.sched_getaffinity(0)), "alone": {}, "beside_busy": {}}
-    for name, env in CANDIDATES.items():
-        results["alone"][name] = run(base, env)
-    busy = subprocess.Popen("yes > /dev/null", shell=True)
-    try:
-        for name, env in CANDIDATES.items():
-            results["beside_busy"][name] = run(base, env)
-    finally:
-        busy.terminate()
-        subprocess.run("pkill -x yes", shell=True)
+    results: dict = {"steps": STEPS, "cpus": len(os.sched_getaffinity(0)),
+                     **common.alone_and_beside_busy(CANDIDATES, WORKER, [base, str(STEPS)])}
+    for runs in (results["alone"], results["beside_busy"]):
+        for out in runs.values():
+            out["median_s"] = statistics.median(out["steps_s"][2:])
     rows = []
     for name in CANDIDATES:
         alone, busy_ = results["alone"][name]["median_s"], results["beside_busy"][name]["median_s"]
