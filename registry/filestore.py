@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from . import fsutil, hashing
 from .manifest import FileEntry, Manifest
 from .names import validate_tag, validate_task
 from .readcache import ReadCache
-from .store import AdapterStore, Problem, RefLike, VersionRead
+from .store import AdapterStore, Problem, RefLike, VersionRead, file_entry, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +182,14 @@ class FileStore(AdapterStore):
             raw = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{task}@{version} does not exist") from None
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise IntegrityError(f"manifest {path} is not valid JSON ({exc}); the registry may be damaged") from exc
-        manifest = Manifest.from_dict(data, source=f"manifest {path}")
-        if (manifest.task, manifest.version) != (task, version):
-            raise IntegrityError(f"manifest {path} describes {manifest.ref}, not {task}@{version}")
+        manifest = parse_manifest(raw, task, version, f"manifest {path}")
         if len(raw) == stat.st_size:  # what was read is what was stat'ed (else: replaced meanwhile)
             self._manifests[task, version] = seen, manifest
         return manifest
 
     def read_bytes(self, ref: RefLike, name: str) -> bytes:
         manifest = self.manifest(ref)
-        if name not in manifest.files:
-            raise NotFound(f"{manifest.ref} has no file {name!r} (files: {', '.join(sorted(manifest.files))})")
-        entry = manifest.files[name]
+        entry = file_entry(manifest, name)
         blob = self._existing_blob(manifest, name)
         data = blob.read_bytes()
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:

@@ -34,7 +34,6 @@ Reads write nothing to the store: versions are verified into the local read cach
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -54,7 +53,7 @@ from .names import parse_reference, validate_tag, validate_task
 from .objectgc import Lease, collect
 from .objectio import Bucket, LostRace
 from .readcache import ReadCache
-from .store import AdapterStore, Problem, RefLike, VersionRead
+from .store import AdapterStore, Problem, RefLike, VersionRead, file_entry, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -180,22 +179,13 @@ class ObjectStore(AdapterStore):
         got = self.bucket.get(key)
         if got is None or not got.data:
             raise NotFound(f"{task}@{version} does not exist")
-        where = f"manifest {self.location}/{key}"
-        try:
-            data = json.loads(got.data)
-        except ValueError as exc:
-            raise IntegrityError(f"{where} is not valid JSON ({exc}); the registry may be damaged") from exc
-        manifest = Manifest.from_dict(data, source=where)
-        if (manifest.task, manifest.version) != (task, version):
-            raise IntegrityError(f"{where} describes {manifest.ref}, not {task}@{version}")
+        manifest = parse_manifest(got.data, task, version, f"manifest {self.location}/{key}")
         self._manifests[task, version] = manifest
         return manifest
 
     def read_bytes(self, ref: RefLike, name: str) -> bytes:
         manifest = self.manifest(ref)
-        if name not in manifest.files:
-            raise NotFound(f"{manifest.ref} has no file {name!r} (files: {', '.join(sorted(manifest.files))})")
-        entry = manifest.files[name]
+        entry = file_entry(manifest, name)
         got = self.bucket.get(self._blob_key(entry.sha256))
         if got is None:
             raise IntegrityError(f"{manifest.ref}: file {name!r} points at missing blob "

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from adapterhub.errors import ConfigError, InvalidReference, NotFound
+from adapterhub.errors import ConfigError, IntegrityError, InvalidReference, NotFound
 from adapterhub.metadata import METADATA_FILE, Metadata, read_metadata
 
 from .adapterdir import adapter_files
@@ -284,3 +284,22 @@ def _ranges(numbers: list[int]) -> str:
     if start is not None:
         parts.append(f"{start}-{prev}" if start != prev else str(start))
     return ", ".join(parts)
+
+
+def parse_manifest(raw: bytes, task: str, version: int, where: str) -> Manifest:
+    """A stored manifest's bytes, checked to be JSON of a manifest and to describe ``task@version``."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise IntegrityError(f"{where} is not valid JSON ({exc}); the registry may be damaged") from exc
+    manifest = Manifest.from_dict(data, source=where)
+    if (manifest.task, manifest.version) != (task, version):
+        raise IntegrityError(f"{where} describes {manifest.ref}, not {task}@{version}")
+    return manifest
+
+
+def file_entry(manifest: Manifest, name: str) -> FileEntry:
+    """The manifest's entry for file ``name``; NotFound naming the files it has."""
+    if name not in manifest.files:
+        raise NotFound(f"{manifest.ref} has no file {name!r} (files: {', '.join(sorted(manifest.files))})")
+    return manifest.files[name]
