@@ -17,6 +17,7 @@ from adapterhub.registry import open_registry
 from .adapters import adapter_metadata, load_adapter, resolve_adapter_dir, save_adapter
 from .base import DTYPE_CHOICES, load_base
 from .errors import ConfigError
+from .threads import use_threads
 from .manager import get_manager
 from .metadata import check_base
 from .objective import TrainingJob
@@ -69,9 +70,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
 
-    import torch
-
-    torch.set_num_threads(options.threads)  # on the CPU: torch's default (every core) collapses beside other work
+    use_threads(options.threads)  # torch's default (one per core) collapses beside other work
     base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)
     if parent_meta is not None:
         check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]),

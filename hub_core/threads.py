@@ -1,4 +1,4 @@
-"""``--threads N`` for the commands that run the model in this process (``merge``, ``score``).
+"""``--threads N`` for the commands that run the model in this process (``train``, ``merge``, ``score``).
 
 One thread by default, like ``train --threads``: on a 2-core machine torch's default (one busy-waiting
 OpenMP thread per core) collapsed beside a busy neighbour (``bench/train_threads.py``). No torch at
