@@ -182,7 +182,16 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--objective-set", action="append", default=[], metavar="KEY=VALUE",
                    help="objective config value, e.g. beta=0.1 (repeatable)")
     p.add_argument("--base", help="base model: local HF directory or Hub id")
-    p.add_argument("--data", help="training data, JSON Lines in the objective's shape (sft: instruction or chat)")
+    p.add_argument("--data", action="append", metavar="FILE[:weight=W,name=N]",
+                   help="training data, JSON Lines in the objective's shape (sft: instruction or chat); repeat it to "
+                        "train on several tasks at once, each FILE a task named by its stem (or name=N) and drawn "
+                        "with weight W (default: the files concatenated)")
+    p.add_argument("--data-weights", metavar="W1,W2,...",
+                   help="one sampling weight per --data file, in order (relative rates >= 0, like LLaMA-Factory's "
+                        "interleave_probs)")
+    p.add_argument("--data-temperature", metavar="T",
+                   help="weights from the file sizes, T5-style: p_i ~ n_i ** (1/T) (1: proportional, larger: "
+                        "closer to uniform)")
     p.add_argument("--task", help="task name; the adapter is published as TASK@N")
     p.add_argument("--output", help="also write a plain PEFT-format copy of the adapter here")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
@@ -206,6 +215,8 @@ def add_train_parser(sub: Any) -> None:
 
 TOP_LEVEL_KEYS = {"plugin", "objective", "base", "data", "task", "output", "quantize", "dtype", "registry", "no_publish",
                   "from_adapter"}
+
+TOP_LEVEL_KEYS |= {"data_weights", "data_temperature"}  # multi-task --data (adapterhub.mixture)
 
 
 def _load_yaml(path: str) -> dict[str, Any]:

@@ -47,6 +47,10 @@ class TrainingJob:
     data: str = "--data"
     """Where ``rows`` came from (for messages)."""
     eval_rows: list[Any] | None = None
+    eval_tasks: dict[str, list[Any]] | None = None
+    """A multi-task run's held-out rows per task (``--data`` files by name; ``eval_rows`` holds them
+    all): pass their datasets to the trainer through :func:`adapterhub.training.eval_sets`, and each
+    task's eval metrics land in the run's metrics as ``eval_<task>_loss``, ..."""
     callbacks: list[Any] = dataclasses.field(default_factory=list)
     resume_adapter: Path | None = None
     """The ``--from`` adapter's directory: training continues it instead of attaching a fresh one."""

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .threads import use_threads
 from .manager import get_manager
 from .metadata import check_base
+from .mixture import parse_sources, read_mixture
 from .objective import TrainingJob
 from .objectives.shapes import split_rows
 from .presets import saved_dtype
@@ -53,19 +54,26 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     quantize = top.get("quantize") or getattr(method, "default_quantize", None) or "none"
     if quantize != "none" and not method.capabilities.quantized_base:
         raise ConfigError(f"method {method.name!r} does not train on a quantized base; use --quantize none")
-    for key in ("data", "eval_data"):
-        path = top.get(key) if key == "data" else options.eval_data
-        if path and not Path(path).is_file():
-            raise ConfigError(f"--{key.replace('_', '-')} {path}: file not found")
+    sources = parse_sources(top["data"], top.get("data_weights"), top.get("data_temperature"))
+    if len(sources) == 1:  # one file: the run (and its lineage) as it always was
+        only = top["data"][0] if isinstance(top["data"], (list, tuple)) else top["data"]
+        plain = isinstance(only, (str, os.PathLike)) and Path(only).is_file()
+        top = {**top, "data": only if plain else sources[0].path}
+    if options.eval_data and not Path(options.eval_data).is_file():
+        raise ConfigError(f"--eval-data {options.eval_data}: file not found")
     resolve_checkpoint(options)
     objective.check_method(method)
     objective.check(objective_config, registry=top.get("registry"))
-    rows = objective.read_data(top["data"])
-    eval_rows = None
-    if options.eval_data:
-        eval_rows = objective.read_data(options.eval_data)
-    elif options.eval_split:
-        rows, eval_rows = split_rows(rows, options.eval_split, options.seed, str(top["data"]))
+    mixture = read_mixture(objective, sources, options, top.get("data_temperature")) if len(sources) > 1 else None
+    if mixture is not None:  # several files: tasks mixed, each held out alone (adapterhub.mixture)
+        rows, eval_rows = mixture.rows, mixture.eval_rows
+    else:
+        rows = objective.read_data(top["data"])
+        eval_rows = None
+        if options.eval_data:
+            eval_rows = objective.read_data(options.eval_data)
+        elif options.eval_split:
+            rows, eval_rows = split_rows(rows, options.eval_split, options.seed, str(top["data"]))
     parent_dir, parent, parent_meta = None, None, None
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
@@ -79,16 +87,22 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     seed_everything(options.seed)  # before the adapter is created: its initial weights are random
     job = TrainingJob(
         method=method, method_config=config, options=options, config=objective_config, base=base, rows=rows,
-        data=str(top["data"]), eval_rows=eval_rows, callbacks=get_manager().trainer_callbacks(method, options),
-        resume_adapter=parent_dir, registry=top.get("registry"),
+        data=", ".join(str(s.path) for s in sources) if mixture else str(top["data"]), eval_rows=eval_rows,
+        eval_tasks=mixture.eval_tasks if mixture else None,
+        callbacks=get_manager().trainer_callbacks(method, options), resume_adapter=parent_dir,
+        registry=top.get("registry"),
     )
     result = objective.train(job)
     if not is_main_process():
         return TrainOutcome(directory=None, reference=None, metrics=result.metrics)
 
     training = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("run_dir", "progress", "threads")}
-    training.update({"data": str(top["data"]), "data_sha256": file_sha256(top["data"]), "quantize": quantize,
-                     "dtype": base.dtype, "examples": len(rows)})
+    if mixture is None:
+        data_lineage = {"data": str(top["data"]), "data_sha256": file_sha256(top["data"])}
+    else:  # each file's digest beside its weight, share and counts
+        files = [{**f, "sha256": file_sha256(f["path"])} for f in mixture.lineage["files"]]
+        data_lineage = {"data": [f["path"] for f in files], "data_mixture": {**mixture.lineage, "files": files}}
+    training.update({**data_lineage, "quantize": quantize, "dtype": base.dtype, "examples": len(rows)})
     training["objective"] = {"name": objective.name, "config": objective_config.to_dict(), **objective.lineage(job)}
     if options.eval_data:
         training["eval_data_sha256"] = file_sha256(options.eval_data)

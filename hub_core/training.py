@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .architectures import decoder_layers, layer_index_of
 from .config import _coerce, option
 from .data import CausalCollator
+from .mixture import eval_sets, evaluate_tasks, split_task_sets
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -297,8 +298,10 @@ def fit(
     eval_dataset: Any = None,
     tokenizer: Any = None,
     callbacks: list[Any] | None = None,
+    task_eval: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Supervised fine-tuning: the Hugging Face Trainer on an already-attached adapter model."""
+    """Supervised fine-tuning: the Hugging Face Trainer on an already-attached adapter model;
+    ``task_eval``: a multi-task run's eval set per task (see :func:`adapterhub.mixture.eval_sets`)."""
     from transformers import Trainer
 
     has_eval = eval_dataset is not None and len(eval_dataset) > 0
@@ -310,7 +313,7 @@ def fit(
             args=args,
             data_collator=CausalCollator(pad_id),
             train_dataset=dataset,
-            eval_dataset=eval_dataset if has_eval else None,
+            eval_dataset=eval_sets(eval_dataset, task_eval) if has_eval else None,
             callbacks=all_callbacks,
             optimizers=(optimizer, None),
         )
@@ -368,6 +371,7 @@ def run_trainer(
     try:
         with method.training_context(model):  # the method's own needs, whatever the objective
             trainer = make_trainer(training_args, optimizer, all_callbacks)
+            task_sets = split_task_sets(trainer)
             output = trainer.train(resume_from_checkpoint=resume)
         history = list(trainer.state.log_history)
         metrics: dict[str, Any] = {
@@ -383,6 +387,8 @@ def run_trainer(
             metrics.update(loss_first=losses[0], loss_last=losses[-1])
         if has_eval:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k not in EVAL_TIMINGS})
+            if task_sets:
+                metrics.update(evaluate_tasks(trainer, task_sets))
     finally:
         if scratch and not options.tensorboard and not options.save_steps:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing in it the user asked for

@@ -39,12 +39,14 @@ class Sft(Objective):
         eval_set = None
         if job.eval_rows is not None:
             eval_set = tokenize_examples(job.eval_rows, tokenizer, options.max_length, options.eval_data or job.data)
+        task_eval = {name: tokenize_examples(rows, tokenizer, options.max_length, name)
+                     for name, rows in (job.eval_tasks or {}).items()}
         method = job.method
         if overrides_train(method):
             return method.train(job.base.model, train_set, job.method_config, options, eval_dataset=eval_set,
                                 tokenizer=tokenizer, callbacks=job.callbacks, resume_adapter=job.resume_adapter)
         return fit(method, job.trainable(), job.method_config, train_set, options, eval_dataset=eval_set,
-                   tokenizer=tokenizer, callbacks=job.callbacks)
+                   tokenizer=tokenizer, callbacks=job.callbacks, task_eval=task_eval)
 
 
 def overrides_train(method: adapterhub.Method) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+from adapterhub.mixture import eval_sets
 from adapterhub.objective import TrainingJob
 from adapterhub.training import TrainResult, run_trainer
 
@@ -48,6 +49,8 @@ def run_trl(
     has_eval = bool(job.eval_rows)
     train_dataset = train_dataset if train_dataset is not None else to_dataset(job.rows)
     eval_dataset = to_dataset(job.eval_rows) if has_eval else None
+    if has_eval and job.eval_tasks:  # a multi-task run: each task's eval set too, prepared by the trainer
+        eval_dataset = eval_sets(eval_dataset, {name: to_dataset(rows) for name, rows in job.eval_tasks.items()})
 
     def make_trainer(training_args: Any, optimizer: Any, callbacks: list[Any]) -> Any:
         with quiet_trl_warnings(), trainable_dtypes_kept(model):
