@@ -141,7 +141,7 @@ def _number(value: Any, where: str) -> float:
                           "e.g. 1 or 2.5") from None
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"{where}: weight {value!r} must be a finite number >= 0 (a relative sampling rate; "
-                          "0 trains nothing on that file but still evaluates it)")
+                          "0 trains nothing on that file, and --eval-split still evaluates it)")
     return number
 
 
@@ -226,7 +226,7 @@ def draw(rows_per_task: list[list[Any]], counts: list[int], seed: int) -> tuple[
 
 def read_mixture(objective: Any, sources: list[DataSource], options: Any, temperature: Any = None) -> Mixture:
     """Read every file in the objective's shape, hold out ``eval_split`` of each, mix the rest."""
-    per_file = [read_task(objective, source, sources) for source in sources]
+    per_file = [read_task(objective, source) for source in sources]
     _check_columns(sources, per_file)
     train_parts, eval_parts = [], []
     for source, rows in zip(sources, per_file):
@@ -284,7 +284,7 @@ SHAPES = (
 )
 
 
-def read_task(objective: Any, source: DataSource, sources: list[DataSource]) -> list[Any]:
+def read_task(objective: Any, source: DataSource) -> list[Any]:
     """One file in the objective's shape; a file in another objective's shape is named as such."""
     try:
         return objective.read_data(source.path)
@@ -293,12 +293,10 @@ def read_task(objective: Any, source: DataSource, sources: list[DataSource]) -> 
         if shape is None:
             raise
         label, reader = shape
-        others = [str(s.path) for s in sources if s is not source]
         raise DataError(
-            f"--data {source.path} holds {label}, but objective {objective.name!r} reads "
-            f"{objective.data_shape}{' (as ' + ', '.join(others) + ' should)' if others else ''}; one run trains "
-            f"one objective on files of its shape: convert {source.path}, or train it in a run of its own with "
-            f"--objective {reader} ({exc})"
+            f"--data {source.path} holds {label}, but this run's objective {objective.name!r} reads "
+            f"{objective.data_shape} from every --data file; convert {source.path}, or train it in a run of its own "
+            f"with --objective {reader} ({exc})"
         ) from None
 
 

@@ -108,7 +108,9 @@ def odd_files(tmp_path_factory, task_files) -> dict[str, Path]:
     (root / "elsewhere").mkdir()
     same_stem = root / "elsewhere" / "sentiment.jsonl"
     same_stem.write_bytes(task_files["sentiment"].read_bytes())
-    return {"pairs": write(root / "pairs.jsonl", pairs), "copy": same_stem}
+    return {"pairs": write(root / "pairs.jsonl", pairs), "copy": same_stem,
+            "keywords": write(root / "keywords.jsonl", [{"prompt": f"say {w}", "keyword": w} for w in "abc"]),
+            "labels": write(root / "labels.jsonl", [{"prompt": f"label {w}", "label": w} for w in "abc"])}
 
 
 @pytest.mark.parametrize("extra, data, expected", [
@@ -123,8 +125,10 @@ def odd_files(tmp_path_factory, task_files) -> dict[str, Path]:
     (["--data-temperature", "0"], ("sentiment", "topic"), ["must be a number > 0"]),
     ([], ("sentiment:weight=x", "topic"), ["'x' is not a number"]),
     ([], ("sentiment:weigth=2", "topic"), ["'weigth=2' is not one of weight=W, name=N"]),
+    (["--objective", "grpo", "--objective-set", "reward=max_words"], ("keywords", "labels"),
+     ["labels.jsonl has other columns than", "only here: label; missing here: keyword", "same columns"]),
 ], ids=["negative", "zero-sum", "count", "not-a-number", "unknown-file", "mixed-shapes", "same-name",
-        "temperature-and-weights", "bad-temperature", "bad-file-weight", "misspelt-key"])
+        "temperature-and-weights", "bad-temperature", "bad-file-weight", "misspelt-key", "other-columns"])
 def test_bad_mixtures_are_refused_before_the_base_loads(tmp_path, task_files, odd_files, extra, data, expected):
     paths = {**{t: str(p) for t, p in task_files.items()}, **{k: str(p) for k, p in odd_files.items()},
              "missing": str(tmp_path / "missing.jsonl")}
