@@ -70,8 +70,10 @@ def save_adapter(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     parent: str | None = None,
+    requires: tuple[Any, ...] = (),
 ) -> Path:
-    """Save the adapter with the method, then write our metadata beside it."""
+    """Save the adapter with the method, then write our metadata beside it (``requires``: the
+    :class:`~adapterhub.metadata.Requirement` of each version it was trained on top of)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     method.save(model, directory)
@@ -83,6 +85,7 @@ def save_adapter(
         training=training or {},
         metrics=metrics or {},
         parent=parent,
+        requires=tuple(requires),
     ))
     return directory
 

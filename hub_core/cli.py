@@ -203,6 +203,9 @@ def add_train_parser(sub: Any) -> None:
     add_registry_arguments(p)  # --registry DIR|URL, --registry-option KEY=VALUE, --cache-dir, --cache-max-bytes
     p.add_argument("--no-publish", action="store_true", default=None, help="do not publish to the registry")
     p.add_argument("--from", dest="from_adapter", help="continue training this adapter (REF or DIR)")
+    p.add_argument("--on", dest="on_adapter", metavar="REF",
+                   help="train a new adapter on top of this published one (task@N or task@TAG, pinned now), frozen "
+                        "below it in training and served below it (YAML key 'on_adapter:')")
     for field, tp in _train_option_fields():
         flag = "--" + field.name.replace("_", "-")
         helptext = field.metadata.get("help", "")
@@ -214,7 +217,7 @@ def add_train_parser(sub: Any) -> None:
 
 
 TOP_LEVEL_KEYS = {"plugin", "objective", "base", "data", "task", "output", "quantize", "dtype", "registry", "no_publish",
-                  "from_adapter"}
+                  "from_adapter", "on_adapter"}
 
 TOP_LEVEL_KEYS |= {"data_weights", "data_temperature"}  # multi-task --data (adapterhub.mixture)
 
@@ -244,6 +247,9 @@ def resolve_train_settings(
     objective_values = dict(yaml_values.pop("objective_config", None) or {})
     if "from" in yaml_values:
         yaml_values["from_adapter"] = yaml_values.pop("from")
+    if True in yaml_values:  # YAML 1.1 reads a bare `on:` key as the boolean true
+        raise ConfigError(f"--config {args.config}: YAML reads the key 'on:' (or yes/true) as a boolean; write "
+                          "'on_adapter: REF' for --on")
     option_names = {f.name for f in dataclasses.fields(TrainOptions)}
     unknown = set(yaml_values) - option_names - TOP_LEVEL_KEYS
     if unknown:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,6 +44,34 @@ BUILTIN_PEFT_FORMATS: dict[tuple[str, str | None], str] = {
 }
 
 
+_PINNED_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*@[1-9][0-9]*")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """An adapter this one was trained on top of (``train --on``): the pinned version and the digest
+    of what that version is (``Manifest.digest``: method, config and file hashes). The server applies
+    it below this one; a registry holding another adapter under that reference is caught by the digest."""
+
+    ref: str
+    digest: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"ref": self.ref, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = METADATA_FILE) -> "Requirement":
+        ref = data.get("ref") if isinstance(data, dict) else None
+        digest = data.get("digest") if isinstance(data, dict) else None
+        if not isinstance(ref, str) or not _PINNED_RE.fullmatch(ref) or ".." in ref:
+            raise ConfigError(f"{source}: a 'requires' entry must name a pinned version such as "
+                              f"{{\"ref\": \"shared@1\", \"digest\": \"<sha256>\"}}, got {data!r}")
+        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+            raise ConfigError(f"{source}: requires {ref}: 'digest' must be a sha256 (64 hex digits), got {digest!r}")
+        return cls(ref, digest)
+
+
 @dataclasses.dataclass(frozen=True)
 class Metadata:
     """The contents of ``adapterhub.json``.
@@ -58,6 +87,8 @@ class Metadata:
     training: dict = dataclasses.field(default_factory=dict)
     metrics: dict = dataclasses.field(default_factory=dict)
     parent: str | None = None
+    requires: tuple[Requirement, ...] = ()
+    """The adapters it was trained on top of, applied below it wherever it is served (empty for most)."""
 
     @classmethod
     def from_dict(cls, data: object, *, source: str = METADATA_FILE) -> "Metadata":
@@ -85,7 +116,11 @@ class Metadata:
         parent = data.get("parent")
         if parent is not None and (not isinstance(parent, str) or not parent):
             raise ConfigError(f"{source}: 'parent' must be a reference such as \"task@3\" or null, got {parent!r}")
-        return cls(method=method, base_fingerprint=base["fingerprint"], base_name=base_name, parent=parent, **fields)
+        requires = data.get("requires") or []
+        if not isinstance(requires, list):
+            raise ConfigError(f"{source}: 'requires' must be a list of {{ref, digest}} objects, got {requires!r}")
+        return cls(method=method, base_fingerprint=base["fingerprint"], base_name=base_name, parent=parent,
+                   requires=tuple(Requirement.from_dict(r, source=source) for r in requires), **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +130,8 @@ class Metadata:
             "training": self.training,
             "metrics": self.metrics,
             "parent": self.parent,
+            # only when there is one: the adapterhub.json of every other version stays byte for byte as it was
+            **({"requires": [r.to_dict() for r in self.requires]} if self.requires else {}),
         }
 
     def to_json(self) -> str:

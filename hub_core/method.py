@@ -82,6 +82,12 @@ class Method:
     reference_copy: ClassVar[bool] = True
     """The model can hold a frozen copy of this method's adapter beside the trained one (TRL's
     preference trainers add one for a PEFT adapter); PEFT's AdaLoRA holds one adapter only."""
+    foldable_bottom: ClassVar[bool] = False
+    """``train --on`` may train a new adapter on top of this method's: the bottom is merged into the
+    run's base weights, which equals the server's composition only when the adapter's change is
+    added to a layer's output whatever else is applied (LoRA deltas, biases). A scale of a layer's
+    input (IA3) or of its output with the deltas in it (DoRA's magnitude) would rescale the top's
+    delta on the server but not in training, so those, and methods that do not say, stay False."""
     recommended_options: ClassVar[dict[str, Any]] = {}
     """Training options (``TrainOptions`` fields, e.g. ``{"lr": 1e-3}``) this method gets unless the
     user sets them: defaults that learn without tuning. Shown by ``adapterhub plugins --method``."""

@@ -24,6 +24,7 @@ from .mixture import parse_sources, read_mixture
 from .objective import TrainingJob
 from .objectives.shapes import split_rows
 from .presets import saved_dtype
+from .stacking import fold_bottoms, plan_bottoms, requirement_of
 from .training import resolve_checkpoint, seed_everything
 
 
@@ -77,6 +78,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     parent_dir, parent, parent_meta = None, None, None
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
+    chain = stacked_on(method, top, quantize, parent_meta)  # train --on: the frozen bottoms, checked now
 
     use_threads(options.threads)  # torch's default (one per core) collapses beside other work
     base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)
@@ -84,6 +86,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
         check_base(parent_meta, base.fingerprint, where=str(top["from_adapter"]),
                    advice="continue it on the base it was trained on (--base DIR), or drop --from to train a "
                           "new adapter on this base")  # train has no --allow-base-mismatch: only merge does
+    fold_bottoms(base, chain, top.get("registry"))
     seed_everything(options.seed)  # before the adapter is created: its initial weights are random
     job = TrainingJob(
         method=method, method_config=config, options=options, config=objective_config, base=base, rows=rows,
@@ -112,7 +115,7 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     save_adapter(
         method, result.model, config, out_dir,
         base={"name": str(top["base"]), "fingerprint": base.fingerprint},
-        training=training, metrics=result.metrics, parent=parent,
+        training=training, metrics=result.metrics, parent=parent, requires=requirement_of(chain),
     )
     objective.save_extra(result.model, out_dir)
     reference = None
@@ -158,6 +161,22 @@ def continued_adapter(method: Any, config: Any, top: dict[str, Any]) -> tuple[Pa
             )
         config = parent_config
     return directory, reference or str(top["from_adapter"]), meta, config
+
+
+def stacked_on(method: Any, top: dict[str, Any], quantize: str, parent_meta: Any) -> list[Any]:
+    """The bottoms to fold under this run (``--on``), deepest first; empty for a plain run.
+
+    Continuing (``--from``) a top keeps its bottom: the top learned against it. ``--on`` naming
+    another version is refused; a top trained without one may be continued on one.
+    """
+    inherited = tuple(getattr(parent_meta, "requires", ()) or ())
+    on = top.get("on_adapter") or (inherited[0].ref if inherited else None)
+    if not on:
+        return []
+    if inherited and open_registry(top.get("registry")).manifest(on).requirement() != inherited[0]:
+        raise ConfigError(f"--from {top['from_adapter']} was trained on top of {inherited[0].ref}; continue it on "
+                          f"that one (drop --on {on}), or train a fresh adapter --on {on}")
+    return plan_bottoms(on, top.get("registry"), method, quantize)
 
 
 def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str | None = None,

@@ -86,6 +86,7 @@ class AdaLoraMethod(PeftMethod):
     name = "adalora"
     # Measured on SmolLM2-135M-Instruct (examples/method_accuracy.py): 160 examples, batch 8, these
     # options (60 steps): flip 0.84 (ranks pruned during the run want a larger lr).
+    foldable_bottom = True  # its change adds to the layer's output: merged under a top, as the server composes it
     reference_copy = False  # PEFT's AdaLoraModel trains one adapter and refuses a second beside it
     recommended_options = {"lr": 3e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = AdaLoraConfig

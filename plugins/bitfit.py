@@ -67,6 +67,7 @@ class BitFitMethod(adapterhub.Method):
     # No quantized base for training: merging writes base biases, and bitsandbytes layers are not our
     # Linear. Served per row (BiasForm) on any base, the changes being added after the module.
     capabilities = Capabilities(mergeable=True, quantized_base=False, mixed_batch=True, composable=True)
+    foldable_bottom = True  # its change adds to the layer's output: merged under a top, as the server composes it
     description = "BitFit: train only bias terms (zero biases added where the base has none)."
 
     def attach(self, model: nn.Module, config: BitFitConfig) -> nn.Module:

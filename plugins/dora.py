@@ -29,6 +29,7 @@ class DoraMethod(LoraMethod):
     recommended_options = {"lr": 1e-3, "epochs": 3.0, "warmup_steps": 5}
     config_class = DoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
+    foldable_bottom = False  # the magnitude rescales the whole output, a top's delta too, on the server
     description = "Weight-decomposed LoRA: a learned magnitude plus a LoRA-updated direction (PEFT use_dora)."
     peft_type = "LORA"
     peft_variant = "use_dora"

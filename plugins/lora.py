@@ -45,6 +45,7 @@ class LoraMethod(PeftMethod):
     config_class = LoraConfig
     capabilities = Capabilities(mergeable=True, quantized_base=True, mixed_batch=True, composable=True)
     description = "Low-rank adaptation of Linear layers (PEFT LoRA)."
+    foldable_bottom = True  # its change adds to the layer's output: merged under a top, as the server composes it
     peft_type = "LORA"
 
     def peft_config(self, config: LoraConfig, **extra: Any) -> Any:

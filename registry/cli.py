@@ -26,6 +26,7 @@ from . import open_registry, remote
 from .filestore import DEFAULT_MAX_FILE_BYTES
 from .location import add_registry_arguments, location_from_args
 from .names import parse_reference
+from .requires import dependents
 from .transfer import export_dir, import_dir
 
 
@@ -86,7 +87,8 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = verb("rm", _rm, "remove a version (its blobs are freed by gc)")
     p.add_argument("ref", help="task@N or task@TAG (a bare task name is refused)")
-    p.add_argument("--force", action="store_true", help="also remove a tagged version and its tags")
+    p.add_argument("--force", action="store_true", help="also remove a tagged version and its tags, or a version "
+                   "that published versions were trained on (train --on): they stop loading")
 
     p = verb("gc", _gc, "remove unreferenced blobs, stale snapshots and dead writers' temp files")
     p.add_argument("--dry-run", action="store_true", help="report what would be removed")
@@ -165,8 +167,10 @@ def _list(args: argparse.Namespace) -> int:
         m = store.get_manifest(task, version)
         on = sorted(t for t, v in tags.items() if v == version) + (["latest"] if version == versions[-1] else [])
         rows.append({"ref": m.ref, "version": version, "method": m.method, "created": m.created, "tags": on,
-                     "base": m.base_name, "size": m.total_size, "metrics": m.metrics})
-    lines = [f"{r['ref']:<30} {r['method']:<10} {r['created']}  {r['size']:>10} B  {' '.join(r['tags'])}" for r in rows]
+                     "base": m.base_name, "size": m.total_size, "metrics": m.metrics,
+                     "requires": [r.ref for r in m.requires]})
+    lines = [f"{r['ref']:<30} {r['method']:<10} {r['created']}  {r['size']:>10} B  {' '.join(r['tags'])}"
+             + (f"  on {'+'.join(r['requires'])}" if r["requires"] else "") for r in rows]
     _emit(args, rows, lines)
     return 0
 
@@ -196,7 +200,14 @@ def _untag(args: argparse.Namespace) -> int:
 def _rm(args: argparse.Namespace) -> int:
     if not parse_reference(args.ref).explicit:
         raise InvalidReference(f"rm needs an explicit version, e.g. {args.ref}@1; a bare task name is refused")
-    manifest = _store(args).remove_version(args.ref, force=args.force)
+    store = _store(args)
+    stranded = dependents(store, args.ref)  # checked here, not under the store's lock: see README, "Shared bottoms"
+    if stranded and not args.force:
+        raise AdapterHubError(f"{store.manifest(args.ref).ref} is required by {', '.join(stranded)} (trained on top of "
+                              f"it); remove those first, or pass --force to remove it anyway (they stop loading)")
+    manifest = store.remove_version(args.ref, force=args.force)
+    if stranded:
+        print(f"warning: {', '.join(stranded)} required {manifest.ref} and will not load any more", file=sys.stderr)
     _emit(args, {"removed": manifest.ref}, f"removed {manifest.ref} (run `adapterhub registry gc` to free its blobs)")
     return 0
 

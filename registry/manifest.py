@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 
 from adapterhub.adapter_files import PICKLE_SUFFIXES
 from adapterhub.errors import IntegrityError
-from adapterhub.metadata import METADATA_FILE, Metadata  # the publish input: adapterhub.json
+from adapterhub.metadata import METADATA_FILE, Metadata, Requirement  # the publish input: adapterhub.json
 
 from .names import Reference, parse_reference, validate_file_name, validate_task
 
@@ -81,6 +82,8 @@ class Manifest:
     created: str
     software: dict
     extra: dict = dataclasses.field(default_factory=dict)
+    requires: tuple[Requirement, ...] = ()
+    """Versions it was trained on top of (``train --on``), applied below it when it is served."""
 
     @property
     def ref(self) -> str:
@@ -89,6 +92,18 @@ class Manifest:
     @property
     def reference(self) -> Reference:
         return Reference(self.task, version=self.version)
+
+    @property
+    def digest(self) -> str:
+        """What this version IS, in one sha256: its method, method config and files' hashes (not its
+        name, time or lineage), so a ``requires`` entry notices another adapter under the same reference."""
+        material = {"method": self.method, "method_config": self.method_config,
+                    "files": {name: entry.sha256 for name, entry in sorted(self.files.items())}}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+    def requirement(self) -> Requirement:
+        """The ``requires`` entry of an adapter trained on top of this version."""
+        return Requirement(self.ref, self.digest)
 
     @property
     def total_size(self) -> int:
@@ -104,6 +119,7 @@ class Manifest:
             training=self.training,
             metrics=self.metrics,
             parent=self.parent,
+            requires=self.requires,
         )
 
     def described_files(self) -> dict[str, bytes]:
@@ -125,6 +141,8 @@ class Manifest:
             "software": self.software,
             "created": self.created,
             "extra": self.extra,
+            # only when there is one: every other manifest serializes byte for byte as before
+            **({"requires": [r.to_dict() for r in self.requires]} if self.requires else {}),
         }
 
     def to_json(self) -> str:
@@ -149,6 +167,9 @@ class Manifest:
             parent = data.get("parent")
             if parent is not None:
                 parse_reference(parent)
+            requires = data.get("requires") or []
+            if not isinstance(requires, list):
+                raise ValueError(f"'requires' must be a list, got {type(requires).__name__}")
             version = data["version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError(f"malformed version {version!r}")
@@ -166,6 +187,7 @@ class Manifest:
                 created=str(data["created"]),
                 software=dict(data.get("software") or {}),
                 extra=dict(data.get("extra") or {}),
+                requires=tuple(Requirement.from_dict(r, source=source) for r in requires),
             )
         except IntegrityError:
             raise

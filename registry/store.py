@@ -23,6 +23,7 @@ from adapterhub.metadata import METADATA_FILE, Metadata, read_metadata
 from .adapterdir import adapter_files
 from .manifest import FileEntry, Manifest, software_versions, utc_now
 from .names import Reference, parse_reference, validate_task
+from .requires import check_requirements
 
 RefLike = Union[str, Reference, Manifest]
 
@@ -177,6 +178,7 @@ class AdapterStore(abc.ABC):
             except InvalidReference as exc:
                 raise InvalidReference(f"{adapter_dir / METADATA_FILE}: parent {metadata.parent!r} is not a registry "
                                        f"reference ({exc}); publish with parent=REF (--parent) instead") from None
+        check_requirements(self, metadata.requires, task, metadata.base_fingerprint)  # train --on: bottoms here first
         return sources, metadata, extra
 
     def _new_manifest(self, task: str, version: int, metadata: Metadata, files: dict[str, FileEntry],
@@ -195,6 +197,7 @@ class AdapterStore(abc.ABC):
             created=utc_now(),
             software=software_versions(),
             extra=extra,
+            requires=metadata.requires,
         )
 
     def _resolve_parent(self, parent: str | None, *, explicit: bool) -> str | None:

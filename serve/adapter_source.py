@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from adapterhub.adapter_files import AdapterFiles
 from adapterhub.errors import IntegrityError, LimitExceeded
 from adapterhub.registry import open_registry
+from adapterhub.registry.requires import bottoms
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ class AdapterSource:
             base_name=manifest.base_name,
             manifest=manifest,
         )
+
+    def bottoms(self, version: AdapterVersion) -> list[Any]:
+        """The manifests of the versions ``version`` was trained on top of, deepest first, each
+        checked (present, unchanged, same base, no cycle); empty for most adapters."""
+        manifest = version.manifest or self.store.manifest(version.ref)
+        return bottoms(self.store, manifest) if manifest.requires else []
 
     def read(self, version: AdapterVersion) -> AdapterFiles:
         """The version's files, each read once; their sha256 checks run in the background.

@@ -22,6 +22,8 @@ from typing import Sequence
 
 from .adapter_source import AdapterSource
 from .openai_schema import ChatBody, CompletionBody
+from .requests import AdapterSpec
+from .requires import with_bottoms
 
 BODIES = {"/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
 
@@ -48,9 +50,11 @@ LOADING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("loadi
 def pin(adapters: Sequence[tuple[str, float]], source: AdapterSource) -> Pinned:
     """Resolve each reference now; NotFound / InvalidReference propagate (the caller decides)."""
     pinned, material = [], []
-    for ref, weight in adapters:
-        weight = 1.0 if weight == 0 else float(weight)  # as GenerationRequest.build reads a zero weight
-        manifest = source.resolve(ref).manifest
+    # as GenerationRequest.build reads a zero weight; bottoms (train --on) join as the engine adds them
+    specs = [AdapterSpec(ref, 1.0 if weight == 0 else float(weight)) for ref, weight in adapters]
+    for _, spec in with_bottoms(specs, source):
+        weight = spec.weight
+        manifest = source.resolve(spec.ref).manifest
         pinned.append((manifest.ref, weight))
         material.append({"method": manifest.method, "method_config": manifest.method_config,
                          "files": {name: entry.sha256 for name, entry in manifest.files.items()}, "weight": weight})

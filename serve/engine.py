@@ -46,6 +46,7 @@ from .kinds import check_composition
 from .kv_batch import KVBatch
 from .lora_backends import LoraBackend
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
+from .requires import with_bottoms
 from .sampling import next_tokens
 from .sequence import Sequence
 from .slot_pool import SlotPool
@@ -138,9 +139,10 @@ class Engine:
         if self._stopping:
             raise ShuttingDown(SHUTTING_DOWN)
         prompt_ids = self._tokenize(request)
+        adapters = with_bottoms(request.adapters, self.cache.source)  # pinned, with the bottoms they were trained on
         entries: list[tuple[LoadedAdapter, float]] = []
         try:
-            for spec in request.adapters:
+            for _, spec in adapters:
                 entries.append((self.cache.acquire(spec.ref), spec.weight))
             check_composition(entries)
             prefix = sum(e.served.positions + e.served.tokens for e, _ in entries if e.served is not None)
@@ -156,7 +158,7 @@ class Engine:
             for entry, _ in entries:
                 self.cache.release(entry)
             raise
-        resolved = [ResolvedAdapter(spec.ref, e.key, e.method.name, w) for spec, (e, w) in zip(request.adapters, entries)]
+        resolved = [ResolvedAdapter(asked, e.key, e.method.name, w) for (asked, _), (e, w) in zip(adapters, entries)]
         deadline = time.monotonic() + timeout if timeout is not None else None
         seq = Sequence(request, prompt_ids, entries, resolved, deadline, stream, events)
         with self._cond:
