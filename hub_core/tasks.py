@@ -121,6 +121,38 @@ def json_answer(rng: random.Random) -> dict[str, str]:
     return {"instruction": question, "output": json.dumps({"answer": answer})}
 
 
+# Reviews labelled with made-up words the base never says (``zorp`` good, ``vexil`` bad): unlike
+# ``sentiment``, whose labels the base already uses, the adapter must teach new answer tokens. The
+# held-out reviews (``HELD_OUT``) use nouns and adjectives that no training review has, so a pass
+# means the adapter tied the base's own sense of good/bad to the new words, not memorised reviews.
+NEW_LABELS = {"positive": "zorp", "negative": "vexil"}
+REVIEW_WORDS = {
+    "train": {"positive": ("good", "great", "nice", "lovely", "excellent", "pleasant", "fun", "perfect"),
+              "negative": ("bad", "awful", "poor", "nasty", "boring", "broken", "rude", "useless"),
+              "nouns": ("movie", "meal", "hotel", "book", "phone", "car", "song", "shop")},
+    "held_out": {"positive": ("wonderful", "superb", "delightful", "brilliant", "charming", "fantastic"),
+                 "negative": ("terrible", "horrible", "dreadful", "disappointing", "lousy", "miserable"),
+                 "nouns": ("concert", "laptop", "museum", "bakery", "jacket", "game")},
+}
+REVIEW_TEMPLATES = ("the {noun} was {adj}", "a {adj} {noun}", "i found the {noun} {adj}",
+                    "honestly the {noun} felt {adj}", "our {noun} turned out {adj}", "what a {adj} {noun}")
+
+
+def _review(rng: random.Random, words: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    label = rng.choice(("positive", "negative"))
+    text = rng.choice(REVIEW_TEMPLATES).format(noun=rng.choice(words["nouns"]), adj=rng.choice(words[label]))
+    return {"instruction": "review label?", "input": text, "output": NEW_LABELS[label]}
+
+
+def new_labels(rng: random.Random) -> dict[str, str]:
+    """A two-label review classification answered with label words the base has never produced."""
+    return _review(rng, REVIEW_WORDS["train"])
+
+
+def new_labels_held_out(rng: random.Random) -> dict[str, str]:
+    return _review(rng, REVIEW_WORDS["held_out"])
+
+
 TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "sentiment": sentiment,
     "topic": topic,
@@ -130,7 +162,10 @@ TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "initials": first_letter,
     "json": json_answer,
     "flip": flip,
+    "newlabels": new_labels,
 }
+# Tasks whose held-out split comes from a generator of its own (other words than training's).
+HELD_OUT: dict[str, Callable[[random.Random], dict[str, str]]] = {"newlabels": new_labels_held_out}
 
 
 def make_examples(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -150,6 +185,9 @@ def write_split(task: str, directory: str | Path, n_train: int, n_test: int, see
     directory.mkdir(parents=True, exist_ok=True)
     examples = make_examples(task, n_train + n_test * 3, seed)
     train = examples[:n_train]
+    if task in HELD_OUT:
+        rng = random.Random(f"{task}:held-out:{seed}")
+        examples = train + [HELD_OUT[task](rng) for _ in range(n_test * 3)]
     seen = {_prompt(e) for e in train}
     test = [e for e in examples[n_train:] if _prompt(e) not in seen][:n_test]
     paths = []
