@@ -24,7 +24,7 @@ from .mixture import parse_sources, read_mixture
 from .objective import TrainingJob
 from .objectives.shapes import split_rows
 from .presets import saved_dtype
-from .stacking import fold_bottoms, plan_bottoms, requirement_of
+from .stacking import bottoms_of, fold_bottoms, plan_bottoms, requirement_of
 from .training import resolve_checkpoint, seed_everything
 
 
@@ -183,6 +183,7 @@ def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str |
                        allow_base_mismatch: bool = False, dtype: str = "auto") -> Path:
     """Merge an adapter into the full-precision base and save a plain HF model directory.
 
+    An adapter trained ``--on`` others is merged with them below it (the model it is served as).
     The merge runs in float32; the model is written in ``dtype`` (auto: the base checkpoint's own).
     """
     import torch
@@ -192,9 +193,11 @@ def merge_to_directory(adapter: str, base_dir: str, out: str, *, registry: str |
         raise ConfigError(f"--out {out_path} exists and is not empty; choose a new directory")
     if dtype not in DTYPE_CHOICES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    directory, _ = resolve_adapter_dir(adapter, registry)
+    directory, reference = resolve_adapter_dir(adapter, registry)
+    chain = bottoms_of(adapter_metadata(directory), reference or str(adapter), registry)  # trained --on them
     base = load_base(base_dir, "none", dtype="float32")
     out_dtype = dtype if dtype != "auto" else (saved_dtype(base.directory) or "float32")
+    fold_bottoms(base, chain, registry)  # the model the top was trained in and is served in
     method, model = load_adapter(base.model, directory, base_fingerprint=base.fingerprint,
                                  allow_base_mismatch=allow_base_mismatch)
     method.merge(model)

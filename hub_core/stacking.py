@@ -17,11 +17,12 @@ Everything is checked before the base loads.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from adapterhub.registry import open_registry
 from adapterhub.registry.manifest import Manifest
-from adapterhub.registry.requires import bottoms
+from adapterhub.registry.requires import bottoms, required_version
 
 from .adapters import load_adapter
 from .errors import ConfigError, NotFound
@@ -70,6 +71,20 @@ def foldable_methods(manager: Any) -> list[str]:
 def requirement_of(chain: list[Manifest]) -> tuple[Requirement, ...]:
     """What the top records: its direct bottom, pinned, with its digest (the rest follows from it)."""
     return (chain[-1].requirement(),) if chain else ()
+
+
+def bottoms_of(meta: Any, name: str, registry: Any) -> list[Manifest]:
+    """What an adapter's ``adapterhub.json`` requires, deepest first, each once: the versions
+    ``merge`` folds in before it (``name``: how messages call the adapter)."""
+    if meta is None or not meta.requires:
+        return []
+    store = open_registry(registry)
+    by = types.SimpleNamespace(ref=name, task=name.partition("@")[0], base_fingerprint=meta.base_fingerprint)
+    chain: list[Manifest] = []
+    for requirement in meta.requires:
+        bottom = required_version(store, requirement, by)
+        chain += [m for m in (*bottoms(store, bottom), bottom) if m.ref not in {c.ref for c in chain}]
+    return chain
 
 
 def fold_bottoms(base: Any, chain: list[Manifest], registry: Any) -> None:

@@ -2,8 +2,10 @@
 
 An adapter trained on top of others learned against the base with those composed below it, so a
 request for ``topic@1`` is served as the composition ``shared@1+topic@1``: its bottoms (deepest
-first, each at weight 1) in front of it, every reference pinned now (a tag moving meanwhile
-changes nothing). A bottom the request already names, by the same version, is not added twice:
+first, each at weight 1) in front of it, the stack pinned now (a tag moving meanwhile changes
+nothing). An adapter without bottoms passes as the client named it (the cache resolves it), so a
+tag moved in between onto a version with bottoms would be served without them once: the window
+of two manifest reads. A bottom the request already names, by the same version, is not added twice:
 the request's own weight and place for it win. What cannot be served so is refused by name
 before anything loads: a missing, changed or other-base bottom, a cycle (see
 :mod:`adapterhub.registry.requires`), and a bottom or top whose method the server cannot compose.
@@ -36,7 +38,9 @@ def with_bottoms(adapters: Sequence[AdapterSpec], source: AdapterSource) -> list
             if bottom.ref not in explicit and bottom.ref not in added:
                 added.add(bottom.ref)
                 expanded.append((bottom.ref, AdapterSpec(bottom.ref, 1.0)))
-        expanded.append((spec.ref, AdapterSpec(manifest.ref, spec.weight)))
+        # a stack is pinned (its bottoms were resolved for this version); a lone adapter keeps the
+        # client's reference, so the cache's messages name what the client sent
+        expanded.append((spec.ref, AdapterSpec(manifest.ref, spec.weight) if chain else spec))
     return expanded
 
 

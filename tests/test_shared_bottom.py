@@ -256,6 +256,19 @@ def test_a_server_answers_the_top_as_the_explicit_composition(world, tiny_base_d
         assert models["topic@1"]["requires"] == ["shared@1"] and "requires" not in models["shared@1"]
 
 
+def test_merge_writes_the_top_with_its_bottom_in_it(world, tiny_base_dir, tmp_path):
+    """``adapterhub merge topic@1`` writes the model the top was trained in: base + shared@1 + topic@1."""
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run_cli("merge", "topic@1", "--base", str(tiny_base_dir), "--out", str(tmp_path / "merged"),
+                           "--registry", str(world["registry"]), "--dtype", "float32")
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=world["probe"].ids).logits[0, -1]
+    torch.testing.assert_close(logits, world["probe"].logits["end"], rtol=1e-4, atol=1e-4)
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 
