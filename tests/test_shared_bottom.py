@@ -269,6 +269,32 @@ def test_merge_writes_the_top_with_its_bottom_in_it(world, tiny_base_dir, tmp_pa
     torch.testing.assert_close(logits, world["probe"].logits["end"], rtol=1e-4, atol=1e-4)
 
 
+def test_a_fleet_keys_the_top_by_its_bottom_too(world):
+    """The Ray ingress pins ``topic@1`` to what the replica will apply: its bottom, then itself."""
+    from adapterhub.serve.adapter_source import AdapterSource
+    from adapterhub.serve.affinity import pin
+
+    source = AdapterSource(str(world["registry"]))
+    top, explicit = pin([("topic@1", 1.0)], source), pin([("shared@1", 1.0), ("topic@1", 1.0)], source)
+    assert top.adapters == explicit.adapters == (("shared@1", 1.0), ("topic@1", 1.0)) and top.key == explicit.key
+    assert pin([("topic@1", 1.0)], source).key != pin([("shared@1", 0.5), ("topic@1", 1.0)], source).key
+
+
+def test_importing_a_top_needs_its_bottom_there_first(world, tmp_path):
+    from adapterhub.errors import NotFound
+    from adapterhub.registry import open_registry
+    from adapterhub.registry.transfer import export_dir
+
+    store = store_of(world)
+    export_dir(store, "topic@1", tmp_path / "topic")
+    elsewhere = open_registry(str(tmp_path / "elsewhere"))
+    with pytest.raises(NotFound, match="requires shared@1, which is not in registry"):
+        elsewhere.publish("topic", tmp_path / "topic")
+    export_dir(store, "shared@1", tmp_path / "shared")
+    assert elsewhere.publish("shared", tmp_path / "shared").ref == "shared@1"
+    assert [r.ref for r in elsewhere.publish("topic", tmp_path / "topic").requires] == ["shared@1"]
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 
