@@ -285,14 +285,17 @@ SHAPES = (
 
 
 def read_task(objective: Any, source: DataSource) -> list[Any]:
-    """One file in the objective's shape; a file in another objective's shape is named as such."""
+    """One file in the objective's shape; a file whose first example is in another objective's
+    shape is named as such (a bad line further down keeps its own ``file:line`` error)."""
     try:
         return objective.read_data(source.path)
     except DataError as exc:
         shape = _shape_of(source.path)
         if shape is None:
             raise
-        label, reader = shape
+        label, reader, lineno = shape
+        if not str(exc).startswith(f"{source.path}:{lineno}:") or objective.name in reader.replace(")", "").split():
+            raise
         raise DataError(
             f"--data {source.path} holds {label}, but this run's objective {objective.name!r} reads "
             f"{objective.data_shape} from every --data file; convert {source.path}, or train it in a run of its own "
@@ -300,10 +303,10 @@ def read_task(objective: Any, source: DataSource) -> list[Any]:
         ) from None
 
 
-def _shape_of(path: Path) -> tuple[str, str] | None:
+def _shape_of(path: Path) -> tuple[str, str, int] | None:
     try:
         with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
+            lineno, first = next(((i, line) for i, line in enumerate(f, start=1) if line.strip()), (0, ""))
         example = json.loads(first)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
@@ -311,7 +314,7 @@ def _shape_of(path: Path) -> tuple[str, str] | None:
         return None
     for keys, label, reader in SHAPES:
         if keys <= set(example):
-            return label, reader
+            return label, reader, lineno
     return None
 
 

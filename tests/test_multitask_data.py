@@ -109,7 +109,9 @@ def odd_files(tmp_path_factory, task_files) -> dict[str, Path]:
     same_stem.write_bytes(task_files["sentiment"].read_bytes())
     return {"pairs": write(root / "pairs.jsonl", pairs), "copy": same_stem,
             "keywords": write(root / "keywords.jsonl", [{"prompt": f"say {w}", "keyword": w} for w in "abc"]),
-            "labels": write(root / "labels.jsonl", [{"prompt": f"label {w}", "label": w} for w in "abc"])}
+            "labels": write(root / "labels.jsonl", [{"prompt": f"label {w}", "label": w} for w in "abc"]),
+            "badline": write(root / "badline.jsonl", [{"instruction": "a", "output": "b"},
+                                                      {"instruction": "a", "output": ""}])}
 
 
 @pytest.mark.parametrize("extra, data, expected", [
@@ -119,6 +121,7 @@ def odd_files(tmp_path_factory, task_files) -> dict[str, Path]:
     (["--data-weights", "1,heavy"], ("sentiment", "topic"), ["topic.jsonl", "'heavy' is not a number"]),
     ([], ("sentiment", "missing"), ["missing.jsonl: file not found"]),
     ([], ("sentiment", "pairs"), ["pairs.jsonl holds preference pairs", "--objective dpo"]),
+    ([], ("sentiment", "badline"), ["badline.jsonl:2: 'output' is empty"]),  # its own shape: the line's error
     ([], ("sentiment", "copy"), ["are both task 'sentiment'", ":name=OTHER"]),
     (["--data-temperature", "2", "--data-weights", "1,1"], ("sentiment", "topic"), ["exclusive"]),
     (["--data-temperature", "0"], ("sentiment", "topic"), ["must be a number > 0"]),
@@ -126,7 +129,7 @@ def odd_files(tmp_path_factory, task_files) -> dict[str, Path]:
     ([], ("sentiment:weigth=2", "topic"), ["'weigth=2' is not one of weight=W, name=N"]),
     (["--objective", "grpo", "--objective-set", "reward=max_words"], ("keywords", "labels"),
      ["labels.jsonl has other columns than", "only here: label; missing here: keyword", "same columns"]),
-], ids=["negative", "zero-sum", "count", "not-a-number", "unknown-file", "mixed-shapes", "same-name",
+], ids=["negative", "zero-sum", "count", "not-a-number", "unknown-file", "mixed-shapes", "bad-line", "same-name",
         "temperature-and-weights", "bad-temperature", "bad-file-weight", "misspelt-key", "other-columns"])
 def test_bad_mixtures_are_refused_before_the_base_loads(tmp_path, task_files, odd_files, extra, data, expected):
     paths = {**{t: str(p) for t, p in task_files.items()}, **{k: str(p) for k, p in odd_files.items()},
