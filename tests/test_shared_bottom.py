@@ -362,6 +362,12 @@ def test_serving_refuses_broken_stacks_by_name(world, tmp_path):
             with_bottoms([AdapterSpec(names[kind])], source)
         assert names[kind] in str(caught.value)
     assert bottoms(store, store.manifest("topic@1")) == [shared]
+    # a bottom with a bottom of its own: both come, deepest first, each once
+    mid = publish_copy(store, "mid", store.materialize("shared@1"), tmp_path, requires=[shared.requirement().to_dict()])
+    upper = publish_copy(store, "upper", source_dir, tmp_path, requires=[store.manifest(mid).requirement().to_dict()])
+    assert [spec.ref for _, spec in with_bottoms([AdapterSpec(upper)], source)] == ["shared@1", mid, upper]
+    assert [spec.ref for _, spec in with_bottoms([AdapterSpec(upper), AdapterSpec("topic@1")], source)] == \
+        ["shared@1", mid, upper, "topic@1"]
 
 
 def test_rm_refuses_a_bottom_a_published_top_requires(world, tmp_path):
