@@ -47,6 +47,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapterhub.plugins.ptuning",
     "adapterhub.plugins.adapter",
     "adapterhub.plugins.bitfit",
+    "adapterhub.plugins.sparse",
     "adapterhub.plugins.freeze",
     "adapterhub.plugins.full",
 )

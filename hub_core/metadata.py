@@ -40,6 +40,7 @@ BUILTIN_PEFT_FORMATS: dict[tuple[str, str | None], str] = {
     ("PREFIX_TUNING", None): "prefix",
     ("PROMPT_TUNING", None): "prompt",
     ("P_TUNING", None): "ptuning",
+    ("SHIRA", None): "sparse",
     # peft-formats:end
 }
 

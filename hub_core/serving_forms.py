@@ -115,6 +115,15 @@ class DoraForm:
 
 
 @dataclasses.dataclass
+class SparseForm:
+    """A sparse change to Linear weights (SHiRA): ``y = base(x) + x @ S.T`` with ``S [out, in]`` zero but
+    at ``indices``: per module ``(indices [2, nnz]`` (row = output, column = input; any integer
+    dtype), ``values [nnz])``. Scaling folded into the values."""
+
+    deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (indices [2, nnz], values [nnz])
+
+
+@dataclasses.dataclass
 class SoftPromptForm:
     """Virtual-token embeddings put in front of a row's input embeddings (prompt tuning, P-tuning's
     saved encoder output): ``[num_virtual_tokens, hidden]``. They take positions 0..P-1."""
@@ -122,4 +131,4 @@ class SoftPromptForm:
     embeddings: torch.Tensor
 
 
-ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm, DoraForm, SoftPromptForm]
+ServingForm = Union[LoraForm, ScaleForm, BottleneckForm, PrefixForm, BiasForm, DoraForm, SoftPromptForm, SparseForm]

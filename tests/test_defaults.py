@@ -29,7 +29,7 @@ def manager(installed_plugin_manager):
 
 def test_every_builtin_method_and_the_example_plugin_are_covered():
     assert {"lora", "qlora", "dora", "adalora", "loraplus", "ia3", "adapter", "prefix", "prompt", "ptuning",
-            "bitfit", "freeze", "full", "loha"} <= set(ALL_METHODS)
+            "bitfit", "sparse", "freeze", "full", "loha"} <= set(ALL_METHODS)
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)

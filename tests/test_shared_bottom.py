@@ -189,7 +189,7 @@ def test_the_training_forward_is_the_served_composition(world, tiny_base_dir):
         engine.stop(grace=1)
 
 
-@pytest.mark.parametrize("bottom", ["bitfit", "adalora", "ia3", "dora"])
+@pytest.mark.parametrize("bottom", ["bitfit", "adalora", "sparse", "ia3", "dora"])
 def test_foldable_bottom_says_whether_folding_is_what_the_server_composes(world, tiny_base_dir, tmp_path, bottom):
     """For a bottom of each method: topic@1's LoRA on the base with the bottom merged in, against the
     server composing the two. Equal (to rounding) exactly for the methods declaring foldable_bottom."""

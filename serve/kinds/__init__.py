@@ -19,16 +19,18 @@ from .lora import LoraKind
 from .prefix import PrefixKind
 from .scale import ScaleKind
 from .soft_prompt import SoftPromptKind
+from .sparse import SparseKind
 
 __all__ = ["KINDS", "SUPPORTED_FORMS", "Kind", "Part", "Served", "Slots", "StackedKind", "check_composition",
            "copy_scaled", "kind_of", "region", "write_parts"]
 
 
 def _kinds() -> list[Kind]:
-    # the order they apply in a module: the layer's own bias, its output scale, the low-rank deltas,
-    # DoRA's channel scale over base + its delta, then what comes after the layer
+    # the order they apply in a module: the layer's own bias, its output scale, the low-rank and
+    # sparse deltas, DoRA's channel scale over base + its delta, then what comes after the layer
     lora = LoraKind()
-    return [BiasKind(), ScaleKind(), lora, DoraKind(lora), BottleneckKind(), PrefixKind(), SoftPromptKind()]
+    return [BiasKind(), ScaleKind(), lora, SparseKind(), DoraKind(lora), BottleneckKind(), PrefixKind(),
+            SoftPromptKind()]
 
 
 KINDS: list[Kind] = _kinds()
