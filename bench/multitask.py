@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--train", default="sentiment=120,topic=60,category=30", help="training examples per task")
     parser.add_argument("--test", type=int, default=30, help="held-out examples per task")
     parser.add_argument("--weights", default="1,1,1", help="--data-weights of the weighted multi-task run")
+    parser.add_argument("--skip-base-score", action="store_true", help="do not score the untouched base")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for training (default 1)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "multitask.json"))
     args = parser.parse_args()
@@ -72,11 +73,12 @@ def main() -> None:
                "weights": args.weights, "threads": args.threads, "machine": platform.machine(),
                "cpus": os.cpu_count(), "runs": {}}
     try:
-        base = load_base(args.base)
-        results["base_em"] = {t: exact_match(base.model, base.tokenizer, tests[t], max_new_tokens=answer_tokens)
-                              for t in tests}
-        del base
-        print("base", results["base_em"], flush=True)
+        if not args.skip_base_score:
+            base = load_base(args.base)
+            results["base_em"] = {t: exact_match(base.model, base.tokenizer, tests[t], max_new_tokens=answer_tokens)
+                                  for t in tests}
+            del base
+            print("base", results["base_em"], flush=True)
         for name, data in runs.items():
             options = TrainOptions.for_method(method, {"progress": False, "seed": 0, "eval_split": 0.1,
                                                        "threads": args.threads})
@@ -114,7 +116,8 @@ def save(path: str, results: dict) -> None:
 
 def markdown_table(results: dict) -> str:
     tasks = list(results["train_examples"])
-    head = ["adapter", "steps"] + [f"{t} EM (base {results['base_em'][t]:.2f})" for t in tasks] + ["train s"]
+    base = results.get("base_em")
+    head = ["adapter", "steps"] + [f"{t} EM" + (f" (base {base[t]:.2f})" if base else "") for t in tasks] + ["train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, run in results["runs"].items():
         scores = [f"{run['exact_match'][t]:.2f}" if t in run["exact_match"] else "" for t in tasks]
