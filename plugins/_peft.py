@@ -8,6 +8,7 @@ needs: no merging, and logits that line up with ``input_ids`` like every other m
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -116,24 +117,50 @@ class PromptLearningMethod(PeftMethod):
         return SoftPromptForm(views["prompt_embeddings"])
 
     def attach(self, model: Any, config: Any) -> Any:
-        return align_logits(super().attach(model, config))
+        return cached_generation_keeps_prompt(align_logits(super().attach(model, config)))
 
     def load(self, model: Any, directory: str | Path, *, trainable: bool = False) -> Any:
-        model = align_logits(super().load(model, directory, trainable=trainable))
-        # With peft 0.21 + transformers 5, ``generate`` with a key/value cache drifts from the
-        # model's own greedy decoding after the first steps (the virtual tokens' positions are
-        # lost in the cached steps). Generating without the cache recomputes the prefix each step:
-        # slower, but the tokens are the model's.
-        generation = model.get_base_model().generation_config
-        model.adapterhub_base_use_cache = generation.use_cache  # detach gives the base its own setting back
-        generation.use_cache = False
-        return model
+        return cached_generation_keeps_prompt(align_logits(super().load(model, directory, trainable=trainable)))
 
     def detach(self, model: Any) -> Any:
-        use_cache = getattr(model, "adapterhub_base_use_cache", True)
         base = super().detach(model)
-        base.generation_config.use_cache = use_cache
+        # PEFT's generate leaves our renaming wrapper on the base as its own prepare step
+        if getattr(base.__dict__.get("prepare_inputs_for_generation"), "adapterhub_renames_cache", False):
+            del base.prepare_inputs_for_generation
         return base
+
+
+def cached_generation_keeps_prompt(model: Any) -> Any:
+    """Make ``generate`` with a key/value cache keep the virtual tokens (peft <= 0.21 on transformers 5).
+
+    PEFT's ``prepare_inputs_for_generation`` looks for the cache under ``past_key_values`` in what
+    the base model's own step returns; transformers 5 names it ``cache``. So PEFT takes every step
+    for the first: a prefix goes in beside an empty cache that the model uses instead (the prefix is
+    dropped: the base's answer), and a soft prompt is prepended again at every step (drift after
+    one token). Renaming the key for PEFT, and back for the model, gives the forward's tokens.
+    Upstream: peft ``src/peft/peft_model.py``, ``PeftModelForCausalLM.prepare_inputs_for_generation``.
+    """
+    base_step, peft_step = model.base_model_prepare_inputs_for_generation, model.prepare_inputs_for_generation
+
+    def base_inputs_as_peft_expects(*args: Any, **kwargs: Any) -> dict:
+        inputs = base_step(*args, **kwargs)
+        if inputs.get("use_cache") is False:  # the cache PEFT made for a prefix comes back filled: not ours to reuse
+            inputs.pop("cache", None)
+        elif "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    def peft_inputs_as_the_model_expects(*args: Any, **kwargs: Any) -> dict:
+        inputs = peft_step(*args, **kwargs)
+        if renamed and "past_key_values" in inputs and "cache" not in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    renamed = "cache" in inspect.signature(model.get_base_model().forward).parameters
+    base_inputs_as_peft_expects.adapterhub_renames_cache = True  # type: ignore[attr-defined]
+    model.base_model_prepare_inputs_for_generation = base_inputs_as_peft_expects
+    model.prepare_inputs_for_generation = peft_inputs_as_the_model_expects
+    return model
 
 
 def align_logits(model: Any) -> Any:

@@ -152,6 +152,27 @@ def test_exported_prefix_generates_with_plain_peft_by_its_forward(published, eng
         assert ids[0, start:].tolist() == tokens
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_a_model_loaded_by_the_method_generates_like_the_server_with_or_without_the_cache(
+        published, engine, tiny_base_dir, tiny_tokenizer, name, monkeypatch):
+    """The method's own ``load`` renames the cache key for PEFT (see cached_generation_keeps_prompt),
+    so ``generate`` keeps the virtual tokens both ways; ``detach`` leaves the base's generate as it was."""
+    from adapterhub.base import load_base
+    from adapterhub.manager import PluginManager
+
+    _, served_tokens = serve(engine, published["refs"][name], monkeypatch)
+    method = PluginManager(autoload=False).get_method(name)
+    model = method.load(load_base(tiny_base_dir, "none").model, exported(published, name)).eval()
+    for text, tokens in zip(TEXTS, served_tokens):
+        ids = prompt_ids(tiny_tokenizer, text)
+        for use_cache in (True, False):
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                                     do_sample=False, use_cache=use_cache)
+            assert until_eos(out[0, ids.shape[1]:].tolist(), tiny_tokenizer.eos_token_id) == tokens, use_cache
+    assert "prepare_inputs_for_generation" not in method.detach(model).__dict__
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="upstream: peft's prepare_inputs_for_generation reads model_kwargs['past_key_values'], "
                                        "transformers 5 passes the cache as 'cache' (see README, prompt-learning interop)")
 @pytest.mark.parametrize("name,use_cache", [("prefix", True), ("prefix", False), ("prompt", True), ("ptuning", True)])
