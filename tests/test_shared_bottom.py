@@ -269,6 +269,19 @@ def test_merge_writes_the_top_with_its_bottom_in_it(world, tiny_base_dir, tmp_pa
     torch.testing.assert_close(logits, world["probe"].logits["end"], rtol=1e-4, atol=1e-4)
 
 
+def test_a_distill_teacher_trained_on_a_bottom_teaches_with_it(world, tiny_base_dir):
+    """teacher=topic@1 is the model topic@1 was trained in (its bottom folded in), not topic@1 alone."""
+    from adapterhub.base import load_base
+    from adapterhub.objectives.distill import load_teacher, resolve_teacher
+
+    teacher = resolve_teacher("topic@1", str(world["registry"]))
+    assert [m.ref for m in teacher.bottoms] == ["shared@1"] and teacher.lineage()["on"] == ["shared@1"]
+    model = load_teacher(teacher, load_base(tiny_base_dir, "none"))
+    with torch.no_grad():
+        logits = model(input_ids=world["probe"].ids).logits[0, -1].float()
+    torch.testing.assert_close(logits, world["probe"].logits["end"], rtol=1e-4, atol=1e-4)
+
+
 def test_a_fleet_keys_the_top_by_its_bottom_too(world):
     """The Ray ingress pins ``topic@1`` to what the replica will apply: its bottom, then itself."""
     from adapterhub.serve.adapter_source import AdapterSource

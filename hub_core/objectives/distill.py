@@ -38,6 +38,7 @@ from adapterhub.errors import AdapterHubError, ConfigError, DataError
 from adapterhub.generation import greedy_tokens
 from adapterhub.metadata import check_base
 from adapterhub.objective import Objective, ObjectiveConfig, TrainingJob
+from adapterhub.stacking import bottoms_of, fold_bottoms
 from adapterhub.objectives import shapes
 from adapterhub.objectives.trl_run import last_logged, run_trl
 
@@ -80,6 +81,9 @@ class Teacher:
     """The registry's exact ``task@N`` for a reference; None for a directory."""
     meta: Any = None
     """The adapter's ``adapterhub.json`` (None: a plain PEFT directory, or a model)."""
+    bottoms: list = dataclasses.field(default_factory=list)
+    """The versions a teacher trained ``--on`` them needs below it, deepest first (see stacking)."""
+    registry: Any = None
 
     def lineage(self) -> dict[str, Any]:
         if self.kind == "model":
@@ -88,7 +92,8 @@ class Teacher:
         where = {"ref": self.ref} if self.ref else {"directory": str(self.directory)}
         meta = self.meta
         return {"kind": "adapter", **where, "method": meta.method if meta else None,
-                "base_fingerprint": meta.base_fingerprint if meta else None}
+                "base_fingerprint": meta.base_fingerprint if meta else None,
+                **({"on": [m.ref for m in self.bottoms]} if self.bottoms else {})}
 
 
 def resolve_teacher(spec: str, registry: str | None = None) -> Teacher:
@@ -113,7 +118,11 @@ def resolve_teacher(spec: str, registry: str | None = None) -> Teacher:
         if (Path(spec) / "config.json").is_file():
             hint = f"; for a full model write teacher={MODEL_PREFIX}{spec}"
         raise ConfigError(f"teacher={spec}: {exc}{hint} (a teacher is {TEACHER_HELP})") from None
-    return Teacher(spec, "adapter", directory, ref, meta)
+    try:  # a teacher trained on top of others is the model with them below it, checked before any load
+        bottoms = bottoms_of(meta, ref or spec, registry)
+    except AdapterHubError as exc:
+        raise ConfigError(f"teacher={spec}: {exc}") from None
+    return Teacher(spec, "adapter", directory, ref, meta, bottoms, registry)
 
 
 def uses_virtual_tokens(model: Any) -> bool:
@@ -140,6 +149,7 @@ def load_adapter_teacher(teacher: Teacher, base: Any) -> Any:
                           f"teacher={MODEL_PREFIX}DIR")
     method = method_for_directory(teacher.directory, meta=teacher.meta)
     copy = load_base(base.directory, base.quantize, dtype=base.dtype)
+    fold_bottoms(copy, teacher.bottoms, teacher.registry)
     model = method.load(copy.model, teacher.directory)
     if uses_virtual_tokens(model):
         raise ConfigError(f"teacher={teacher.spec} is a {method.name!r} adapter, which adds virtual tokens; TRL's "
