@@ -21,7 +21,7 @@ from .threads import use_threads
 from .manager import get_manager
 from .metadata import check_base
 from .mixture import parse_sources, read_mixture
-from .objective import TrainingJob
+from .objective import CAUSAL_LM, TrainingJob
 from .objectives.shapes import split_rows
 from .presets import saved_dtype
 from .stacking import bottoms_of, fold_bottoms, plan_bottoms, requirement_of
@@ -79,6 +79,9 @@ def train_and_publish(method: Any, config: Any, options: Any, top: dict[str, Any
     if top.get("from_adapter"):
         parent_dir, parent, parent_meta, config = continued_adapter(method, config, top)
     chain = stacked_on(method, top, quantize, parent_meta)  # train --on: the frozen bottoms, checked now
+    if chain and objective.head != CAUSAL_LM:  # scoring loads a reward adapter alone: it would lose its bottom
+        raise ConfigError(f"--on {chain[-1].ref}: objective {objective.name!r} trains a {objective.head} model, which "
+                          "is scored without bottoms; train it on the base (drop --on)")
 
     use_threads(options.threads)  # torch's default (one per core) collapses beside other work
     base = load_base(top["base"], quantize, dtype=top.get("dtype") or "auto", head=objective.head)

@@ -332,6 +332,11 @@ def test_training_refuses_bottoms_it_cannot_stack_on_before_the_base_loads(world
     assert code == 2 and "--quantize none" in err, err
     code, _, err = run_cli(*train, "--from", "topic@1", "--on", freeze)
     assert code == 2 and "trained on top of shared@1" in err, err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(4)))
+    reward = [a if a != str(world["data"]["topic"]) else str(pairs) for a in train]
+    code, _, err = run_cli(*reward, "--objective", "reward", "--on", "shared@1")
+    assert code == 2 and "objective 'reward'" in err and "drop --on" in err, err
     yaml_file = tmp_path / "on.yaml"
     yaml_file.write_text("on: shared@1\n")
     code, _, err = run_cli(*train, "--config", str(yaml_file))
