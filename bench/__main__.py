@@ -3,7 +3,8 @@
 Each writes ``bench/results/NAME.json`` (and most a ``NAME.png``) and prints its table and targets.
 ``BENCH_BASE=smollm2|small`` picks the base of (a), (d) and (f) (default: SmolLM2-135M-Instruct;
 the results of a SmolLM2 run are named ``NAME-smollm2``); (b), (c) and (e) run on the small base.
-(f) runs only where vLLM's CPU build is installed in its own venv (``bench/vllm_peer.py``).
+(f) and (p) run only where vLLM's CPU build is installed in its own venv (``bench/vllm_peer.py``).
+A benchmark can also be named by its module: ``python -m bench vllm_peer`` runs (f).
 """
 
 from __future__ import annotations
@@ -28,15 +29,24 @@ BENCHMARKS = {
     "train_threads": "(n) training step time by thread setting, alone and beside a busy neighbour",
     "serve_threads": "(o) serving tokens/s by thread setting, alone and beside a busy neighbour",
     "chaos": "(m) a real server under mixed load on both doors: poisoned rows, disconnects, evictions, tag moves, SIGTERM",
+    "http_peer": "(p) adapterhub's OpenAI HTTP server against vLLM's, same streaming clients (skipped without vLLM)",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 
 
+def resolve(names: list[str]) -> tuple[list[str], list[str]]:
+    """The benchmarks ``names`` ask for, each by its name or by its module's (``vllm_peer`` is
+    ``vllm``), and the names that are neither."""
+    by_module = {module: name for name, module in MODULES.items()}
+    known = [by_module.get(n, n) for n in names]
+    return [n for n in known if n in BENCHMARKS], [n for n, k in zip(names, known) if k not in BENCHMARKS]
+
+
 def main(argv: list[str]) -> int:
-    names = argv or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
+    names, unknown = resolve(argv or list(BENCHMARKS))
     if unknown:
-        print(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)} "
+              f"(or a module's name: {', '.join(MODULES.values())})", file=sys.stderr)
         return 2
     summary = []
     for name in names:

@@ -1,5 +1,8 @@
 """(f) Against the strongest peer that runs here, vLLM's CPU build, side by side in one run.
 
+Run: ``python -m bench vllm`` (or ``vllm_peer``). Through both OpenAI HTTP servers instead of
+in-process engines: ``bench/http_peer.py``.
+
 Optional: when no vLLM is installed it says so and skips. vLLM pins its own torch and dozens of
 dependencies, so it lives in a venv of its own and runs in a subprocess (``bench/vllm_worker.py``)
 under that venv's python: ``BENCH_VLLM_PYTHON``, else ``/work/vllm-venv/bin/python`` if it exists.
@@ -68,7 +71,9 @@ def worker_env(python: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
-    iomp = Path(python).resolve().parent.parent / "lib" / "libiomp5.so"
+    # the venv's own lib/, so the path as given: resolving the venv's python symlink lands in the
+    # interpreter it was made from, which has no libiomp5
+    iomp = Path(os.path.abspath(python)).parent.parent / "lib" / "libiomp5.so"
     preload = [str(p) for p in (TCMALLOC, iomp) if p.is_file()]
     if preload and "LD_PRELOAD" not in env:
         env["LD_PRELOAD"] = ":".join(preload)
