@@ -1,14 +1,16 @@
 """Does every method learn with its defaults? Base vs adapter exact match on SmolLM2, one run.
 
-    python examples/method_accuracy.py [--base DIR] [--tasks sentiment,flip] [--methods lora,prefix,...]
-                                       [--json results.json]
+    python examples/method_accuracy.py [--base DIR] [--tasks sentiment,flip,newlabels] [--methods lora,prefix,...]
+                                       [--json results.json] [--merge-into bench/results/method_accuracy.json]
 
 Every registered method (the built-ins and any installed plugin) trains on the same synthetic data
 with its OWN recommended training options (``adapterhub plugins --method NAME``) and its config
 defaults: no per-method settings here, because the point is that the defaults learn. Each adapter
 is scored by greedy exact match on held-out examples beside the untouched base. The tasks are
 ones SmolLM2-135M-Instruct cannot do zero-shot: a fixed label set answered with one word
-(``sentiment``) and a transformation of the input (``flip``: the words in reverse order).
+(``sentiment``), a transformation of the input (``flip``: the words in reverse order), and a
+two-label review classification answered with made-up label words the base has never produced,
+scored on reviews whose nouns and adjectives no training review has (``newlabels``, 240 examples).
 
 Without ``--base`` the SmolLM2 preset is written once to ``--base-cache`` (about 25 s) and reused.
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adapterhub" / "smollm2-135m-instruct"
+TRAIN_EXAMPLES = {"newlabels": 240}  # per task, where not the default --train
 
 
 def real_base(args: argparse.Namespace) -> Path:
@@ -57,12 +60,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="base model directory (default: the SmolLM2 preset, built once)")
     parser.add_argument("--base-cache", default=str(DEFAULT_CACHE), help="where the preset is built without --base")
-    parser.add_argument("--tasks", default="sentiment,flip", help="comma-separated tasks of adapterhub.tasks")
+    parser.add_argument("--tasks", default="sentiment,flip,newlabels", help="comma-separated tasks of adapterhub.tasks")
     parser.add_argument("--methods", help="comma-separated (default: every registered method)")
-    parser.add_argument("--train", type=int, default=160, help="training examples per task")
+    parser.add_argument("--train", type=int, help=f"training examples per task (default 160, but {TRAIN_EXAMPLES})")
     parser.add_argument("--test", type=int, default=50, help="held-out examples per task")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--merge-into", help="update these methods' rows (and the tasks measured) in this results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,13 +76,15 @@ def main() -> None:
     tasks = args.tasks.split(",")
     base_dir = real_base(args)
 
-    results: dict = {"base": str(base_dir), "train_examples": args.train, "test_examples": args.test,
+    sizes = {task: args.train or TRAIN_EXAMPLES.get(task, 160) for task in tasks}
+    results: dict = {"base": str(base_dir), "train_examples": args.train or 160, "task_train_examples": sizes,
+                     "test_examples": args.test,
                      "tasks": tasks, "threads": torch.get_num_threads(), "machine": platform.machine(),
                      "cpus": os.cpu_count(), "base_em": {}, "methods": []}
     with tempfile.TemporaryDirectory() as tmp:
         splits, tests = {}, {}
         for task in tasks:
-            splits[task] = write_split(task, Path(tmp) / task, n_train=args.train, n_test=args.test)
+            splits[task] = write_split(task, Path(tmp) / task, n_train=sizes[task], n_test=args.test)
             tests[task] = read_examples(splits[task][1])
         base = load_base(base_dir)
         tokenizer = base.tokenizer
@@ -116,6 +122,25 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.merge_into:
+        merge_rows(Path(args.merge_into), results)
+
+
+def merge_rows(path: Path, new: dict) -> None:
+    """Re-measured (method, task) cells replace the old ones in ``path``; the rest is kept as it was."""
+    old = json.loads(path.read_text())
+    rows = {row["method"]: row for row in old["methods"]}
+    for row in new["methods"]:
+        kept = rows.get(row["method"], {}).get("tasks", {})
+        rows[row["method"]] = {**row, "tasks": {**kept, **row["tasks"]}}
+    old["methods"] = list(rows.values())
+    old["tasks"] = list(dict.fromkeys(old["tasks"] + new["tasks"]))
+    old["base_em"] = {**old["base_em"], **new["base_em"]}
+    old["task_train_examples"] = {**{t: old["train_examples"] for t in old["tasks"]},
+                                  **old.get("task_train_examples", {}), **new["task_train_examples"]}
+    old.setdefault("remeasured", []).append({"methods": [r["method"] for r in new["methods"]], "tasks": new["tasks"],
+                                             "total_s": new["total_s"], "threads": new["threads"]})
+    path.write_text(json.dumps(old, indent=2) + "\n")
 
 
 def markdown_table(results: dict) -> str:
@@ -125,13 +150,15 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(head + ["train s"]) + " |", "|" + " --- |" * (len(head) + 1)]
     for row in results["methods"]:
         rec = row["recommended"]
+        got = {t: row["tasks"][t] for t in tasks if t in row["tasks"]}  # a merged file may lack some cells
         cells = [row["method"], f"{rec.get('lr', '')}", f"{rec.get('epochs', '')}",
-                 "/".join(str(row["tasks"][t]["steps"]) for t in tasks)]
-        cells += [f"{row['tasks'][t]['exact_match']:.2f}" for t in tasks]
-        cells.append("/".join(f"{row['tasks'][t]['train_s']:.0f}" for t in tasks))
+                 "/".join(str(got[t]["steps"]) if t in got else "-" for t in tasks)]
+        cells += [f"{got[t]['exact_match']:.2f}" if t in got else "-" for t in tasks]
+        cells.append("/".join(f"{got[t]['train_s']:.0f}" if t in got else "-" for t in tasks))
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nexact match on {n} held-out examples per task, greedy; {results['train_examples']} training "
-                 f"examples per task; train s per task in task order")
+    sizes = results.get("task_train_examples") or {t: results["train_examples"] for t in tasks}
+    lines.append(f"\nexact match on {n} held-out examples per task, greedy; training examples "
+                 f"{', '.join(f'{t} {sizes[t]}' for t in tasks)}; train s per task in task order")
     return "\n".join(lines)
 
 
