@@ -40,11 +40,12 @@ from . import attention, lora_backends
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestTimeout, RowFailed, ShuttingDown, StepFailed
 from .exclusive import generate_alone
-from .forward_pass import ForwardPasses
+from .forward_pass import ForwardPasses, take_chunks
 from .isolation import isolate
 from .kinds import check_composition
 from .kv_batch import KVBatch
 from .lora_backends import LoraBackend
+from .prefix_cache import PrefixCache
 from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
 from .requires import with_bottoms
 from .sampling import next_tokens
@@ -53,6 +54,9 @@ from .slot_pool import SlotPool
 
 log = logging.getLogger(__name__)
 
+PREFIX_CACHE_BYTES = 256 * 2**20  # the server's --prefix-cache-mb default
+PREFILL_CHUNK = 256  # the server's --prefill-chunk default
+
 
 class Engine:
     """Built by :meth:`create`, which gives each collaborator what it needs; ``cache`` writes into
@@ -60,7 +64,8 @@ class Engine:
 
     def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
                  max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
-                 admission_gap: float = 0.001):
+                 admission_gap: float = 0.001, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -78,7 +83,9 @@ class Engine:
         self.backend = backend
         self.pool = cache.pool  # loads write their slots themselves, off the scheduler thread
         self.lora_dtype = self.pool.lora_dtype
-        self.passes = ForwardPasses(self.model, self.pool, backend, pad_id=self.pad_id)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # prompt keys/values shared across requests (0: off)
+        self.prefill_chunk = prefill_chunk  # input tokens a step prefills while other rows decode (0: no limit)
+        self.passes = ForwardPasses(self.model, self.pool, backend, pad_id=self.pad_id, prefix_cache=self.prefix_cache)
         self.hooks = self.passes.hooks  # the base's forward hooks that apply a step's adapters
         log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s", backend.name, self.device,
                  " (overlapped with the base layers)" if backend.overlap else "",
@@ -259,14 +266,8 @@ class Engine:
             return
         known = {id(s) for s in batch.rows} if batch is not None else set()
         new = [s for s in rows if id(s) not in known]
-        if new:  # a newcomer whose prefill fails alone fails alone (see isolation)
-            prefilled = isolate(new, self.passes.prefill, lambda seq: self.passes.prefill([seq]), self._row_failed,
-                                self._step_failed)
-            if prefilled is not None:
-                joined, logits = prefilled
-                self._emit(joined.rows, logits)
-                joined.keep_unfinished()
-                batch = joined if batch is None or not batch.rows else batch.join(joined)
+        if new:
+            batch = self._prefill(new, batch)
         self._batch = batch
         if batch is not None and batch.rows:
             self.largest_batch = max(self.largest_batch, len(batch.rows))
@@ -277,6 +278,24 @@ class Engine:
             if logits is not None:
                 self._emit(batch.rows, logits)
             batch.keep_unfinished()
+
+    def _prefill(self, new: list[Sequence], batch: KVBatch | None) -> KVBatch | None:
+        """Prefill newcomers (their cached prefix blocks first): while other rows decode, at most
+        ``prefill_chunk`` input tokens this step, so a long prompt takes several steps and the running
+        rows get a token at each (vLLM's chunked prefill); from idle, all of them at once. A newcomer
+        whose prefill fails alone fails alone (see isolation); rows whose input is done join ``batch``."""
+        self.passes.reuse(new)
+        decoding = batch is not None and bool(batch.rows)
+        rows = take_chunks(new, self.prefill_chunk if decoding and self.prefill_chunk > 0 else None,
+                           self.prefix_cache.block)
+        prefilled = isolate(rows, self.passes.prefill, lambda seq: self.passes.prefill([seq], commit=False),
+                            self._row_failed, self._step_failed)
+        if prefilled is not None and prefilled[0] is not None:
+            joined, logits = prefilled
+            self._emit(joined.rows, logits)
+            joined.keep_unfinished()
+            batch = joined if batch is None or not batch.rows else batch.join(joined)
+        return batch
 
     def _decode_undoable(self, batch: "KVBatch") -> torch.Tensor:
         """A decode step of ``batch``'s unfinished rows that leaves its cache as it was when it raises."""

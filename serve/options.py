@@ -86,6 +86,17 @@ class ServerOptions:
                                  "(UNAVAILABLE / 503), and the requests in flight get this many seconds to finish "
                                  "before they end with a final error; a second signal ends them at once (default 10)")
     workers: int = _option(64, "threads answering gRPC calls (and the HTTP door's thread limit)", cli=None)
+    prefix_cache_mb: int = _option(256, "memory for prompt keys/values shared across requests (a system prompt, the "
+                                        "chat template's header), kept per adapter set in blocks of 16 tokens, least "
+                                        "recently used first; 0 turns prefix caching off")
+    prefill_chunk: int = _option(256, "prompt tokens a step prefills while other requests are generating: a longer "
+                                      "prompt is prefilled over several steps, each giving the running requests a token "
+                                      "(chunked prefill); 0: a prompt is prefilled whole in one step")
+
+    def __post_init__(self) -> None:
+        for name, value in (("--prefix-cache-mb", self.prefix_cache_mb), ("--prefill-chunk", self.prefill_chunk)):
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} {value!r}: use a whole number >= 0 (0 turns it off)")
 
     def limits(self) -> Limits:
         """The per-request limits these options set (the engine caps the context at the base's)."""

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from .cache import LoadedAdapter
 from .errors import RequestCancelled
+from .prefix_cache import SOFT_TOKEN, adapter_set
 from .requests import Chunk, GenerationRequest, GenerationResult, ResolvedAdapter
 from .sampling import make_generator
 
@@ -44,6 +45,20 @@ class Sequence:
         self.generator = make_generator(self.params.seed) if self.params.temperature > 0 else None
         self.slow = any(entry.served is None for entry, _ in entries)
         self.prefix_len = 0  # key/value positions its prefix adapters take (set at prefill)
+        # its prefill: the input is its soft prompts' virtual tokens, then its prompt; the keys/values
+        # of input[:prefilled] are known (prefix cache hits, earlier chunks) and kept in input_kv
+        # [layers, 2, kv_heads, prefilled, head_dim] until the last chunk, which ends at input_len
+        self.soft_tokens = sum(entry.served.tokens for entry, _ in entries if entry.served is not None)
+        self.input_len = self.soft_tokens + len(prompt_ids)
+        self.prefilled = 0
+        self.input_kv: Any = None
+        self.prefill_end = self.input_len  # where this step's chunk of it ends (the scheduler sets it)
+        self.looked_up = False  # the prefix cache was asked (once, before its first chunk)
+        self.adapter_set = adapter_set(entries)  # what its cached blocks hang off
+
+    def input_tokens(self) -> list[int]:
+        """The prefill's input as the prefix cache chains it (virtual tokens as ``SOFT_TOKEN``)."""
+        return [SOFT_TOKEN] * self.soft_tokens + self.prompt_ids
 
     def cancel(self) -> None:
         """Called by the RPC layer when the client goes away; the slot is freed at the next step."""

@@ -62,7 +62,9 @@ class AdapterServer:
         source = AdapterSource(options.registry, max_bytes=options.max_adapter_bytes)
         self.engine = Engine.create(base, source, capacity=options.max_adapters, limits=options.limits(),
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
-                                    lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend)
+                                    lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend,
+                                    prefix_cache_bytes=options.prefix_cache_mb * 2**20,
+                                    prefill_chunk=options.prefill_chunk)
         self.metrics.watch(self.engine, self.served_name)  # the gauges Kubernetes routers read, on both /metrics
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
