@@ -338,6 +338,10 @@ def summarise(runs: dict, ratios: dict, cases: dict, ref: dict) -> dict:
                 "equal_to_reference": statistics.mean(
                     rep.text == want for run in runs[(who, case)] for rep, want in zip(run.replies, expected)),
             }
+            for kind, is_base in (("base", True), ("adapter", False)):  # which rows a mismatch hit
+                equal = [rep.text == want for run in runs[(who, case)]
+                         for rep, want, a in zip(run.replies, expected, cases[case]) if (a is None) == is_base]
+                row[who][f"equal_{kind}_rows"] = f"{sum(equal)}/{len(equal)}"
         first = [runs[(w, case)][0].replies for w in ("adapterhub", "vllm")]
         row["servers_agree"] = statistics.mean(a.text == b.text for a, b in zip(*first))
         by_case[case] = row
