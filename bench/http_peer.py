@@ -36,7 +36,9 @@ adapters resident (``--max-adapters`` / ``--max-loras``) and run without prefix 
 is turned off: the rounds repeat the prompts, which would turn later rounds into cache hits).
 Both run at once (the idle one sleeps; a pause before each run lets spinning threads stop).
 
-Run: ``.venv/bin/python -m bench http_peer``. Results: ``bench/results/http_peer-smollm2.json``.
+Run: ``.venv/bin/python -m bench http_peer``. Results: ``bench/results/http_peer-smollm2.json``
+(``-TAG`` added with ``BENCH_HTTP_TAG=TAG``). Smaller or longer runs: ``BENCH_HTTP_COMPLETIONS``
+(default 64), ``BENCH_HTTP_ROUNDS`` (default 1), ``BENCH_HTTP_CLIENTS`` (default 16).
 """
 
 from __future__ import annotations
@@ -316,7 +318,8 @@ def main() -> dict:
              "the ratios come from ABBA-ordered runs")
     print_table(results)
     results["targets"] = []
-    common.save("http_peer-smollm2", results)
+    common.save("http_peer-smollm2" + (f"-{os.environ['BENCH_HTTP_TAG']}" if os.environ.get("BENCH_HTTP_TAG") else ""),
+                results)  # BENCH_HTTP_TAG: a run kept beside the default one
     return results
 
 
