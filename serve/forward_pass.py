@@ -7,6 +7,11 @@ cache's blocks, :mod:`prefix_cache`; its earlier chunks) to the end the schedule
 the same case: known keys/values in front, right-aligned, the chunk behind them, so a long prompt
 split over several steps and a prompt whose system prompt was cached take one code path.
 
+Newcomers are left-padded, not packed into one unpadded sequence: transformers' attention has no
+variable-length form on the CPU, and a packed sequence of L tokens would need a block-diagonal
+``[L, L]`` mask (32 prompts of 100 tokens: 32x the attention work of the padded batch). With
+chunking, a step's padding is bounded by ``--prefill-chunk``.
+
 The scheduler (:mod:`engine`) decides which rows run; this module only runs them.
 """
 
