@@ -22,7 +22,7 @@ import time
 from . import common
 from .prefix_cache import smollm2_dir
 
-ROUNDS = 1  # x ABBA: 2 runs per engine (a run takes minutes on the shared 2 cores)
+ROUNDS = 2  # x ABBA: 4 runs per engine (about 4 minutes in all on 2 lightly shared cores)
 STREAMS = 8
 STREAM_PROMPT = 100
 STREAM_NEW = 24  # enough to outlast the long prompt's prefill in either mode
