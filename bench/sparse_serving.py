@@ -91,7 +91,8 @@ def _registry(base):
 def _workload(engine, prefix: str | None) -> dict:
     from adapterhub.serve.requests import GenerationRequest
 
-    jobs = [(f"{prefix}{i % ADAPTERS}@1" if prefix else None, f"request {i} about the day") for i in range(ADAPTERS * PER_ADAPTER)]
+    jobs = [(f"{prefix}{i % ADAPTERS}@1" if prefix else None, f"request {i} about the day")
+            for i in range(ADAPTERS * PER_ADAPTER)]
     answers: list = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs) + 1)
 
