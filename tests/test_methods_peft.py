@@ -320,3 +320,40 @@ def test_resuming_an_encoder_trained_prompt_is_refused(name, values, tiny_base_d
     with pytest.raises(ConfigError, match="cannot be trained further"):
         method.load(load_base(tiny_base_dir), tmp_path, trainable=True)
     assert method.load(load_base(tiny_base_dir), tmp_path) is not None  # serving it is fine
+
+
+def test_prefix_starts_as_the_bases_keys_values_for_init_text(tiny_base_dir, tiny_tokenizer):
+    """init=activations (the default): PEFT's own prefix (get_prompt) is the frozen base's cache for
+    init_text, repeated to length, layer by layer; init=random is PEFT's table, unchanged."""
+    method = method_named("prefix")
+    text = "the good day"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = 2 * len(ids) + 1  # repeated and cut
+    base = load_base(tiny_base_dir)
+    with torch.no_grad():
+        want = base(input_ids=torch.tensor([(ids * 3)[:tokens]]), use_cache=True).cache
+    model = method.attach(base, method.make_config({"num_virtual_tokens": tokens, "init_text": text}))
+    with torch.no_grad():
+        got = model.get_prompt(batch_size=1)
+    got_layers = [(layer.keys, layer.values) for layer in got.layers] if hasattr(got, "layers") else list(got)
+    assert len(got_layers) == len(want.layers)
+    for (k, v), layer in zip(got_layers, want.layers):
+        assert_close(k, layer.keys, what="prefix keys")
+        assert_close(v, layer.values, what="prefix values")
+
+    from peft import get_peft_model
+
+    config = method.make_config({"num_virtual_tokens": tokens, "init": "random"})
+    torch.manual_seed(0)
+    ours = method.attach(load_base(tiny_base_dir), config).prompt_encoder["default"].embedding.weight
+    torch.manual_seed(0)
+    peft = get_peft_model(load_base(tiny_base_dir), method.peft_config(config)).prompt_encoder["default"].embedding.weight
+    assert torch.equal(ours, peft)
+
+
+@pytest.mark.parametrize("values, match", [({"init": "text"}, "init='text'"), ({"init_text": " "}, "init_text")])
+def test_prefix_init_is_validated(values, match):
+    from adapterhub import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        method_named("prefix").make_config(values)
