@@ -117,9 +117,9 @@ def init_from_activations(model: Any, text: str) -> None:
     cfg = model.active_peft_config
     tokens = (ids * (cfg.num_virtual_tokens // len(ids) + 1))[: cfg.num_virtual_tokens]
     weight = model.prompt_encoder[model.active_adapter].embedding.weight
-    base = model.get_base_model()
-    with torch.no_grad():
-        out = base(input_ids=torch.tensor([tokens], device=weight.device), use_cache=True)
+    backbone = model.get_base_model().base_model  # the decoder stack alone: no head (a reward model's
+    with torch.no_grad():                           # score is PEFT-wrapped mid-attach) and no logits to pay for
+        out = backbone(input_ids=torch.tensor([tokens], device=weight.device), use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5 renamed it
         rows = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # each [1, H, T, D]
         table = torch.stack(rows, dim=0)[:, 0].permute(2, 0, 1, 3)  # [T, 2L, H, D]

@@ -30,7 +30,7 @@ MAX_NEW = 8
 PROMPT = "the good day"
 STEPS = 3
 # else 3e-2: a few steps must change the greedy answer, or served == offline would prove nothing
-LR = {"ia3": 0.3, "adalora": 0.3}
+LR = {"ia3": 0.3, "adalora": 0.3, "prefix": 0.3}  # prefix starts as the base's own keys/values
 
 
 @pytest.fixture(autouse=True)
