@@ -20,6 +20,9 @@ Choices where adapterhub differs from vLLM:
 - ``adapterhub_adapter_resident`` has one sample per resident adapter, labelled with its immutable
   version and the sha256 of its manifest (which names every file's sha256), so a router or an
   operator can tell two replicas holding ``task@3`` hold the same bytes.
+- Prefix caching is reported as vLLM v1 reports it, in tokens: ``vllm:prefix_cache_queries_total``
+  (input tokens looked up) and ``vllm:prefix_cache_hits_total`` (those served from the cache), so
+  hit rate = hits / queries over any window; ``adapterhub_prefix_cache_bytes`` is what it holds.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import hashlib
 import time
 from typing import Any, Iterable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LORA_INFO = "vllm:lora_requests_info"
 RUNNING = "vllm:num_requests_running"
@@ -36,6 +39,9 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 RESIDENT = "adapterhub_adapter_resident"
+PREFIX_QUERIES = "vllm:prefix_cache_queries"  # counters: the exposition adds _total
+PREFIX_HITS = "vllm:prefix_cache_hits"
+PREFIX_BYTES = "adapterhub_prefix_cache_bytes"
 
 
 def manifest_digest(version: Any) -> str:
@@ -83,6 +89,9 @@ class RouterMetrics:
                                    labels=labels)
         resident = GaugeMetricFamily(RESIDENT, "1 for each adapter version resident in the adapter cache.",
                                      labels=["adapter", "digest", "method"])
+        queries = CounterMetricFamily(PREFIX_QUERIES, "Prefix cache queries, in input tokens looked up.", labels=labels)
+        hits = CounterMetricFamily(PREFIX_HITS, "Prefix cache hits, in input tokens served from the cache.", labels=labels)
+        held = GaugeMetricFamily(PREFIX_BYTES, "Bytes of keys/values the prefix cache holds.", labels=labels)
         if not empty:
             rows, queued = engine.in_flight()
             lora.add_metric([str(engine.cache.capacity), ",".join(adapter_names(rows)), ",".join(adapter_names(queued))],
@@ -96,7 +105,11 @@ class RouterMetrics:
             self._digests = {e.key: self._digests.get(e.key) or manifest_digest(e.version) for e in entries}
             for entry in entries:
                 resident.add_metric([entry.key, self._digests[entry.key], entry.method.name], 1)
-        return iter([lora, running, waiting, kv, kv_old, resident])
+            cache = engine.prefix_cache
+            queries.add_metric([self.model_name], cache.queried_tokens)
+            hits.add_metric([self.model_name], cache.hit_tokens)
+            held.add_metric([self.model_name], cache.bytes)
+        return iter([lora, running, waiting, kv, kv_old, resident, queries, hits, held])
 
 
 def kv_usage(rows: Iterable[Any], max_batch: int, context_length: int) -> float:

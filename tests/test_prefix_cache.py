@@ -103,3 +103,31 @@ def test_blocks_chain_exactly_and_stay_under_the_budget_least_recently_used_firs
     off = PrefixCache(0)
     off.insert(("x",), a, torch.cat([_kv(1), _kv(2), _kv(3)], dim=3), 0)
     assert len(off) == 0 and off.lookup(("x",), a, 48) == (0, None)
+
+
+def test_metrics_report_the_cache_in_vllm_names(engines):
+    """``/metrics``' collector, through Prometheus' own exposition and parser, says what the cache did."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adapterhub.serve.router_metrics import RouterMetrics
+
+    off, on = engines
+
+    def scrape(engine) -> dict:
+        registry = CollectorRegistry()
+        registry.register(RouterMetrics(engine, "tiny"))
+        text = generate_latest(registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    _serve(on, [[]], ["count these tokens"])
+    before = scrape(on)
+    _serve(on, [[]], ["count these tokens"])  # the same prompt again: its whole blocks hit
+    after = scrape(on)
+    assert after["vllm:prefix_cache_hits_total"] == on.prefix_cache.hit_tokens
+    assert after["vllm:prefix_cache_queries_total"] == on.prefix_cache.queried_tokens
+    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] >= len(SYSTEM) // 16 * 16
+    assert after["adapterhub_prefix_cache_bytes"] == on.prefix_cache.bytes > 0
+    quiet = scrape(off)  # the cache off: nothing looked up, nothing held
+    assert quiet["vllm:prefix_cache_hits_total"] == quiet["vllm:prefix_cache_queries_total"] == 0
+    assert quiet["adapterhub_prefix_cache_bytes"] == 0
