@@ -29,6 +29,7 @@ BENCHMARKS = {
     "train_threads": "(n) training step time by thread setting, alone and beside a busy neighbour",
     "serve_threads": "(o) serving tokens/s by thread setting, alone and beside a busy neighbour",
     "chaos": "(m) a real server under mixed load on both doors: poisoned rows, disconnects, evictions, tag moves, SIGTERM",
+    "fused_projections": "(q) one fused GEMM for q/k/v and one for gate/up against the five separate ones, fp32 and nf4",
     "http_peer": "(p) adapterhub's OpenAI HTTP server against vLLM's, same streaming clients (skipped without vLLM)",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
