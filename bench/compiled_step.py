@@ -1,0 +1,85 @@
+"""Would a compiled decode pass pay (issue 33)? ``torch.compile`` against eager, one fixed shape.
+
+The engine runs transformers' modules eagerly. This measures the ceiling of compiling them on
+SmolLM2-135M-Instruct (``BENCH_SMOLLM2_DIR``, default the preset's cache), plain transformers, no
+adapters: a decode pass of R rows (one token each over a 100-token cache), eager against
+``torch.compile(model, dynamic=False)`` on exactly that shape, after one compile (its seconds are
+reported: each new shape pays them again, which is why an engine compiles per shape bucket).
+Eager and compiled alternate in ABBA order within each round; the table reports the median of
+compiled / eager and checks the logits agree. A ceiling, not a built feature (see README, Engine).
+
+    python -m bench compiled_step      # writes bench/results/compiled_step.json
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+from . import common
+
+ROUNDS = 5
+REPEAT = 5
+CONTEXT = 100
+RUNNING = (1, 16, 32)
+
+
+def timed(fn) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(REPEAT):
+        fn()
+    return (time.perf_counter() - start) / REPEAT
+
+
+def main() -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(common.threads())
+    base = Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    compiled = torch.compile(model, dynamic=False)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    cases, rows = {}, []
+    with torch.inference_mode():
+        for running in RUNNING:
+            past = model(torch.randint(0, vocab, (running, CONTEXT), generator=gen), use_cache=True).past_key_values
+            kv = [(layer.keys.clone(), layer.values.clone()) for layer in past.layers]
+            ids = torch.randint(0, vocab, (running, 1), generator=gen)
+
+            def step(net) -> torch.Tensor:
+                cache = DynamicCache()
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k, v, i)
+                return net(ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+
+            start = time.perf_counter()
+            got = step(compiled)
+            compile_s = time.perf_counter() - start
+            gap = (got - step(model)).abs().max().item()
+            assert gap < 1e-3, f"compiled logits differ from eager by {gap}: the ratio would mean nothing"
+            ratios, eager_s = [], []
+            for _ in range(ROUNDS):
+                e1, c1 = timed(lambda: step(model)), timed(lambda: step(compiled))
+                c2, e2 = timed(lambda: step(compiled)), timed(lambda: step(model))
+                ratios.append((c1 + c2) / (e1 + e2))
+                eager_s.append((e1 + e2) / 2)
+            ratio = statistics.median(ratios)
+            cases[str(running)] = {"compiled_over_eager": ratio, "ratios": ratios, "eager_ms": statistics.median(eager_s) * 1e3,
+                                   "compile_s": compile_s, "max_logit_gap": gap}
+            rows.append([running, f"{statistics.median(eager_s) * 1e3:.0f}", f"{compile_s:.0f}", f"{ratio:.2f}"])
+            print(rows[-1], flush=True)
+    print(common.table(["decode rows", "eager ms", "compile s", "compiled / eager"], rows))
+    best = min(c["compiled_over_eager"] for c in cases.values())
+    results = {"environment": common.environment(), "base": str(base), "context": CONTEXT, "rounds": ROUNDS,
+               "cases": cases, "targets": [common.verdict("compiled / eager decode pass (ceiling)", best, "<=", 0.9)]}
+    common.save("compiled_step", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
