@@ -25,6 +25,14 @@ def lowercase(completions, **kwargs):
     return [sum("a" <= ch <= "z" for ch in t) / max(1, len(t)) for t in texts]
 
 not_a_function = 3
+
+SEEN = []
+
+
+def record_answers(completions, answer=None, **kwargs):
+    """Keeps the ``answer`` column it is given, row by row (the test reads SEEN)."""
+    SEEN.extend(answer or [None] * len(completions))
+    return [0.0] * len(completions)
 '''
 
 
@@ -193,6 +201,32 @@ def test_a_column_a_built_in_reward_reads_must_be_on_every_line(tiny_base_dir, t
     code, _, err = run("train", "--plugin", "lora", "--objective", "grpo", "--objective-set", "reward=keyword",
                        "--base", str(tiny_base_dir), "--data", str(data), "--no-publish", "--batch-size", "4")
     assert code == 2 and "example 2 has no 'keyword' column, which the keyword reward reads" in err, err
+
+
+def test_a_column_only_later_lines_carry_reaches_the_reward(tiny_base_dir, tmp_path, reward_module):
+    """``Dataset.from_list`` takes its columns from the first row: an ``answer`` that line 1 lacks
+    would reach no reward at all. Every column any line has reaches it (None where a line lacks it)."""
+    import grpo_test_rewards
+
+    from adapterhub.base import load_base
+    from adapterhub.manager import PluginManager
+    from adapterhub.objective import TrainingJob
+    from adapterhub.training import TrainOptions
+
+    rows = [{"prompt": "say a"}] + [{"prompt": f"say {i}", "answer": f"a{i}"} for i in range(7)]
+    data = write(tmp_path / "data.jsonl", rows)
+    manager = PluginManager(autoload=False)
+    method, objective = manager.get_method("lora"), manager.get_objective("grpo")
+    grpo_test_rewards.SEEN.clear()
+    job = TrainingJob(method=method, method_config=method.make_config({}), base=load_base(tiny_base_dir, "none"),
+                      config=objective.make_config({"reward": "grpo_test_rewards:record_answers",
+                                                    "max_completion_length": 4, "num_generations": 2}),
+                      rows=objective.read_data(data),
+                      options=TrainOptions(max_steps=2, batch_size=8, progress=False, seed=0, eval_split=0.0))
+    objective.train(job)
+    assert grpo_test_rewards.SEEN, "the reward never ran"
+    assert {f"a{i}" for i in range(7)} <= set(grpo_test_rewards.SEEN), grpo_test_rewards.SEEN
+    assert None in grpo_test_rewards.SEEN  # line 1's row: the column is there, empty
 
 
 # -- resolution -----------------------------------------------------------------------------------

@@ -18,9 +18,13 @@ from adapterhub.training import TrainResult, run_trainer
 
 
 def to_dataset(rows: list[dict[str, Any]]) -> Any:
+    """Rows as a Dataset with every column any row has (None where a row lacks it), as
+    ``load_dataset("json")`` reads a file: ``Dataset.from_list`` takes its columns from the first
+    row alone and silently drops a column that only later rows carry (a GRPO reward's ``answer``)."""
     from datasets import Dataset
 
-    return Dataset.from_list(rows)
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
 
 
 def is_peft(model: Any) -> bool:
