@@ -64,6 +64,33 @@ def gc_paused():
             gc.enable()
 
 
+def smollm2_dir() -> Path:
+    """The built SmolLM2-135M-Instruct preset: ``BENCH_SMOLLM2_DIR``, else adapterhub's cache."""
+    return Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
+
+
+def abba(first, second, *, rounds: int, repeat: int) -> tuple[float, list[float], float]:
+    """Time two callables in ABBA order per round (each call warmed once, then ``repeat`` calls):
+    the median of second / first over rounds, each round's ratio, and first's median seconds per call.
+    Ratios within a round cancel the drift of a shared machine."""
+    import statistics
+
+    def per_call(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat
+
+    ratios, firsts = [], []
+    for _ in range(rounds):
+        a1, b1 = per_call(first), per_call(second)
+        b2, a2 = per_call(second), per_call(first)
+        ratios.append((b1 + b2) / (a1 + a2))
+        firsts.append((a1 + a2) / 2)
+    return statistics.median(ratios), ratios, statistics.median(firsts)
+
+
 def threads() -> int:
     """Torch threads for every contestant alike: ``BENCH_THREADS`` (default 1).
 

@@ -13,10 +13,7 @@ compiled / eager and checks the logits agree. A ceiling, not a built feature (se
 
 from __future__ import annotations
 
-import os
-import statistics
 import time
-from pathlib import Path
 
 from . import common
 
@@ -26,20 +23,12 @@ CONTEXT = 100
 RUNNING = (1, 16, 32)
 
 
-def timed(fn) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(REPEAT):
-        fn()
-    return (time.perf_counter() - start) / REPEAT
-
-
 def main() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
     torch.set_num_threads(common.threads())
-    base = Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
+    base = common.smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     compiled = torch.compile(model, dynamic=False)
     vocab = model.config.vocab_size
@@ -62,16 +51,11 @@ def main() -> dict:
             compile_s = time.perf_counter() - start
             gap = (got - step(model)).abs().max().item()
             assert gap < 1e-3, f"compiled logits differ from eager by {gap}: the ratio would mean nothing"
-            ratios, eager_s = [], []
-            for _ in range(ROUNDS):
-                e1, c1 = timed(lambda: step(model)), timed(lambda: step(compiled))
-                c2, e2 = timed(lambda: step(compiled)), timed(lambda: step(model))
-                ratios.append((c1 + c2) / (e1 + e2))
-                eager_s.append((e1 + e2) / 2)
-            ratio = statistics.median(ratios)
-            cases[str(running)] = {"compiled_over_eager": ratio, "ratios": ratios, "eager_ms": statistics.median(eager_s) * 1e3,
+            ratio, ratios, eager_s = common.abba(lambda: step(model), lambda: step(compiled), rounds=ROUNDS,
+                                                 repeat=REPEAT)
+            cases[str(running)] = {"compiled_over_eager": ratio, "ratios": ratios, "eager_ms": eager_s * 1e3,
                                    "compile_s": compile_s, "max_logit_gap": gap}
-            rows.append([running, f"{statistics.median(eager_s) * 1e3:.0f}", f"{compile_s:.0f}", f"{ratio:.2f}"])
+            rows.append([running, f"{eager_s * 1e3:.0f}", f"{compile_s:.0f}", f"{ratio:.2f}"])
             print(rows[-1], flush=True)
     print(common.table(["decode rows", "eager ms", "compile s", "compiled / eager"], rows))
     best = min(c["compiled_over_eager"] for c in cases.values())

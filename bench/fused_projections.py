@@ -16,10 +16,6 @@ reports the median over rounds of fused time / separate time (below 1: fusing pa
 from __future__ import annotations
 
 import json
-import os
-import statistics
-import time
-from pathlib import Path
 
 from . import common
 
@@ -30,7 +26,7 @@ SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads":
 
 def shapes() -> dict[str, int]:
     """SmolLM2-135M-Instruct's projection sizes, from the built preset where it exists."""
-    config = Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct")) / "config.json"
+    config = common.smollm2_dir() / "config.json"
     cfg = json.loads(config.read_text()) if config.is_file() else SMOLLM2
     head = cfg["hidden_size"] // cfg["num_attention_heads"]
     return {"hidden": cfg["hidden_size"], "q": cfg["hidden_size"], "kv": cfg["num_key_value_heads"] * head,
@@ -58,14 +54,6 @@ def projections(dims: dict[str, int], quantize: str):
     return nf4(weights), nf4(groups)
 
 
-def time_call(fn, x, repeat: int) -> float:
-    fn(x)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn(x)
-    return (time.perf_counter() - start) / repeat
-
-
 def main() -> dict:
     import torch
 
@@ -79,17 +67,11 @@ def main() -> dict:
             sizes = [dims["q"], dims["kv"], dims["kv"], dims["mlp"], dims["mlp"]]
             for a, b in zip(separate(x), torch.cat(fused(x), dim=-1).split(sizes, dim=-1)):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # the same numbers, or the ratio means nothing
-            repeat = max(3, 2000 // n)
-            ratios, sep_s = [], []
-            for _ in range(ROUNDS):
-                s1, f1 = time_call(separate, x, repeat), time_call(fused, x, repeat)
-                f2, s2 = time_call(fused, x, repeat), time_call(separate, x, repeat)
-                ratios.append((f1 + f2) / (s1 + s2))
-                sep_s.append((s1 + s2) / 2)
-            ratio = statistics.median(ratios)
+            ratio, ratios, separate_s = common.abba(lambda: separate(x), lambda: fused(x), rounds=ROUNDS,
+                                                    repeat=max(3, 2000 // n))
             cases[f"{quantize} {label}"] = {"fused_over_separate": ratio, "ratios": ratios,
-                                            "separate_us": statistics.median(sep_s) * 1e6, "tokens": n}
-            rows.append([quantize, label, f"{statistics.median(sep_s) * 1e6:.0f}", f"{ratio:.2f}"])
+                                            "separate_us": separate_s * 1e6, "tokens": n}
+            rows.append([quantize, label, f"{separate_s * 1e6:.0f}", f"{ratio:.2f}"])
             print(rows[-1], flush=True)
     print(common.table(["weights", "tokens", "separate us/layer", "fused / separate"], rows))
     best = min(c["fused_over_separate"] for c in cases.values())

@@ -20,7 +20,6 @@ import threading
 import time
 
 from . import common
-from .prefix_cache import smollm2_dir
 
 ROUNDS = 2  # x ABBA: 4 runs per engine (about 4 minutes in all on 2 lightly shared cores)
 STREAMS = 8
@@ -73,7 +72,7 @@ def main() -> dict:
     from adapterhub.serve.requests import GenerationRequest, Limits
 
     common.threads()
-    base = smollm2_dir()
+    base = common.smollm2_dir()
     shape = common.SHAPES["smollm2"]
     registry = common.registry(base, 1, shape)
     engines = {}

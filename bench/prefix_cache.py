@@ -14,10 +14,8 @@ reports their medians. Results: ``bench/results/prefix_cache-smollm2.json``.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from pathlib import Path
 
 from . import common
 
@@ -29,8 +27,6 @@ TURNS = ["What is the capital of France?", "Name a green vegetable.", "How many 
          "Which animal barks?", "What do bees make?", "Name a planet.", "What is 2 plus 3?"]
 
 
-def smollm2_dir() -> Path:
-    return Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
 
 
 def system_prompt(round_: int) -> str:
@@ -64,7 +60,7 @@ def main() -> dict:
     from adapterhub.serve.requests import Limits
 
     common.threads()
-    base = smollm2_dir()
+    base = common.smollm2_dir()
     shape = common.SHAPES["smollm2"]
     registry = common.registry(base, 1, shape)
     limits = Limits(context_length=2048)

@@ -20,10 +20,6 @@ It measures a ceiling, not a built feature: the engine does not pack yet (see RE
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
-from pathlib import Path
 
 from . import common
 
@@ -33,20 +29,12 @@ PROMPT = 100
 RUNNING = (4, 16, 32)
 
 
-def timed(fn) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(REPEAT):
-        fn()
-    return (time.perf_counter() - start) / REPEAT
-
-
 def main() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
     torch.set_num_threads(common.threads())
-    base = Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
+    base = common.smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -68,15 +56,9 @@ def main() -> dict:
             def one() -> None:
                 model(packed, use_cache=True, logits_to_keep=running + 1)
 
-            ratios, two_s = [], []
-            for _ in range(ROUNDS):
-                t1, o1 = timed(two), timed(one)
-                o2, t2 = timed(one), timed(two)
-                ratios.append((o1 + o2) / (t1 + t2))
-                two_s.append((t1 + t2) / 2)
-            ratio = statistics.median(ratios)
-            cases[str(running)] = {"one_over_two": ratio, "ratios": ratios, "two_passes_ms": statistics.median(two_s) * 1e3}
-            rows.append([running, PROMPT, f"{statistics.median(two_s) * 1e3:.0f}", f"{ratio:.2f}"])
+            ratio, ratios, two_s = common.abba(two, one, rounds=ROUNDS, repeat=REPEAT)
+            cases[str(running)] = {"one_over_two": ratio, "ratios": ratios, "two_passes_ms": two_s * 1e3}
+            rows.append([running, PROMPT, f"{two_s * 1e3:.0f}", f"{ratio:.2f}"])
             print(rows[-1], flush=True)
     print(common.table(["running rows", "newcomer tokens", "two passes ms", "one pass / two"], rows))
     best = min(c["one_over_two"] for c in cases.values())
