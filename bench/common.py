@@ -69,6 +69,16 @@ def smollm2_dir() -> Path:
     return Path(os.environ.get("BENCH_SMOLLM2_DIR", Path.home() / ".cache/adapterhub/smollm2-135m-instruct"))
 
 
+def smollm2_model():
+    """SmolLM2-135M-Instruct (:func:`smollm2_dir`) in plain transformers, fp32, eval mode, with
+    :func:`threads` torch threads: the model the engine-free ceiling benches time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads())
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+
+
 def abba(first, second, *, rounds: int, repeat: int) -> tuple[float, list[float], float]:
     """Time two callables in ABBA order per round (each call warmed once, then ``repeat`` calls):
     the median of second / first over rounds, each round's ratio, and first's median seconds per call.

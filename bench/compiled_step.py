@@ -25,11 +25,10 @@ RUNNING = (1, 16, 32)
 
 def main() -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    torch.set_num_threads(common.threads())
     base = common.smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = common.smollm2_model()
     compiled = torch.compile(model, dynamic=False)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)

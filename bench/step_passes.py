@@ -20,7 +20,6 @@ It measures a ceiling, not a built feature: the engine does not pack yet (see RE
 
 from __future__ import annotations
 
-
 from . import common
 
 ROUNDS = 5
@@ -31,11 +30,10 @@ RUNNING = (4, 16, 32)
 
 def main() -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    torch.set_num_threads(common.threads())
     base = common.smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = common.smollm2_model()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     cases, rows = {}, []
