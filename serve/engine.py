@@ -26,6 +26,7 @@ batch resumes. So such a request stalls the others for about its own time, no lo
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ import torch
 from adapterhub.chat import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded
 
-from . import attention, lora_backends
+from . import attention, lora_backends, prepack
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestTimeout, RowFailed, ShuttingDown, StepFailed
 from .exclusive import generate_alone
@@ -65,7 +66,7 @@ class Engine:
     def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
                  max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
                  admission_gap: float = 0.001, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -80,6 +81,8 @@ class Engine:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
+        unpacked = prepack.supported(self.model) if weight_prepack else "--weight-prepack off"
+        self.packed = prepack.PackedLinears(self.model).install() if unpacked is None else None  # see prepack
         self.backend = backend
         self.pool = cache.pool  # loads write their slots themselves, off the scheduler thread
         self.lora_dtype = self.pool.lora_dtype
@@ -87,9 +90,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # input tokens a step prefills while other rows decode (0: no limit)
         self.passes = ForwardPasses(self.model, self.pool, backend, pad_id=self.pad_id, prefix_cache=self.prefix_cache)
         self.hooks = self.passes.hooks  # the base's forward hooks that apply a step's adapters
-        log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s", backend.name, self.device,
-                 " (overlapped with the base layers)" if backend.overlap else "",
-                 "C kernel" if self.fast_attention else self.model.config._attn_implementation)
+        log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s; base weights: %s", backend.name,
+                 self.device, " (overlapped with the base layers)" if backend.overlap else "",
+                 "C kernel" if self.fast_attention else self.model.config._attn_implementation,
+                 "prepacked (oneDNN)" if self.packed else f"not prepacked ({unpacked})")
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -398,8 +402,9 @@ class Engine:
     def _run_slow(self, seq: Sequence) -> None:
         """Exclusive path for a method without a serving form: attach, generate alone, detach."""
         entry, _ = seq.entries[0]
-        tokens = generate_alone(self.base, self.device, entry, seq, pad_id=self.pad_id, eos_id=self.eos_id,
-                                aborted=lambda: self._abort)
+        with self.packed.paused() if self.packed else contextlib.nullcontext():  # it writes the base's weights
+            tokens = generate_alone(self.base, self.device, entry, seq, pad_id=self.pad_id, eos_id=self.eos_id,
+                                    aborted=lambda: self._abort)
         if seq.cancelled:
             return self._finish_error(seq, None)
         if self._abort:
@@ -448,6 +453,8 @@ class Engine:
             self._thread.join(STEP_WAIT_S)  # the scheduler ends the rows at its next step boundary
         leftovers = self._end_all()  # none, unless the scheduler is stuck in a forward pass
         self.hooks.remove()
+        if self.packed is not None and not self._thread.is_alive():  # the base is plain again for whoever uses it next
+            self.packed.remove()
         return self.completed - (self._completed_at_drain or 0), self.ended + leftovers
 
     def _end_all(self) -> int:

@@ -64,7 +64,8 @@ class AdapterServer:
                                     metrics=self.metrics, max_batch=options.max_batch, max_queue=options.max_queue,
                                     lora_dtype=dtype, lora_overlap=overlap, lora_backend=options.lora_backend,
                                     prefix_cache_bytes=options.prefix_cache_mb * 2**20,
-                                    prefill_chunk=options.prefill_chunk)
+                                    prefill_chunk=options.prefill_chunk,
+                                    weight_prepack=options.weight_prepack == "auto")
         self.metrics.watch(self.engine, self.served_name)  # the gauges Kubernetes routers read, on both /metrics
         gc.collect()
         gc.freeze()  # the base's objects live as long as the server: full collections need not walk them
