@@ -1,6 +1,6 @@
 """Long-prompt stall (issue 33): how long running streams wait when a 1,000-token prompt arrives,
 with the prompt prefilled whole (``--prefill-chunk 0``, the engine before chunked prefill) vs in
-chunks of 256 tokens between decode steps (``--prefill-chunk 256``, the default).
+chunks between decode steps (``--prefill-chunk``'s default, :data:`~adapterhub.serve.engine.PREFILL_CHUNK`).
 
 SmolLM2-135M-Instruct, fp32, in-process engines on the same base (``BENCH_SMOLLM2_DIR``, default
 ``~/.cache/adapterhub/smollm2-135m-instruct``), prefix cache off in both (every round prefills the
@@ -26,7 +26,7 @@ STREAMS = 8
 STREAM_PROMPT = 100
 STREAM_NEW = 24  # enough to outlast the long prompt's prefill in either mode
 LONG_PROMPT = 1000
-ENGINES = {"whole": 0, "chunked": 256}
+ENGINES = {"whole": 0, "chunked": None}  # None: the engine's default chunk
 
 
 def run(engine, tok, round_: int) -> dict:
@@ -76,7 +76,10 @@ def main() -> dict:
     shape = common.SHAPES["smollm2"]
     registry = common.registry(base, 1, shape)
     engines = {}
+    from adapterhub.serve.engine import PREFILL_CHUNK
+
     for name, chunk in ENGINES.items():
+        chunk = PREFILL_CHUNK if chunk is None else chunk
         engines[name] = Engine.create(load_base(base, "none"), AdapterSource(registry), capacity=4, max_batch=16,
                                       limits=Limits(context_length=2048), prefix_cache_bytes=0, prefill_chunk=chunk,
                                       lora_overlap=False)  # no spinning LoRA worker on cores shared with others

@@ -56,7 +56,7 @@ from .slot_pool import SlotPool
 log = logging.getLogger(__name__)
 
 PREFIX_CACHE_BYTES = 256 * 2**20  # the server's --prefix-cache-mb default
-PREFILL_CHUNK = 256  # the server's --prefill-chunk default
+PREFILL_CHUNK = 512  # the server's --prefill-chunk default
 
 
 class Engine:

@@ -89,7 +89,7 @@ class ServerOptions:
     prefix_cache_mb: int = _option(256, "memory for prompt keys/values shared across requests (a system prompt, the "
                                         "chat template's header), kept per adapter set in blocks of 16 tokens, least "
                                         "recently used first; 0 turns prefix caching off")
-    prefill_chunk: int = _option(256, "prompt tokens a step prefills while other requests are generating: a longer "
+    prefill_chunk: int = _option(512, "prompt tokens a step prefills while other requests are generating: a longer "
                                       "prompt is prefilled over several steps, each giving the running requests a token "
                                       "(chunked prefill); 0: a prompt is prefilled whole in one step")
     weight_prepack: str = _option("auto", "auto: the base's float Linear weights on the CPU are reordered once into "
