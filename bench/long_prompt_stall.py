@@ -104,7 +104,8 @@ def main() -> dict:
         engine.stop(grace=1)
     medians = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     results = {"base": str(base), "precision": "fp32", "threads": torch.get_num_threads(), "streams": STREAMS,
-               "stream_prompt_tokens": STREAM_PROMPT, "long_prompt_tokens": LONG_PROMPT, "prefill_chunk": ENGINES,
+               "stream_prompt_tokens": STREAM_PROMPT, "long_prompt_tokens": LONG_PROMPT,
+               "prefill_chunk": {**ENGINES, "chunked": PREFILL_CHUNK},
                "runs": runs, "medians": medians,
                "chunked_over_whole": {k: statistics.median(v) for k, v in ratios.items()},
                "chunked_over_whole_per_round": ratios}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import one_pass
 from .lora_backends import cpu_c
 
 NAME = "adapterhub"
@@ -45,13 +46,23 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: ``query [B, H, q, D]``, ``key``/``value [B, KV, T, D]``;
-    returns ``[B, q, H, D]`` (and no weights)."""
+    returns ``[B, q, H, D]`` (and no weights). In a step's one pass (:mod:`one_pass`) its layout
+    says which rows attend together."""
+    layout = one_pass.active()
+    if layout is not None:
+        return layout.attend(module, query, key, value, scaling, _one_layout), None
+    return _one_layout(module, query, key, value, attention_mask, scaling, dropout, is_causal, **kwargs), None
+
+
+def _one_layout(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float | None, dropout: float = 0.0,
+                is_causal: bool | None = None, **kwargs: Any) -> torch.Tensor:
     if not _fits(query, key, value, attention_mask, dropout, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    return decode(query, key, value, attention_mask, scaling), None
+                                      is_causal=is_causal, **kwargs)[0]
+    return decode(query, key, value, attention_mask, scaling)
 
 
 def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,

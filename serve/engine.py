@@ -37,7 +37,7 @@ import torch
 from adapterhub.chat import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded
 
-from . import attention, lora_backends, prepack
+from . import attention, lora_backends, one_pass, prepack
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestTimeout, RowFailed, ShuttingDown, StepFailed
 from .exclusive import generate_alone
@@ -66,7 +66,8 @@ class Engine:
     def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
                  max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
                  admission_gap: float = 0.001, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
-                 prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True):
+                 prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True,
+                 one_pass_steps: bool = True):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -90,6 +91,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # input tokens a step prefills while other rows decode (0: no limit)
         self.passes = ForwardPasses(self.model, self.pool, backend, pad_id=self.pad_id, prefix_cache=self.prefix_cache)
         self.hooks = self.passes.hooks  # the base's forward hooks that apply a step's adapters
+        # a step with newcomers runs as one pass where the engine's attention function is installed
+        self.one_pass = self.fast_attention and one_pass_steps
         log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s; base weights: %s", backend.name,
                  self.device, " (overlapped with the base layers)" if backend.overlap else "",
                  "C kernel" if self.fast_attention else self.model.config._attn_implementation,
@@ -270,6 +273,11 @@ class Engine:
             return
         known = {id(s) for s in batch.rows} if batch is not None else set()
         new = [s for s in rows if id(s) not in known]
+        if new and batch is not None and batch.rows and self.one_pass:
+            done = self._together(new, batch)
+            if done is not None:
+                self._batch = done
+                return
         if new:
             batch = self._prefill(new, batch)
         self._batch = batch
@@ -300,6 +308,35 @@ class Engine:
             joined.keep_unfinished()
             batch = joined if batch is None or not batch.rows else batch.join(joined)
         return batch
+
+    def _together(self, new: list[Sequence], batch: KVBatch) -> KVBatch | None:
+        """The newcomers' prefill chunks and the running rows' next token in ONE forward pass
+        (:mod:`one_pass`); the running batch with the newcomers whose input is done joined. None when
+        that pass raised: it left nothing changed, and the step runs as two passes, whose isolation
+        finds a row at fault."""
+        self.passes.reuse(new)
+        rows = take_chunks(new, self.prefill_chunk if self.prefill_chunk > 0 else None, self.prefix_cache.block)
+        batch.keep_unfinished()
+        if not batch.rows:
+            return None
+        lengths, mask = [layer.length for layer in batch.layers], batch.mask
+        try:
+            logits, joined, new_logits = one_pass.together(self.passes, batch, rows)
+        except Exception:  # noqa: BLE001 -- the two passes run next, and report whose fault it was
+            batch.rewind(lengths)
+            batch.mask = mask
+            log.debug("a step's one pass raised; running it as two passes", exc_info=True)
+            return None
+        self.largest_batch = max(self.largest_batch, len(batch.rows))
+        if self.metrics is not None:
+            self.metrics.batch(len(batch.rows))
+        self._emit(batch.rows, logits)
+        batch.keep_unfinished()
+        if joined is None:
+            return batch
+        self._emit(joined.rows, new_logits)
+        joined.keep_unfinished()
+        return batch.join(joined) if batch.rows else joined
 
     def _decode_undoable(self, batch: "KVBatch") -> torch.Tensor:
         """A decode step of ``batch``'s unfinished rows that leaves its cache as it was when it raises."""

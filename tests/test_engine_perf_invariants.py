@@ -59,14 +59,17 @@ def _request(prompt, adapter=None, max_new=6):
 
 
 class InputShapes:
-    """Records ``input_ids`` shapes of every model forward (a real forward pre-hook)."""
+    """Records ``input_ids`` shapes of every model forward (a real forward pre-hook), and how many of
+    their tokens are real (not left padding: the mask's last columns)."""
 
     def __init__(self, model):
-        self.shapes: list[tuple[int, int]] = []
+        self.shapes: list[tuple[int, int, int]] = []
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module, args, kwargs):
-        self.shapes.append(tuple(kwargs["input_ids"].shape))
+        rows, width = kwargs["input_ids"].shape
+        mask = kwargs.get("attention_mask")  # None: a step's one pass, a token per row
+        self.shapes.append((rows, width, rows * width if mask is None else int(mask[:, -width:].sum())))
 
     def close(self):
         self.handle.remove()
@@ -75,7 +78,7 @@ class InputShapes:
 def test_decode_feeds_one_token_per_row_and_joins_stay_exact(engine):
     jobs = [("the good day", "t0@1", 40), ("a bad movie, really", "t1@1", 5), ("xy", None, 9), ("dark cold", "t2@1", 7)]
     alone = [engine.submit(_request(p, a, n)).result().token_ids for p, a, n in jobs]
-    shapes = InputShapes(engine.model)
+    shapes, cached = InputShapes(engine.model), engine.prefix_cache.hit_tokens
     try:
         stream = engine.submit(_request(*jobs[0])).chunks()
         next(stream)  # the first row is decoding before the others join mid-flight
@@ -84,12 +87,12 @@ def test_decode_feeds_one_token_per_row_and_joins_stay_exact(engine):
     finally:
         shapes.close()
     assert together == alone, "rows that joined a running batch differ from the same requests alone"
-    prefills = [s for s in shapes.shapes if s[1] > 1]  # every prompt here is at least 2 tokens
-    decodes = [s for s in shapes.shapes if s[1] == 1]
-    assert sum(b for b, _ in prefills) == len(jobs), "each request is prefilled exactly once"
-    # every token after a request's first comes from a decode step that feeds one token per row
-    assert sum(b for b, _ in decodes) == sum(len(t) - 1 for t in alone)
-    assert max(b for b, _ in decodes) > 1, "rows were not decoded together"
+    # each prompt token is fed once (but those the prefix cache kept from the runs alone), and each
+    # generated token but a request's last once (one token per row per step: nothing is recomputed)
+    prompts = sum(len(engine._tokenize(_request(p, a, n))) for p, a, n in jobs)
+    cached = engine.prefix_cache.hit_tokens - cached
+    assert sum(fed for _, _, fed in shapes.shapes) == prompts - cached + sum(len(t) - 1 for t in alone)
+    assert max(b for b, t, _ in shapes.shapes if t == 1) > 1, "rows were not decoded together"
 
 
 def _count_matmuls(fn) -> int:
