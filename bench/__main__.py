@@ -32,6 +32,8 @@ BENCHMARKS = {
     "fused_projections": "(q) one fused GEMM for q/k/v and one for gate/up against the five separate ones, fp32 and nf4",
     "step_passes": "(r) a step with a newcomer: one packed forward pass against the engine's prefill + decode passes (ceiling)",
     "compiled_step": "(s) a decode pass under torch.compile against eager, one fixed shape per batch size (ceiling)",
+    "prefix_cache": "(u) time to first token with a shared system prompt cached, cold, and with the cache off",
+    "long_prompt_stall": "(v) running streams' longest gap when a 1,000-token prompt arrives: chunked prefill vs whole",
     "prepack": "(t) base Linear weights prepacked in oneDNN's layout at load against plain F.linear, engine workload",
     "http_peer": "(p) adapterhub's OpenAI HTTP server against vLLM's, same streaming clients (skipped without vLLM)",
 }
