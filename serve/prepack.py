@@ -2,9 +2,9 @@
 backend does with its ``create_onednn_mm`` handlers), so that a step's GEMMs stop repacking them.
 
 ``F.linear`` on the CPU calls MKL's sgemm, which copies the weight into its own blocked layout on
-every call. For a decode step's 1-32 rows that copy is most of the work: on SmolLM2 at 16 rows the
-base's GEMMs take 0.77x the time prepacked (``python -m bench prepack``). A prefill's hundreds of
-rows amortise it, and gain little.
+every call, which at a decode step's 1-32 rows is a large part of the work: on SmolLM2 at 16 rows a
+decode step takes 0.81x the time prepacked and a 16-prompt prefill 0.85x (``python -m bench
+prepack``).
 
 The packed copy is a second copy of each weight (SmolLM2 fp32: +0.5 GB); the original stays, for
 everything that reads a weight (DoRA's norms, PEFT on the exclusive path, training). Anything that
