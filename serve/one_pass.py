@@ -127,15 +127,15 @@ def together(passes: Any, batch: KVBatch, rows: list[Any]) -> tuple[torch.Tensor
     finished = [b for b, s in enumerate(rows) if ends[b] == s.input_len]
     keep = list(range(r)) + [spans[b][0] + spans[b][1] - 1 for b in finished]
     logits = _forward(passes, plan, inputs, positions, cache, layout, keep)
+    chunks = _chunks(layout, spans, r)  # per layer (k, v) [n_rows, KV, W, D], each chunk right-aligned
+    width = max(news)
+    joined = _joined(rows, finished, pasts, chunks, news, width, device) if finished else None
+    # what the step keeps, last: anything above that raises leaves the rows as they were
     batch.mask = decode_mask
     for b, s in enumerate(rows):
         s.prefix_len = row_plan.prefix_lengths[b] + s.soft_tokens
-    chunks = _chunks(layout, spans, r)  # per layer (k, v) [n_rows, KV, W, D], each chunk right-aligned
-    width = max(news)
     passes._keep(rows, done, ends, chunks, width)
-    if not finished:
-        return logits[:r], None, logits[r:r]
-    return logits[:r], _joined(rows, finished, pasts, chunks, news, width, device), logits[r:]
+    return logits[:r], joined, logits[r:]
 
 
 def _forward(passes: Any, plan: BatchPlan, inputs: dict, positions: torch.Tensor, cache: Any, layout: Layout,
