@@ -3,7 +3,7 @@
 Each writes ``bench/results/NAME.json`` (and most a ``NAME.png``) and prints its table and targets.
 ``BENCH_BASE=smollm2|small`` picks the base of (a), (d) and (f) (default: SmolLM2-135M-Instruct;
 the results of a SmolLM2 run are named ``NAME-smollm2``); (b), (c) and (e) run on the small base.
-(f) and (p) run only where vLLM's CPU build is installed in its own venv (``bench/vllm_peer.py``).
+(f), (p) and (w) run only where vLLM's CPU build is installed in its own venv (``bench/vllm_peer.py``).
 A benchmark can also be named by its module: ``python -m bench vllm_peer`` runs (f).
 """
 
@@ -36,6 +36,7 @@ BENCHMARKS = {
     "long_prompt_stall": "(v) running streams' longest gap when a 1,000-token prompt arrives: chunked prefill vs whole",
     "prepack": "(t) base Linear weights prepacked in oneDNN's layout at load against plain F.linear, engine workload",
     "http_peer": "(p) adapterhub's OpenAI HTTP server against vLLM's, same streaming clients (skipped without vLLM)",
+    "engine_peer": "(w) the HTTP peer's cases in-process: adapterhub's engine against vLLM's LLM.generate (skipped without vLLM)",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
 

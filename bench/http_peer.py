@@ -105,6 +105,15 @@ def make_adapters(base: Path, root: Path) -> list[Path]:
     return dirs
 
 
+def publish(dirs: list[Path], registry: Path) -> None:
+    """Adapter i as task ``a{i}`` (version 1 in a new registry: ``a{i}@1``), as adapterhub serves them."""
+    from adapterhub.registry import open_registry
+
+    store = open_registry(registry)
+    for i, d in enumerate(dirs):
+        store.publish(f"a{i}", d)
+
+
 def case_adapters(n: int) -> dict[str, list[int | None]]:
     """Per case, request i's adapter index (None: the base); a run of fewer requests takes the first n."""
     spread = [i % ADAPTERS for i in range(max(n, 64))]
@@ -220,6 +229,15 @@ def _checkout() -> dict:
             .splitlines(), "prefix_cache": "off (--prefix-cache-mb 0)" if _prefix_cache_flag() else "none in this checkout"}
 
 
+def vllm_env(python: str, threads: int) -> dict[str, str]:
+    """:func:`~bench.vllm_peer.worker_env` with ``threads`` OpenMP threads and a 1 GiB KV cache (the
+    load needs 0.1), each unless set: the compute threads adapterhub gets, not the machine's cores."""
+    env = worker_env(python)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
 def start_vllm(python: str, base: Path, dirs: list[Path], log_dir: Path) -> tuple[HttpServer, dict]:
     port = common.free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name", MODEL,
@@ -227,9 +245,7 @@ def start_vllm(python: str, base: Path, dirs: list[Path], log_dir: Path) -> tupl
            "--max-num-seqs", str(CLIENTS), "--no-enable-prefix-caching", "--seed", "0",
            "--enable-lora", "--max-loras", str(ADAPTERS), "--max-lora-rank", "16",
            "--disable-uvicorn-access-log", "--lora-modules", *[f"a{i}={d}" for i, d in enumerate(dirs)]]
-    env = worker_env(python)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{THREADS - 1}")
-    env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    env = vllm_env(python, THREADS)
     server = HttpServer("vllm", cmd, port=port, env=env, log=log_dir / "vllm.log", cwd=log_dir, model=MODEL)
     server.wait_ready()
     return server, {k: v for k, v in env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}
@@ -251,11 +267,7 @@ def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="http_peer-") as tmp:
         tmp = Path(tmp)
         dirs = make_adapters(base, tmp / "adapters")
-        from adapterhub.registry import open_registry
-
-        store = open_registry(tmp / "registry")
-        for i, d in enumerate(dirs):
-            store.publish(f"a{i}", d)
+        publish(dirs, tmp / "registry")
         from transformers import AutoTokenizer
 
         texts = corpus_prompts(AutoTokenizer.from_pretrained(base), COMPLETIONS, PROMPT_TOKENS)

@@ -84,11 +84,13 @@ def worker_env(python: str) -> dict[str, str]:
 class VllmWorker:
     """``bench/vllm_worker.py`` under vLLM's python; one JSON line each way per burst."""
 
-    def __init__(self, python: str, setup: dict, log: Path):
+    def __init__(self, python: str, setup: dict, log: Path, env: dict[str, str] | None = None):
+        """``env``: the worker's whole environment (default :func:`worker_env`)."""
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen([python, "-P", str(common.ROOT / "vllm_worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=worker_env(python))
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env=env if env is not None else worker_env(python))
         self.info = self._ask(setup)
 
     def _ask(self, message: dict) -> dict:
@@ -102,8 +104,9 @@ class VllmWorker:
             raise RuntimeError(f"the vLLM worker exited ({self.proc.returncode}); its log {self.log_path} ends:\n{tail}")
         return json.loads(line)
 
-    def run(self, prompt_ids: list[list[int]], adapters: list[int | None]) -> tuple[float, list[list[int]]]:
-        reply = self._ask({"prompts": prompt_ids, "adapters": adapters, "max_tokens": NEW_TOKENS})
+    def run(self, prompt_ids: list[list[int]], adapters: list[int | None],
+            max_tokens: int = NEW_TOKENS) -> tuple[float, list[list[int]]]:
+        reply = self._ask({"prompts": prompt_ids, "adapters": adapters, "max_tokens": max_tokens})
         return reply["seconds"], reply["tokens"]
 
     def close(self) -> None:
