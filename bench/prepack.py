@@ -1,18 +1,21 @@
 """(t) Prepacked base weights (``--weight-prepack``, ``serve/prepack.py``) against plain ``F.linear``.
 
 SmolLM2-135M-Instruct, fp32, two in-process engines on two loads of the same base, one with the
-Linear weights reordered into oneDNN's blocked layout at load (the default), one without; prefix
+Linear weights reordered into oneDNN's blocked layout at load (the default), one without (or, with
+``BENCH_PREPACK_AGAINST=unfused``, one prepacked with q/k/v and gate/up packed separately and
+transformers' own RMSNorm: what the fused GEMMs and ``serve/fused_norm.py`` add); prefix
 cache and LoRA overlap off in both, ``BENCH_THREADS`` torch threads (default 1). The workload is the
 HTTP peer bench's base case in-process: ``BATCH`` real-English prompts of ``PROMPT_TOKENS`` tokens
 (:mod:`bench.http_corpus`) submitted at once, ``NEW_TOKENS`` greedy tokens each. Per run: tokens/s,
 the prefill pass and the median decode step (each pass timed where the engine calls it). Rounds in
 ABBA order; ratios packed / plain within each round, medians over rounds. Also: whether the two
 engines' tokens are equal, and the memory the packed copies add (the plain weights' bytes).
-Results: ``bench/results/prepack-smollm2.json``.
+Results: ``bench/results/prepack-smollm2.json`` (``prepack-unfused-smollm2.json``).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -22,6 +25,7 @@ ROUNDS = 2
 BATCH = 16
 PROMPT_TOKENS = 100
 NEW_TOKENS = 48
+AGAINST = os.environ.get("BENCH_PREPACK_AGAINST", "plain")  # or "unfused"
 
 
 def timed_passes(engine) -> dict[str, list[float]]:
@@ -65,31 +69,35 @@ def main() -> dict:
     threads = common.threads()
     base = common.smollm2_dir()
     registry = common.registry(base, 1, common.SHAPES["smollm2"])
+    if AGAINST not in ("plain", "unfused"):
+        raise SystemExit(f"BENCH_PREPACK_AGAINST={AGAINST!r}: use plain or unfused")
+    other = AGAINST
     engines = {name: Engine.create(load_base(base, "none"), AdapterSource(registry), capacity=2,
                                    limits=Limits(context_length=2048), prefix_cache_bytes=0, lora_overlap=False,
-                                   max_batch=BATCH, weight_prepack=name == "packed")
-               for name in ("packed", "plain")}
+                                   max_batch=BATCH, weight_prepack=name != "plain", fused_projections=name == "packed",
+                                   fused_norms=name != "unfused")
+               for name in ("packed", other)}
     assert engines["packed"].packed is not None, "prepacking is not available here (see the engine's log)"
     extra_mb = sum(m.weight.nbytes for m in engines["packed"].packed.modules) / 2**20
     timers = {name: timed_passes(e) for name, e in engines.items()}
-    texts = http_corpus.prompts(engines["plain"].tokenizer, BATCH, PROMPT_TOKENS)
+    texts = http_corpus.prompts(engines[other].tokenizer, BATCH, PROMPT_TOKENS)
     common.freeze_heap()
     for name, engine in engines.items():  # warm-up: first-call costs
         run(engine, timers[name], texts)
-    runs: dict[str, list[dict]] = {"packed": [], "plain": []}
+    runs: dict[str, list[dict]] = {"packed": [], other: []}
     ratios: dict[str, list[float]] = {"tok_s": [], "prefill_s": [], "decode_step_s": []}
     for r in range(ROUNDS):
-        order = ["plain", "packed", "packed", "plain"]
-        this: dict[str, list[dict]] = {"packed": [], "plain": []}
+        order = [other, "packed", "packed", other]
+        this: dict[str, list[dict]] = {"packed": [], other: []}
         for name in order if r % 2 == 0 else order[::-1]:
             this[name].append(run(engines[name], timers[name], texts))
         for key in ratios:
-            ratios[key].append(statistics.mean(x[key] for x in this["packed"]) / statistics.mean(x[key] for x in this["plain"]))
+            ratios[key].append(statistics.mean(x[key] for x in this["packed"]) / statistics.mean(x[key] for x in this[other]))
         for name in runs:
             runs[name] += this[name]
-        print(f"round {r + 1}: packed / plain tok/s {ratios['tok_s'][-1]:.2f}, prefill {ratios['prefill_s'][-1]:.2f}, "
+        print(f"round {r + 1}: packed / {other} tok/s {ratios['tok_s'][-1]:.2f}, prefill {ratios['prefill_s'][-1]:.2f}, "
               f"decode step {ratios['decode_step_s'][-1]:.2f}", flush=True)
-    equal = sum(a == b for a, b in zip(runs["packed"][0]["tokens"], runs["plain"][0]["tokens"]))
+    equal = sum(a == b for a, b in zip(runs["packed"][0]["tokens"], runs[other][0]["tokens"]))
     for e in engines.values():
         e.stop(1)
     summary = {name: {k: statistics.median(x[k] for x in rs) for k in ("tok_s", "prefill_s", "decode_step_s")}
@@ -97,16 +105,17 @@ def main() -> dict:
     results = {
         "environment": common.environment(), "threads": threads, "torch": torch.__version__,
         "workload": {"batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "precision": "float32"},
-        "rounds": ROUNDS, "packed_over_plain": {k: statistics.median(v) for k, v in ratios.items()},
+        "rounds": ROUNDS, "against": other, "fused_groups": len(engines["packed"].packed.groups),
+        f"packed_over_{other}": {k: statistics.median(v) for k, v in ratios.items()},
         "ratios_by_round": ratios, "median": summary, "equal_rows": f"{equal}/{BATCH}",
         "packed_copies_mb": round(extra_mb, 1),
     }
     print(common.table(["", "tok/s", "prefill s", "decode step ms"],
                        [[n, f"{s['tok_s']:.1f}", f"{s['prefill_s']:.2f}", f"{1000 * s['decode_step_s']:.0f}"]
                         for n, s in summary.items()]))
-    print(f"packed / plain: " + ", ".join(f"{k} {v:.2f}" for k, v in results["packed_over_plain"].items())
+    print(f"packed / {other}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[f"packed_over_{other}"].items())
           + f"; equal rows {equal}/{BATCH}; packed copies {extra_mb:.0f} MB")
-    results["targets"] = [common.verdict("decode step packed / plain", results["packed_over_plain"]["decode_step_s"],
+    results["targets"] = [common.verdict(f"decode step packed / {other}", results[f"packed_over_{other}"]["decode_step_s"],
                                          "<=", 1.0)]
-    common.save("prepack-smollm2", results)
+    common.save("prepack-smollm2" if other == "plain" else "prepack-unfused-smollm2", results)
     return results

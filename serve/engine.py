@@ -37,7 +37,7 @@ import torch
 from adapterhub.chat import render_prompt
 from adapterhub.errors import AdapterHubError, LimitExceeded, Overloaded
 
-from . import attention, lora_backends, one_pass, prepack
+from . import attention, fused_norm, lora_backends, one_pass, prepack
 from .cache import AdapterCache, LoadedAdapter
 from .errors import RequestTimeout, RowFailed, ShuttingDown, StepFailed
 from .exclusive import generate_alone
@@ -66,8 +66,8 @@ class Engine:
     def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
                  max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
                  admission_gap: float = 0.001, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
-                 prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True,
-                 one_pass_steps: bool = True):
+                 prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True, fused_projections: bool = True,
+                 fused_norms: bool = True, one_pass_steps: bool = True):
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -83,7 +83,9 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.fast_attention = attention.install(self.model)  # decode steps' attention in one pass over the cache
         unpacked = prepack.supported(self.model) if weight_prepack else "--weight-prepack off"
-        self.packed = prepack.PackedLinears(self.model).install() if unpacked is None else None  # see prepack
+        self.packed = (prepack.PackedLinears(self.model, fuse=fused_projections).install()  # see prepack
+                       if unpacked is None else None)
+        self.norms = fused_norm.FusedNorms(self.model).install() if fused_norms else None  # see fused_norm
         self.backend = backend
         self.pool = cache.pool  # loads write their slots themselves, off the scheduler thread
         self.lora_dtype = self.pool.lora_dtype
@@ -96,7 +98,8 @@ class Engine:
         log.info("mixed-batch LoRA: %s backend on %s%s; decode attention: %s; base weights: %s", backend.name,
                  self.device, " (overlapped with the base layers)" if backend.overlap else "",
                  "C kernel" if self.fast_attention else self.model.config._attn_implementation,
-                 "prepacked (oneDNN)" if self.packed else f"not prepacked ({unpacked})")
+                 f"prepacked (oneDNN), {len(self.packed.groups)} fused groups" if self.packed
+                 else f"not prepacked ({unpacked})")
         self._batch: KVBatch | None = None  # the running rows' cache (scheduler thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -490,8 +493,10 @@ class Engine:
             self._thread.join(STEP_WAIT_S)  # the scheduler ends the rows at its next step boundary
         leftovers = self._end_all()  # none, unless the scheduler is stuck in a forward pass
         self.hooks.remove()
-        if self.packed is not None and not self._thread.is_alive():  # the base is plain again for whoever uses it next
-            self.packed.remove()
+        if not self._thread.is_alive():  # the base is plain again for whoever uses it next
+            for fast in (self.packed, self.norms):
+                if fast is not None:
+                    fast.remove()
         return self.completed - (self._completed_at_drain or 0), self.ended + leftovers
 
     def _end_all(self) -> int:

@@ -30,6 +30,36 @@ def test_packed_forward_is_f_linear_and_removal_restores_it(tiny_model):
     assert torch.equal(_logits(tiny_model, ids), plain)
 
 
+def test_siblings_share_one_packed_gemm_and_each_gets_its_own_columns(tiny_model):
+    layer = tiny_model.model.layers[0]
+    packed = prepack.PackedLinears(tiny_model).install()
+    names = {tuple(n for n, c in layer.named_modules() for m in g if c is m) for g in packed.groups[:2]}
+    assert names == {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")}
+    assert len(packed.groups) == 2 * len(tiny_model.model.layers)
+    x = torch.randn(2, 3, layer.self_attn.q_proj.in_features)
+    with torch.inference_mode():
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            assert torch.allclose(m(x), torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)
+        k_first = layer.self_attn.k_proj(x)  # any member may come first; a repeat starts a new GEMM
+        assert torch.allclose(layer.self_attn.k_proj(x), k_first) and torch.allclose(
+            layer.self_attn.q_proj(x), torch.nn.functional.linear(x, layer.self_attn.q_proj.weight), atol=1e-5)
+
+
+def test_a_member_whose_pre_hook_changes_its_input_computes_on_that_input(tiny_model):
+    """IA3 scales a feed-forward module's input in a pre-hook: that member's own input, not the group's."""
+    mlp = tiny_model.model.layers[0].mlp
+    prepack.PackedLinears(tiny_model).install()
+    handle = mlp.up_proj.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    x = torch.randn(2, 3, mlp.gate_proj.in_features)
+    try:
+        with torch.inference_mode():
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    finally:
+        handle.remove()
+    assert torch.allclose(gate, torch.nn.functional.linear(x, mlp.gate_proj.weight), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(up, torch.nn.functional.linear(2 * x, mlp.up_proj.weight), atol=1e-5, rtol=1e-5)
+
+
 def test_a_pause_that_writes_weights_repacks_them(tiny_model):
     layer = tiny_model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, layer.in_features)
