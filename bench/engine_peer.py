@@ -21,6 +21,9 @@ adapterhub / vLLM tokens/s per round, and the median. Skipped, saying why, witho
 
 Run: ``python -m bench engine_peer``. Results: ``bench/results/engine_peer-smollm2.json``.
 Smaller or longer runs: ``BENCH_ENGINE_COMPLETIONS`` (default 64), ``BENCH_ENGINE_ROUNDS`` (default 2).
+``BENCH_ENGINE_VLLM_LORA=off`` runs the base case alone against a vLLM started without LoRA support
+(``engine_peer-nolora-smollm2.json``): vLLM's LoRA layers slow its base rows too, so this is its
+best base path, and adapterhub's engine is the same either way.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from . import common
 from .http_corpus import prompts as corpus_prompts
-from .http_peer import (ADAPTERS, CASES, CONTEXT, NEW_TOKENS, PROMPT_TOKENS, RANK, base_dir, case_adapters,
+from .http_peer import (ADAPTERS, CONTEXT, NEW_TOKENS, PROMPT_TOKENS, RANK, base_dir, case_adapters,
                         make_adapters, publish, reference, vllm_env)
 from .throughput import preload, run_engine
 from .vllm_peer import VllmWorker, vllm_python
@@ -47,6 +50,7 @@ BATCH = 16  # rows a step runs at most, in both: http_peer's 16 clients
 THREADS = 1  # compute threads each: the 2 cores here are shared (see bench.common.threads)
 MAX_LORA_RANK = 16  # vLLM's LoRA buffers, as http_peer's server has them (--max-lora-rank 16)
 SYSTEMS = ("adapterhub", "vllm")
+VLLM_LORA = os.environ.get("BENCH_ENGINE_VLLM_LORA", "on") != "off"
 
 
 def start_adapterhub(base: Path, registry: Path):
@@ -75,8 +79,9 @@ def start_vllm(python: str, base: Path, dirs: list[Path]) -> VllmWorker:
 def warm_up(engine, worker: VllmWorker, ids: list[list[int]], jobs: dict) -> None:
     """Every adapter loaded into both (one token each), then each case's first batch on both, so
     no timed run pays a load or a first call."""
-    preload(engine, [f"a{i}@1" for i in range(ADAPTERS)])
-    worker.run([ids[i % len(ids)] for i in range(ADAPTERS)], list(range(ADAPTERS)), max_tokens=1)
+    if VLLM_LORA:
+        preload(engine, [f"a{i}@1" for i in range(ADAPTERS)])
+        worker.run([ids[i % len(ids)] for i in range(ADAPTERS)], list(range(ADAPTERS)), max_tokens=1)
     for case, job in jobs.items():
         run_engine(engine, job["texts"][:BATCH], job["refs"][:BATCH], NEW_TOKENS)
         worker.run(job["ids"][:BATCH], job["adapters"][:BATCH], max_tokens=NEW_TOKENS)
@@ -86,10 +91,10 @@ def warm_up(engine, worker: VllmWorker, ids: list[list[int]], jobs: dict) -> Non
 def measure(engine, worker: VllmWorker, jobs: dict) -> tuple[dict, dict]:
     """``ROUNDS`` rounds per case in ABBA order across rounds: each run's tok/s and tokens, and
     adapterhub / vLLM per round (a pause first, so the other side's threads stop spinning)."""
-    runs = {(who, case): [] for who in SYSTEMS for case in CASES}
-    ratios = {case: [] for case in CASES}
+    runs = {(who, case): [] for who in SYSTEMS for case in jobs}
+    ratios = {case: [] for case in jobs}
     for r in range(ROUNDS):
-        for case in CASES:
+        for case in jobs:
             job, this = jobs[case], {}
             for who in (SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]):
                 time.sleep(0.5)
@@ -107,7 +112,7 @@ def summarise(runs: dict, ratios: dict, cases: dict, expected: dict, decode) -> 
     """Per case: tok/s medians, the ratios, and the share of replies equal to the reference, split
     into base rows and adapter rows as http_peer's summary is (which rows a mismatch hit)."""
     by_case = {}
-    for case in CASES:
+    for case in cases:
         row = {"adapterhub_over_vllm": statistics.median(ratios[case]), "ratio_by_round": ratios[case]}
         want = [expected[f"{i}:{a}"] for i, a in enumerate(cases[case])]
         for who in SYSTEMS:
@@ -150,7 +155,7 @@ def main() -> dict:
     tok = AutoTokenizer.from_pretrained(base)
     texts = corpus_prompts(tok, COMPLETIONS, PROMPT_TOKENS)
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    cases = case_adapters(COMPLETIONS)
+    cases = {case: rows for case, rows in case_adapters(COMPLETIONS).items() if VLLM_LORA or case == "base"}
     jobs = {case: {"texts": texts, "ids": ids, "adapters": rows, "refs": [None if a is None else f"a{a}@1" for a in rows]}
             for case, rows in cases.items()}
     eos = GenerationConfig.from_pretrained(base).eos_token_id  # where the reference cuts
@@ -170,7 +175,7 @@ def main() -> dict:
         engine = start_adapterhub(base, Path(tmp) / "registry")
         stop.callback(engine.stop, grace=1)
         start = time.perf_counter()
-        worker = start_vllm(python, base, dirs)
+        worker = start_vllm(python, base, dirs if VLLM_LORA else [])
         stop.callback(worker.close)  # first, then the engine, then the temporary folder
         print(f"vLLM {worker.info['vllm']} up in {time.perf_counter() - start:.0f}s (log: {worker.log_path})", flush=True)
         warm_up(engine, worker, ids, jobs)
@@ -181,7 +186,7 @@ def main() -> dict:
     results.update(
         base=str(base), model="SmolLM2-135M-Instruct", precision="float32", adapters=ADAPTERS, rank=RANK,
         completions=COMPLETIONS, max_batch=BATCH, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, rounds=ROUNDS,
-        threads=THREADS, reference_threads=torch_threads, vllm=worker.info["vllm"],
+        threads=THREADS, reference_threads=torch_threads, vllm=worker.info["vllm"], vllm_lora=VLLM_LORA,
         vllm_init_s=worker.info.get("init_s"), vllm_max_lora_rank=MAX_LORA_RANK,
         vllm_env={k: v for k, v in vllm_env(python, THREADS).items() if k.startswith("VLLM_") or k == "LD_PRELOAD"},
         adapterhub_engine={"max_batch": BATCH, "lora_overlap": engine.lora_overlap, "prefix_cache_bytes": 0,
@@ -191,7 +196,8 @@ def main() -> dict:
              "ABBA-ordered runs. vLLM's seconds are LLM.generate's own (token ids in, no detokenization); "
              "adapterhub's include tokenizing the prompts in submit()",
         targets=[])
-    common.save(common.result_name("engine_peer", common.SHAPES["smollm2"]), results)
+    common.save(common.result_name("engine_peer" if VLLM_LORA else "engine_peer-nolora", common.SHAPES["smollm2"]),
+                results)
     return results
 
 
