@@ -1,17 +1,22 @@
-"""Prepacked base weights (``serve/prepack.py``): the function ``F.linear`` computes, out of
-autograd's way, fresh after a pause that wrote the weights, and plain again once removed; and the
-engine's exclusive path, which writes base weights, answers as the method's own ``load`` does."""
+"""Prepacked base weights (``serve/prepack.py``): the function ``F.linear`` computes, fused siblings
+included, out of autograd's way, fresh after a pause that wrote the weights, and plain again once
+removed; the engine's exclusive path, which writes base weights, answers as the method's own
+``load`` does. Fused RMSNorm (``serve/fused_norm.py``): switched only where ``F.rms_norm`` gives the
+module's own bits, and plain again once removed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from adapterhub.serve import prepack
+from adapterhub.serve import fused_norm, prepack
 
 from mixed_world import chat, method_load, offline_tokens
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 3], [8, 8, 1, 250, 77]])
 
 
 def _logits(model, ids):
@@ -20,14 +25,13 @@ def _logits(model, ids):
 
 
 def test_packed_forward_is_f_linear_and_removal_restores_it(tiny_model):
-    ids = torch.tensor([[5, 17, 42, 99, 3], [8, 8, 1, 250, 77]])
-    plain = _logits(tiny_model, ids)
+    plain = _logits(tiny_model, IDS)
     packed = prepack.PackedLinears(tiny_model).install()
     assert packed.modules and all("forward" in m.__dict__ for m in packed.modules)
-    assert torch.allclose(_logits(tiny_model, ids), plain, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(_logits(tiny_model, IDS), plain, atol=1e-5, rtol=1e-5)
     packed.remove()
     assert not any("forward" in m.__dict__ for m in packed.modules)
-    assert torch.equal(_logits(tiny_model, ids), plain)
+    assert torch.equal(_logits(tiny_model, IDS), plain)
 
 
 def test_siblings_share_one_packed_gemm_and_each_gets_its_own_columns(tiny_model):
@@ -95,6 +99,40 @@ def test_only_plain_float_linears_are_packed():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Quantized(8, 8), torch.nn.Linear(8, 8).to(torch.float16))
     assert [type(m) for m in prepack.PackedLinears(model).modules] == [torch.nn.Linear]
     assert "no float Linear" in prepack.supported(torch.nn.Sequential(Quantized(8, 8)))
+
+
+def test_the_models_norms_are_fused_and_its_logits_keep_every_bit(tiny_model):
+    plain = _logits(tiny_model, IDS)
+    norms = fused_norm.FusedNorms(tiny_model).install()
+    assert len(norms.modules) == 2 * len(tiny_model.model.layers) + 1  # two a layer, and the final one
+    assert torch.equal(_logits(tiny_model, IDS), plain)
+    norms.remove()
+    assert not any("forward" in m.__dict__ for m in norms.modules)
+
+
+def test_a_norm_that_computes_something_else_keeps_its_forward():
+    class GemmaLikeRMSNorm(torch.nn.Module):  # Gemma scales by (1 + weight)
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(dim))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    model = torch.nn.Sequential(GemmaLikeRMSNorm(16))
+    assert fused_norm.FusedNorms(model).modules == []
+
+
+def test_half_precision_and_autograd_take_the_modules_own_forward(tiny_model):
+    norm = tiny_model.model.norm
+    fused_norm.FusedNorms(tiny_model).install()
+    x = torch.randn(2, 3, norm.weight.shape[0], requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    half = torch.randn(2, 3, norm.weight.shape[0]).to(torch.bfloat16)
+    own = type(norm).forward(norm, half)
+    assert norm(half).dtype == own.dtype and torch.equal(norm(half), own)
 
 
 @pytest.fixture(scope="module")
