@@ -47,7 +47,7 @@ from .kinds import check_composition
 from .kv_batch import KVBatch
 from .lora_backends import LoraBackend
 from .prefix_cache import PrefixCache
-from .requests import Chunk, GenerationRequest, GenerationResult, Limits, ResolvedAdapter
+from .requests import GenerationRequest, Limits, ResolvedAdapter
 from .requires import with_bottoms
 from .sampling import next_tokens
 from .sequence import Sequence
@@ -364,7 +364,7 @@ class Engine:
 
     def _row_failed(self, seq: Sequence, exc: Exception) -> None:
         """``seq`` failed on its own: it ends with an error that says so; its batch goes on."""
-        where = f"at token {len(seq.generated) + 1} with {_adapters(seq)}"
+        where = f"at token {len(seq.generated) + 1} with {seq.adapters_named()}"
         log.error("request %d failed alone %s; the rest of its batch goes on", seq.id, where, exc_info=exc)
         self._finish_error(seq, RowFailed(f"request {seq.id} failed {where}: {type(exc).__name__}: {exc}; the other "
                                           "requests in its batch were not affected (the server log has the details)"))
@@ -376,8 +376,8 @@ class Engine:
         if isinstance(exc, AdapterHubError):
             self._finish_error(seq, exc)
             return
-        log.error("exclusive-path request %d failed with %s", seq.id, _adapters(seq), exc_info=exc)
-        self._finish_error(seq, RowFailed(f"request {seq.id} failed on the exclusive path with {_adapters(seq)}: "
+        log.error("exclusive-path request %d failed with %s", seq.id, seq.adapters_named(), exc_info=exc)
+        self._finish_error(seq, RowFailed(f"request {seq.id} failed on the exclusive path with {seq.adapters_named()}: "
                                           f"{type(exc).__name__}: {exc}; other requests were not affected (the "
                                           "server log has the details)"))
 
@@ -392,35 +392,15 @@ class Engine:
                 "and serves the next step: retry"))
 
     def _advance(self, seq: Sequence, token: int) -> None:
-        seq.generated.append(token)
-        params = seq.params
-        if token == self.eos_id:
-            return self._complete(seq, token, "eos")
-        if not params.stop:
-            if len(seq.generated) >= params.max_new_tokens:
-                return self._complete(seq, token, "length")
-            if seq.stream:
-                seq.emit(token, seq.text(self.tokenizer), hold=0)
-            return
-        text = seq.text(self.tokenizer)
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return self._complete(seq, token, "stop", text[:cut])
-        if len(seq.generated) >= params.max_new_tokens:
-            return self._complete(seq, token, "length")
-        if seq.stream:
-            seq.emit(token, text, hold=max(len(s) - 1 for s in params.stop))
+        ended = seq.advance(token, self.eos_id, self.tokenizer)
+        if ended is not None:
+            self._complete(seq, token, *ended)
 
     def _complete(self, seq: Sequence, token: int, reason: str, text: str | None = None) -> None:
-        """Finish ``seq``; the authoritative text is one full decode (a stop cut passes its text)."""
-        if text is None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        delta = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ""
-        result = GenerationResult(text=text, token_ids=list(seq.generated), finish_reason=reason, adapters=seq.resolved,
-                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated))
+        last = seq.last_chunk(token, reason, text, self.tokenizer)
         self._finish(seq)
         self.completed += 1
-        seq.put(Chunk(delta, [token] if seq.stream else list(seq.generated), result), last=True)
+        seq.put(last, last=True)
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished = True
@@ -517,7 +497,3 @@ STEP_WAIT_S = 5.0  # how long a stop waits for the scheduler to reach a step bou
 def _stopped(seq: Sequence) -> ShuttingDown:
     return ShuttingDown(f"the server stopped before request {seq.id} finished ({len(seq.generated)} tokens generated; "
                         "its shutdown grace ran out); retry it")
-
-
-def _adapters(seq: Sequence) -> str:
-    return "adapters " + ", ".join(f"{a.resolved}:{a.weight:g}" for a in seq.resolved) if seq.resolved else "the base alone"

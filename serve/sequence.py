@@ -1,7 +1,8 @@
 """One request in flight: its prompt, adapters and generated tokens, and the events its caller reads.
 
-The scheduler (:mod:`engine`) appends tokens; a sequence turns them into text incrementally and
-hands its caller only text that is final (no partial character, no possible start of a stop string).
+The scheduler (:mod:`engine`) hands it each token; a sequence decides whether the token ends it
+(EOS, a stop string, the length), turns tokens into text incrementally and hands its caller only
+text that is final (no partial character, no possible start of a stop string).
 """
 
 from __future__ import annotations
@@ -113,3 +114,43 @@ class Sequence:
         else:
             delta = ""
         self.put(Chunk(delta, [token]))
+
+    def advance(self, token: int, eos_id: int, tokenizer: Any) -> tuple[str, str | None] | None:
+        """Append ``token``. When it ends the request: the finish reason, and the text a stop string
+        cut (None: the whole text, decoded once at the end); else None, its final text streamed."""
+        self.generated.append(token)
+        params = self.params
+        if token == eos_id:
+            return "eos", None
+        if not params.stop:
+            if len(self.generated) >= params.max_new_tokens:
+                return "length", None
+            if self.stream:
+                self.emit(token, self.text(tokenizer), hold=0)
+            return None
+        text = self.text(tokenizer)
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return "stop", text[:cut]
+        if len(self.generated) >= params.max_new_tokens:
+            return "length", None
+        if self.stream:
+            self.emit(token, text, hold=max(len(s) - 1 for s in params.stop))
+        return None
+
+    def last_chunk(self, token: int, reason: str, text: str | None, tokenizer: Any) -> Chunk:
+        """The chunk that ends the request, with its result; the authoritative text is one full
+        decode (a stop cut passes its text)."""
+        if text is None:
+            text = tokenizer.decode(self.generated, skip_special_tokens=True)
+        delta = text[len(self.emitted_text):] if text.startswith(self.emitted_text) else ""
+        result = GenerationResult(text=text, token_ids=list(self.generated), finish_reason=reason,
+                                  adapters=self.resolved, prompt_tokens=len(self.prompt_ids),
+                                  completion_tokens=len(self.generated))
+        return Chunk(delta, [token] if self.stream else list(self.generated), result)
+
+    def adapters_named(self) -> str:
+        """Its adapters as an error message names them."""
+        if not self.resolved:
+            return "the base alone"
+        return "adapters " + ", ".join(f"{a.resolved}:{a.weight:g}" for a in self.resolved)
