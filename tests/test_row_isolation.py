@@ -16,8 +16,10 @@ import time
 import grpc
 import httpx
 import pytest
+import torch
 from serve_helpers import publish_copy, running_server, scaled_copy, train_lora
 
+from adapterhub.serve import one_pass
 from adapterhub.serve.client import Client
 
 MAX_NEW = 24
@@ -130,7 +132,7 @@ class HookFault:
         if self.once and not self.fired:
             self.fired += 1
             raise RuntimeError("injected fault in the shared forward")
-        if self.marker_id is not None and ids.shape[1] > 1 and bool((ids == self.marker_id).any()):
+        if self.marker_id is not None and bool((_prompt_tokens(ids) == self.marker_id).any()):
             self.fired += 1
             raise RuntimeError("injected fault for one row's prompt")
         return None
@@ -140,6 +142,15 @@ class HookFault:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+def _prompt_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The prompt tokens a pass feeds: a prefill's rows, or the one pass's newcomer rows (after the
+    running rows, one token each); none in a decode step, whose tokens are generated ones."""
+    if ids.shape[1] > 1:
+        return ids
+    layout = one_pass.active()
+    return ids[layout.decode_rows:] if layout is not None else ids[:0]
 
 
 class DecodeFault:
