@@ -16,7 +16,7 @@ and hooks), and :meth:`FusedNorms.remove` takes it back.
 
 from __future__ import annotations
 
-from typing import Any
+import types
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class FusedNorms:
 
     def install(self) -> "FusedNorms":
         for module in self.modules:
-            module.forward = _fused_forward(module)
+            module.forward = types.MethodType(_fused_forward, module)
         return self
 
     def remove(self) -> None:
@@ -61,14 +61,11 @@ def _reproduced(module: torch.nn.Module) -> bool:
     return True
 
 
-def _fused_forward(module: torch.nn.Module) -> Any:
-    own = type(module).forward.__get__(module)
-    eps = _eps(module)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or module.weight.dtype != torch.float32 or (
-                torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
-            return own(x)
-        return F.rms_norm(x, module.weight.shape, module.weight, eps)
-
-    return forward
+def _fused_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Bound to its module (``types.MethodType``), so a deep copy (PEFT's ``modules_to_save``) is
+    bound to the copy and computes with the copy's weight."""
+    weight = self.weight
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return type(self).forward(self, x)
+    return F.rms_norm(x, weight.shape, weight, _eps(self))

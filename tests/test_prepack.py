@@ -110,6 +110,21 @@ def test_the_models_norms_are_fused_and_its_logits_keep_every_bit(tiny_model):
     assert not any("forward" in m.__dict__ for m in norms.modules)
 
 
+def test_a_deep_copy_of_a_fused_norm_computes_with_its_own_weight(tiny_model):
+    """PEFT's ``modules_to_save`` deep-copies a module and trains the copy."""
+    import copy
+
+    norm = tiny_model.model.norm
+    fused_norm.FusedNorms(tiny_model).install()
+    twin = copy.deepcopy(norm)
+    with torch.no_grad():
+        twin.weight.mul_(3)
+    x = torch.randn(2, 3, norm.weight.shape[0])
+    with torch.inference_mode():
+        assert torch.equal(twin(x), type(twin).forward(twin, x))
+        assert not torch.allclose(twin(x), norm(x))
+
+
 def test_a_norm_that_computes_something_else_keeps_its_forward():
     class GemmaLikeRMSNorm(torch.nn.Module):  # Gemma scales by (1 + weight)
         def __init__(self, dim):
