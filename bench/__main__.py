@@ -13,6 +13,8 @@ import importlib
 import sys
 import time
 
+from adapterhub import huge_pages
+
 BENCHMARKS = {
     "throughput": "(a) mixed-batch throughput vs distinct adapters, vs PEFT",
     "hotswap": "(b) hot-swap cost",
@@ -36,6 +38,7 @@ BENCHMARKS = {
     "long_prompt_stall": "(v) running streams' longest gap when a 1,000-token prompt arrives: chunked prefill vs whole",
     "prepack": "(t) base Linear weights prepacked in oneDNN's layout at load against plain F.linear, engine workload",
     "http_peer": "(p) adapterhub's OpenAI HTTP server against vLLM's, same streaming clients (skipped without vLLM)",
+    "huge_pages": "(x) torch's large tensors on transparent huge pages (what the adapterhub command sets) against 4 KiB pages",
     "engine_peer": "(w) the HTTP peer's cases in-process: adapterhub's engine against vLLM's LLM.generate (skipped without vLLM)",
 }
 MODULES = {"vllm": "vllm_peer"}  # bench.vllm would read as vLLM itself
@@ -50,6 +53,7 @@ def resolve(names: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str]) -> int:
+    huge_pages.enable()  # as the adapterhub command does, before any bench imports torch
     names, unknown = resolve(argv or list(BENCHMARKS))
     if unknown:
         print(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)} "

@@ -20,6 +20,7 @@ from typing import Any
 from adapterhub.registry.location import add_registry_arguments, location_from_args
 from adapterhub.registry.names import validate_task
 
+from . import huge_pages
 from .adapters import parse_set_values
 from .base import DTYPE_CHOICES, QUANTIZE_CHOICES, fingerprint, init_base
 from .errors import AdapterHubError, ConfigError
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    huge_pages.enable()  # before a plugin or command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
