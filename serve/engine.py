@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 PREFIX_CACHE_BYTES = 256 * 2**20  # the server's --prefix-cache-mb default
 PREFILL_CHUNK = 512  # the server's --prefill-chunk default
+# a burst's requests through the HTTP door (16 streaming clients) reached the engine up to 9 ms
+# apart; at 1 ms the engine began with the first few and took the rest in one-pass chunks, 4-6%
+# more engine time a burst (bench/http_peer.py, base case). A lone request waits this long.
+ADMISSION_GAP = 0.01
 
 
 class Engine:
@@ -65,7 +69,7 @@ class Engine:
 
     def __init__(self, base: Any, cache: AdapterCache, backend: LoraBackend, *, limits: Limits = Limits(),
                  max_batch: int = 32, max_queue: int = 256, metrics: Any = None, admission_window: float = 0.05,
-                 admission_gap: float = 0.001, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+                 admission_gap: float = ADMISSION_GAP, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
                  prefill_chunk: int = PREFILL_CHUNK, weight_prepack: bool = True, fused_projections: bool = True,
                  fused_norms: bool = True, one_pass_steps: bool = True):
         self.base = base
@@ -244,7 +248,7 @@ class Engine:
         request alone costs an extra prefill and a decode step that the rest of the burst then
         trails by (the idea of vLLM's scheduler delay). A burst of 128 takes 12-35 ms to submit
         (tokenizing, resolving adapters), hence a window of 50 ms by default. Called with ``_cond``
-        held; a lone request waits one gap (1 ms by default)."""
+        held; a lone request waits one gap (see ``ADMISSION_GAP``)."""
         deadline = time.monotonic() + self.admission_window
         seen = len(self._pending)
         while seen < self.max_batch and not self._stopping and time.monotonic() < deadline:
