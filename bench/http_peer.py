@@ -38,7 +38,8 @@ Both run at once (the idle one sleeps; a pause before each run lets spinning thr
 
 Run: ``.venv/bin/python -m bench http_peer``. Results: ``bench/results/http_peer-smollm2.json``
 (``-TAG`` added with ``BENCH_HTTP_TAG=TAG``). Smaller or longer runs: ``BENCH_HTTP_COMPLETIONS``
-(default 64), ``BENCH_HTTP_ROUNDS`` (default 1), ``BENCH_HTTP_CLIENTS`` (default 16).
+(default 64), ``BENCH_HTTP_ROUNDS`` (default 1), ``BENCH_HTTP_CLIENTS`` (default 16), and
+``BENCH_HTTP_CASES`` (default ``base,one,random,mixed``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from adapterhub import huge_pages
 
 from . import common
 from .http_corpus import prompts as corpus_prompts
@@ -71,7 +74,8 @@ ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", "1"))
 THREADS = int(os.environ.get("BENCH_HTTP_THREADS", "1"))
 CONTEXT = 512
 MODEL = "smollm2"  # the base's name in both APIs
-CASES = ("base", "one", "random", "mixed")
+ALL_CASES = ("base", "one", "random", "mixed")
+CASES = tuple(c for c in ALL_CASES if c in os.environ.get("BENCH_HTTP_CASES", ",".join(ALL_CASES)).split(","))
 DEFAULT_BASE = Path("~/.cache/adapterhub/smollm2-135m-instruct").expanduser()
 
 
@@ -235,6 +239,11 @@ def vllm_env(python: str, threads: int) -> dict[str, str]:
     env = worker_env(python)
     env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
     env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    # huge pages are adapterhub's default, not vLLM's (its CPU platform preloads tcmalloc instead):
+    # BENCH_VLLM_THP=1 gives vLLM's torch them too
+    env.pop(huge_pages.ENV, None)
+    if os.environ.get("BENCH_VLLM_THP") == "1":
+        env[huge_pages.ENV] = "1"
     return env
 
 
@@ -248,7 +257,7 @@ def start_vllm(python: str, base: Path, dirs: list[Path], log_dir: Path) -> tupl
     env = vllm_env(python, THREADS)
     server = HttpServer("vllm", cmd, port=port, env=env, log=log_dir / "vllm.log", cwd=log_dir, model=MODEL)
     server.wait_ready()
-    return server, {k: v for k, v in env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}
+    return server, {k: v for k, v in env.items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", huge_pages.ENV)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -271,7 +280,9 @@ def main() -> dict:
         from transformers import AutoTokenizer
 
         texts = corpus_prompts(AutoTokenizer.from_pretrained(base), COMPLETIONS, PROMPT_TOKENS)
-        cases = case_adapters(COMPLETIONS)
+        if not CASES:
+            raise SystemExit(f"BENCH_HTTP_CASES names none of {', '.join(ALL_CASES)}")
+        cases = {case: rows for case, rows in case_adapters(COMPLETIONS).items() if case in CASES}
         pairs = sorted({(i, a) for rows in cases.values() for i, a in enumerate(rows)}, key=str)
         ref = reference(base, dirs, texts, pairs)
         changed = [ref["text"][f"{i}:{a}"] != ref["text"][f"{i}:None"] for i, a in pairs if a is not None]
@@ -324,7 +335,7 @@ def main() -> dict:
         new_tokens=NEW_TOKENS, rounds=ROUNDS, threads=THREADS, startup=startup, vllm_env=vllm_env,
         vllm=_vllm_version(python), reference_alone_checks=len(ref["alone_equal"]),
         reference_alone_equal=sum(ref["alone_equal"]),
-        adapters_change_output=sum(changed) / len(changed),
+        adapters_change_output=sum(changed) / len(changed) if changed else None,  # None: no adapter case ran
         loadavg_before=load_start, loadavg_after=os.getloadavg(), adapterhub_checkout=_checkout(),
         note="2 CPU cores shared with other jobs during the run (see loadavg_*): absolute figures are noisy; "
              "the ratios come from ABBA-ordered runs")
