@@ -6,11 +6,15 @@ rows, copy one row out for a probe (:mod:`isolation`) and rewind a step that rai
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
+SPARE = 64  # columns a layer's buffer keeps for the next steps' tokens before it grows
 
+
+@functools.cache
 def _slab_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -18,16 +22,35 @@ def _slab_layer_class():
         """A cache layer whose keys/values sit in a buffer with spare columns: a decode step writes
         its token in place (``DynamicLayer`` concatenates, copying the whole cache every step)."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE):
             super().__init__()
-            self.length = keys.shape[2]
+            self._fill([(keys, values)], keys.shape[2], spare)
+
+        @classmethod
+        def stacked(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> "SlabLayer":
+            """The rows of ``parts`` one under another, each right-aligned in ``width`` columns with
+            zeros in front: one copy into the new buffer (padding first and concatenating, then
+            copying into a slab, moved every key and value twice)."""
+            layer = cls.__new__(cls)
+            super(SlabLayer, layer).__init__()
+            layer._fill(parts, width, SPARE)
+            return layer
+
+        def _fill(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int) -> None:
             # spare columns are never read before a step writes them (the views stop at length):
-            # no need to zero-fill megabytes per prefill
-            self._k = keys.new_empty(*keys.shape[:2], self.length + spare, keys.shape[3])
+            # no need to zero-fill megabytes per prefill; padding in front is read (masked), so zeros
+            k0 = parts[0][0]
+            self.length = width
+            self._k = k0.new_empty(sum(k.shape[0] for k, _ in parts), k0.shape[1], width + spare, k0.shape[3])
             self._v = torch.empty_like(self._k)
-            self._k[:, :, : self.length] = keys
-            self._v[:, :, : self.length] = values
-            self.device, self.is_initialized = keys.device, True
+            row = 0
+            for keys, values in parts:
+                n, pad = keys.shape[0], width - keys.shape[2]
+                for buf, src in ((self._k, keys), (self._v, values)):
+                    buf[row:row + n, :, :pad].zero_()
+                    buf[row:row + n, :, pad:width] = src
+                row += n
+            self.device, self.is_initialized = k0.device, True
             self._views()
 
         def _views(self) -> None:
@@ -73,12 +96,13 @@ class KVBatch:
 
     def join(self, other: "KVBatch") -> "KVBatch":
         width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [(torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
-                   torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]))
-                  for a, b in zip(self.layers, other.layers)]
+        slab = _slab_layer_class()
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         starts = [s + width - self.mask.shape[1] for s in self.starts] + [s + width - other.mask.shape[1] for s in other.starts]
-        return KVBatch(self.rows + other.rows, layers, mask, starts)
+        joined = KVBatch(self.rows + other.rows, [], mask, starts)
+        joined.layers = [slab.stacked([(a.keys, a.values), (b.keys, b.values)], width)
+                         for a, b in zip(self.layers, other.layers)]
+        return joined
 
     def alone(self, seq: Any) -> "KVBatch":
         """``seq``'s row by itself, on copies: a probe's forward must not write the running cache."""
