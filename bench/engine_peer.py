@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapterhub import huge_pages
+
 from . import common
 from .http_corpus import prompts as corpus_prompts
 from .http_peer import (ADAPTERS, CONTEXT, NEW_TOKENS, PROMPT_TOKENS, RANK, base_dir, case_adapters,
@@ -188,7 +190,7 @@ def main() -> dict:
         completions=COMPLETIONS, max_batch=BATCH, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, rounds=ROUNDS,
         threads=THREADS, reference_threads=torch_threads, vllm=worker.info["vllm"], vllm_lora=VLLM_LORA,
         vllm_init_s=worker.info.get("init_s"), vllm_max_lora_rank=MAX_LORA_RANK,
-        vllm_env={k: v for k, v in vllm_env(python, THREADS).items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")},
+        vllm_env={k: v for k, v in vllm_env(python, THREADS).items() if k.startswith("VLLM_") or k in ("LD_PRELOAD", huge_pages.ENV)},
         adapterhub_engine={"max_batch": BATCH, "lora_overlap": engine.lora_overlap, "prefix_cache_bytes": 0,
                            "capacity": ADAPTERS},
         reference_computed=ref["computed"], loadavg_before=load_before, loadavg_after=os.getloadavg(),

@@ -75,7 +75,7 @@ THREADS = int(os.environ.get("BENCH_HTTP_THREADS", "1"))
 CONTEXT = 512
 MODEL = "smollm2"  # the base's name in both APIs
 ALL_CASES = ("base", "one", "random", "mixed")
-CASES = tuple(c for c in ALL_CASES if c in os.environ.get("BENCH_HTTP_CASES", ",".join(ALL_CASES)).split(","))
+CASES = tuple(c.strip() for c in os.environ.get("BENCH_HTTP_CASES", ",".join(ALL_CASES)).split(",") if c.strip())
 DEFAULT_BASE = Path("~/.cache/adapterhub/smollm2-135m-instruct").expanduser()
 
 
@@ -280,8 +280,8 @@ def main() -> dict:
         from transformers import AutoTokenizer
 
         texts = corpus_prompts(AutoTokenizer.from_pretrained(base), COMPLETIONS, PROMPT_TOKENS)
-        if not CASES:
-            raise SystemExit(f"BENCH_HTTP_CASES names none of {', '.join(ALL_CASES)}")
+        if not CASES or set(CASES) - set(ALL_CASES):
+            raise SystemExit(f"BENCH_HTTP_CASES={','.join(CASES)!r}: name some of {', '.join(ALL_CASES)}")
         cases = {case: rows for case, rows in case_adapters(COMPLETIONS).items() if case in CASES}
         pairs = sorted({(i, a) for rows in cases.values() for i, a in enumerate(rows)}, key=str)
         ref = reference(base, dirs, texts, pairs)

@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from . import common
 
@@ -29,7 +30,7 @@ ENV = "THP_MEM_ALLOC_ENABLE"
 def thp_mode() -> str:
     """The kernel's THP setting (the bracketed word), or why there is none."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return "unavailable (no /sys/kernel/mm/transparent_hugepage)"
     return text[text.find("[") + 1:text.find("]")]

@@ -27,7 +27,7 @@ def _slab_layer_class():
             self._fill([(keys, values)], keys.shape[2], spare)
 
         @classmethod
-        def stacked(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> "SlabLayer":
+        def stacked(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> SlabLayer:
             """The rows of ``parts`` one under another, each right-aligned in ``width`` columns with
             zeros in front: one copy into the new buffer (padding first and concatenating, then
             copying into a slab, moved every key and value twice)."""
